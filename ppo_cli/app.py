@@ -1,0 +1,139 @@
+"""Glue between Hydra and the stages: one Hydra app per subcommand, and clean errors.
+
+Every subcommand module calls `hydra_app(config_name)(run)` to get its `main()`. Hydra composes the
+config; `run(cfg)` gets it fully resolved. Anything the user got wrong surfaces as one paragraph on
+stderr with exit code 2 and no traceback: composition errors (unknown key, wrong type, missing config
+group option) are caught by `precheck` before Hydra runs the job, and `UserError`s raised by a stage
+are caught around `run`.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from ppo_cli.errors import EXIT_USAGE, UserError
+from ppo_cli.paths import conf_dir
+
+
+def fail(message: str, command: str | None = None) -> None:
+    """Print `message` as one paragraph on stderr and exit with code 2."""
+    prefix = f"ppo-cli {command}: error: " if command else "ppo-cli: error: "
+    text = " ".join(message.split())
+    try:
+        from rich.console import Console
+
+        Console(stderr=True, soft_wrap=True, highlight=False).print(f"[bold red]{prefix}[/]{text}", markup=True)
+    except Exception:  # noqa: BLE001 - printing the error must never raise another one
+        print(prefix + text, file=sys.stderr)
+    sys.exit(EXIT_USAGE)
+
+
+def describe_composition_error(exc: BaseException, command: str) -> str:
+    """Turn Hydra/OmegaConf's multi-line composition error into one readable paragraph."""
+    lines: list[str] = []
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        lines.extend(line.strip() for line in str(exc).splitlines() if line.strip())
+        exc = exc.__cause__ or exc.__context__
+    full_key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), None)
+    kept = [ln.rstrip(".") for ln in lines
+            if not ln.startswith(("full_key:", "object_type=", "reference_type=")) and "$VALUE" not in ln]
+    message = "; ".join(dict.fromkeys(kept)) + "."  # drop repeated lines, keep order
+    key_hint = f" (key: {full_key})" if full_key and full_key not in message else ""
+    return (
+        f"invalid configuration{key_hint}: {message} "
+        f"See every key and its default with `ppo-cli {command} --cfg job`."
+    )
+
+
+def missing_required(cfg: DictConfig) -> list[str]:
+    """Keys still set to ??? (required and not given), Hydra's own keys excluded."""
+    return sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra"))
+
+
+def check_required(cfg: DictConfig) -> None:
+    missing = missing_required(cfg)
+    if missing:
+        examples = {
+            "model.name_or_path": "model.name_or_path=Qwen/Qwen2.5-0.5B",
+            "data.train": "data.train=train.jsonl",
+        }
+        hints = ", ".join(examples.get(k, f"{k}=...") for k in missing)
+        raise UserError(f"missing required value for {', '.join(missing)}: set it on the command line, e.g. {hints}.")
+
+
+def precheck(config_name: str, overrides: list[str], command: str) -> DictConfig:
+    """Compose the config like Hydra will, so that override mistakes exit 2 before anything runs."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from ppo_cli.config import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=overrides)
+    except Exception as exc:  # noqa: BLE001 - every composition failure is a user error
+        fail(describe_composition_error(exc, command), command)
+    finally:
+        GlobalHydra.instance().clear()
+    return cfg
+
+
+def hydra_app(config_name: str, command: str) -> Callable[[Callable[[DictConfig], object]], Callable[[], None]]:
+    """Decorator: `run(cfg)` becomes a Hydra app whose user errors exit 2 with one paragraph."""
+    import hydra
+
+    from ppo_cli.config import register_configs
+
+    register_configs()
+
+    def decorate(run: Callable[[DictConfig], object]) -> Callable[[], None]:
+        @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=config_name)
+        @functools.wraps(run)
+        def main(cfg: DictConfig) -> None:
+            try:
+                # Resolve once: ${now:...} in output_dir must not change between reads.
+                OmegaConf.resolve(cfg)
+                check_required(cfg)
+                run(cfg)
+            except UserError as exc:
+                fail(str(exc), command)
+            except KeyboardInterrupt:
+                print(f"\nppo-cli {command}: interrupted.", file=sys.stderr)
+                sys.exit(130)
+
+        return main
+
+    return decorate
+
+
+_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                     "--config-dir", "-cd", "--experimental-rerun"}
+
+
+def split_hydra_args(args: list[str]) -> tuple[list[str], list[str]]:
+    """Separate Hydra's flags (with their values) from the overrides, keeping each group's order."""
+    flags: list[str] = []
+    overrides: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("-"):
+            flags.append(arg)
+            if arg in _FLAGS_WITH_VALUE and i + 1 < len(args):
+                flags.append(args[i + 1])
+                i += 1
+            elif arg in ("--info", "-i") and i + 1 < len(args) and not args[i + 1].startswith("-") and "=" not in args[i + 1]:
+                flags.append(args[i + 1])
+                i += 1
+        else:
+            overrides.append(arg)
+        i += 1
+    return flags, overrides

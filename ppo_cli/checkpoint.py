@@ -1,0 +1,318 @@
+"""Resumable checkpoints and the run directory, shared by every stage.
+
+Layout of one checkpoint, `output_dir/checkpoints/step-NNNNNN/`:
+
+    trainable.safetensors   every trainable tensor, by parameter name (adapters, heads, full weights)
+    state.pt                optimizer, scheduler and other torch state dicts (loaded with weights_only)
+    trainer_state.json      step, data position, RNG states, stage-specific counters
+    manifest.json           size and sha256 of each file above; written last
+
+A checkpoint is written into a temporary sibling directory, every file fsync'ed, the manifest last,
+then renamed into place: a crash at any moment leaves either the old set of checkpoints or the new
+one, never a directory that `resume=auto` would pick half-written. Loading re-checks the manifest,
+so a checkpoint damaged later (disk, copy) is skipped with a warning in favour of an older one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ppo_cli.errors import UserError
+
+CHECKPOINTS = "checkpoints"
+_STEP_DIR = re.compile(r"^step-(\d{6,})$")
+TRAINABLE = "trainable.safetensors"
+STATE = "state.pt"
+TRAINER_STATE = "trainer_state.json"
+MANIFEST = "manifest.json"
+RUN_MARKER = "config.yaml"
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG states: captured as JSON-friendly values / tensors so that nothing needs pickle to restore.
+
+
+def capture_rng() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "python": _to_jsonable(random.getstate()),
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(_to_tuple(state["python"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_jsonable(value: Any) -> Any:
+    if isinstance(value, tuple | list):
+        return [_to_jsonable(v) for v in value]
+    return value
+
+
+def _to_tuple(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_to_tuple(v) for v in value)
+    return value
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing and reading one checkpoint.
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+    trainable: dict[str, torch.Tensor]
+    objects: dict[str, Any]
+    state: dict[str, Any]
+
+
+def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter that requires grad, by name (adapters, heads, or all weights when full FT)."""
+    return {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(module: torch.nn.Module, tensors: dict[str, torch.Tensor], what: str) -> None:
+    params = dict(module.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    missing = expected - tensors.keys()
+    unexpected = tensors.keys() - expected
+    if missing or unexpected:
+        raise UserError(
+            f"checkpoint {what} does not match this run's trainable parameters "
+            f"({len(missing)} missing, e.g. {sorted(missing)[:2]}; {len(unexpected)} unexpected, e.g. "
+            f"{sorted(unexpected)[:2]}): it was written by another stage, model or LoRA shape. "
+            "Use another output_dir or resume=never with a fresh output_dir."
+        )
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def save_checkpoint(
+    output_dir: Path,
+    step: int,
+    trainable: dict[str, torch.Tensor],
+    objects: dict[str, Any],
+    state: dict[str, Any],
+    keep_last: int = 2,
+) -> Path:
+    """Write checkpoint `step` atomically, then delete all but the newest `keep_last`."""
+    root = Path(output_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dir_name(step)
+    tmp = root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, tmp / TRAINABLE)
+        torch.save(objects, tmp / STATE)
+        (tmp / TRAINER_STATE).write_text(json.dumps({"step": step, **state}, indent=1, default=_json_default))
+        files = [TRAINABLE, STATE, TRAINER_STATE]
+        for name in files:
+            _fsync_file(tmp / name)
+        manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in files}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _fsync_file(tmp / MANIFEST)
+        _fsync_dir(tmp)
+        if final.exists():  # a re-save of the same step (e.g. resumed run): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(
+            f"could not write checkpoint {final} ({exc.strerror or exc}); the previous checkpoints are "
+            "intact. Free disk space or choose another output_dir, then resume with resume=auto."
+        ) from exc
+    prune_checkpoints(output_dir, keep_last)
+    return final
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value)}")
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None when the checkpoint is complete and intact, else the reason it is not."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        return "no manifest (the write did not finish)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as exc:
+        return f"unreadable manifest ({exc})"
+    for name, meta in manifest.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != meta["bytes"]:
+            return f"{name} has {file.stat().st_size} bytes, expected {meta['bytes']}"
+        if _sha256(file) != meta["sha256"]:
+            return f"{name} is corrupt (checksum mismatch)"
+    return None
+
+
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _STEP_DIR.match(child.name)
+        if match and child.is_dir():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The newest intact checkpoint; damaged ones are skipped with a warning."""
+    for _, path in reversed(list_checkpoints(output_dir)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        warnings.warn(f"skipping checkpoint {path}: {problem}", stacklevel=2)
+    return None
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    path = Path(path)
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise UserError(f"checkpoint {path} cannot be resumed: {problem}.")
+    state = json.loads((path / TRAINER_STATE).read_text())
+    objects = torch.load(path / STATE, map_location="cpu", weights_only=True)
+    trainable = load_file(path / TRAINABLE)
+    return Checkpoint(path=path, step=int(state["step"]), trainable=trainable, objects=objects, state=state)
+
+
+def prune_checkpoints(output_dir: Path, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    for _, path in list_checkpoints(output_dir)[:-keep_last]:
+        shutil.rmtree(path, ignore_errors=True)
+    for tmp in (Path(output_dir) / CHECKPOINTS).glob(".tmp-step-*"):
+        # Leftovers of a crashed write by a process that is gone.
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# The run directory: refuse to mix runs, find what to resume.
+
+
+def run_stage_of(output_dir: Path) -> str | None:
+    """The stage recorded in output_dir/config.yaml, or None when the directory holds no run."""
+    marker = Path(output_dir) / RUN_MARKER
+    if not marker.is_file():
+        return None
+    from omegaconf import OmegaConf
+
+    try:
+        return OmegaConf.load(marker).get("stage")
+    except Exception:  # noqa: BLE001 - an unreadable marker is treated as a foreign run
+        return "unknown"
+
+
+def resolve_resume(output_dir: Path, resume: str, stage: str) -> Path | None:
+    """Decide which checkpoint (if any) this run continues from, refusing to overwrite another run.
+
+    - resume=never: output_dir must not hold a run already.
+    - resume=auto: continue from the newest intact checkpoint of the same stage, if any.
+    - resume=PATH: that checkpoint directory.
+    """
+    output_dir = Path(output_dir)
+    existing = run_stage_of(output_dir)
+    if existing is not None and existing != stage:
+        raise UserError(
+            f"output_dir {output_dir} holds a {existing} run, not a {stage} run; choose another output_dir."
+        )
+    if resume == "never":
+        if existing is not None or list_checkpoints(output_dir):
+            raise UserError(
+                f"output_dir {output_dir} already holds a {stage} run and resume=never: nothing was "
+                "overwritten. Choose another output_dir, or pass resume=auto to continue it."
+            )
+        return None
+    if resume == "auto":
+        return latest_checkpoint(output_dir)
+    path = Path(resume)
+    if not path.is_dir():
+        raise UserError(f"resume={resume}: no such checkpoint directory.")
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise UserError(f"resume={resume}: the checkpoint is not usable: {problem}.")
+    return path

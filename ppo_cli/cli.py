@@ -1,0 +1,69 @@
+"""`ppo-cli` dispatcher: `ppo-cli SUBCOMMAND [hydra flags] [overrides]`.
+
+Each subcommand is its own Hydra app (its module's `main`). The dispatcher picks the module, checks
+the overrides by composing the config once (so mistakes exit 2 before a model loads), and hands the
+arguments to Hydra with its flags first, as Hydra 1.3 wants.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from ppo_cli import __version__
+
+# subcommand -> (module, config name, one-line help)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "train-sft": ("ppo_cli.train_sft", "train_sft", "supervised fine-tuning of a LoRA adapter on a base model"),
+    "train-rm": ("ppo_cli.train_rm", "train_rm", "train a reward model (LoRA adapter + scalar score head) on preference pairs"),
+    "train-ppo": ("ppo_cli.train_ppo", "train_ppo", "PPO against a reward model or reward function, KL-penalised to the SFT policy"),
+    "pipeline": ("ppo_cli.pipeline", "pipeline", "run sft -> rm -> ppo of a recipe, each stage's final/ feeding the next"),
+    "generate": ("ppo_cli.generate", "generate", "sample completions from any stage's final/ (or a base model) into JSONL"),
+    "export": ("ppo_cli.export", "export", "merge adapter(s) into a standalone Hugging Face model directory"),
+}
+
+# Flags that make Hydra do something other than run one job: no precheck for those.
+_NO_PRECHECK_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--multirun", "-m", "--shell-completion", "-sc",
+                      "--version"}
+
+
+def usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = [
+        f"ppo-cli {__version__}: SFT -> reward model -> PPO on LoRA adapters, configured with Hydra.",
+        "",
+        "usage: ppo-cli COMMAND [hydra flags] [key=value ...]",
+        "",
+        "commands:",
+        *(f"  {name:<{width}}  {help_}" for name, (_, _, help_) in COMMANDS.items()),
+        "",
+        "Every command takes Hydra overrides (key=value, +key=value, ~key, group=option) and Hydra's flags",
+        "(--cfg job, --help, -m). `ppo-cli COMMAND --help` lists a command's config.",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from ppo_cli.app import fail, precheck, split_hydra_args
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(usage())
+        sys.exit(0)
+    if args[0] in ("--version", "-V"):
+        print(__version__)
+        sys.exit(0)
+    command = args[0]
+    if command not in COMMANDS:
+        fail(f"unknown command '{command}'. Choose one of: {', '.join(COMMANDS)} (see `ppo-cli --help`).")
+    module_name, config_name, _ = COMMANDS[command]
+    flags, overrides = split_hydra_args(args[1:])
+    if not _NO_PRECHECK_FLAGS.intersection(flags):
+        precheck(config_name, overrides, command)
+    module = importlib.import_module(module_name)
+    sys.argv = [f"ppo-cli {command}", *flags, *overrides]
+    module.main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""Typed configuration of every stage.
+
+Each dataclass is a config group; the stage configs at the bottom compose them. They are registered
+with Hydra's ConfigStore as schemas (``schema_<stage>``) that the YAML files in ``conf/`` extend, so a
+mistyped key or a value of the wrong type is an error at composition time, before any model loads.
+The one-line comment above each field is its documentation (``ppo-cli <stage> --cfg job`` shows the
+values).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    # Base model: a Hugging Face Hub id or a local directory in Hugging Face format.
+    name_or_path: str = MISSING
+    # Weights dtype: auto (bf16 on a GPU that supports it, else fp32), float32, bfloat16, float16.
+    dtype: str = "auto"
+    # Allow custom modelling code shipped with the model (off: it runs arbitrary code).
+    trust_remote_code: bool = False
+    # Attention kernel passed to transformers (sdpa, eager, flash_attention_2); null = library default.
+    attn_implementation: str | None = "sdpa"
+    # Recompute activations in the backward pass to save memory.
+    gradient_checkpointing: bool = False
+    # Hub revision (branch, tag or commit) of the base model.
+    revision: str | None = None
+
+
+@dataclass
+class LoraConfig:
+    # Train a LoRA adapter (true) or all weights of the model (false).
+    enabled: bool = True
+    # Rank of the low-rank update.
+    r: int = 16
+    # Scaling numerator: the update is scaled by alpha / r.
+    alpha: int = 32
+    # Dropout on the LoRA input (forced to 0 in PPO, where dropout breaks the ratio).
+    dropout: float = 0.05
+    # Modules to adapt: null = peft's default for the architecture, "all-linear", or a list of names.
+    target_modules: Any = None
+
+
+@dataclass
+class DataConfig:
+    # Training data: a local .jsonl/.json/.parquet/.csv file, a list of them, or a Hub dataset id.
+    train: Any = MISSING
+    # Evaluation data in the same forms; null = hold out `eval_fraction` of the training rows.
+    eval: Any = None
+    # Fraction of the training rows held out for evaluation when `eval` is null (0 = no eval).
+    eval_fraction: float = 0.05
+    # Split to read from a Hub dataset (or from a local file loaded through `datasets`).
+    split: str = "train"
+    # Tokens per example; longer examples are truncated or dropped (see `overflow`).
+    max_length: int = 512
+    # What to do with examples longer than max_length: truncate or drop.
+    overflow: str = "truncate"
+
+
+@dataclass
+class WandbConfig:
+    # Log to Weights & Biases.
+    enabled: bool = False
+    # Project name.
+    project: str = "ppo-cli"
+    # Entity (team or user); null = your default.
+    entity: str | None = None
+    # Run name; null = the output directory's name.
+    name: str | None = None
+    # online, offline (no network needed; `wandb sync` later) or disabled.
+    mode: str = "online"
+
+
+@dataclass
+class LoggerConfig:
+    # Weights & Biases settings.
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    # Show the rich progress bar and tables (off for non-interactive logs).
+    progress: bool = True
+
+
+@dataclass
+class TrainConfig:
+    # Optimizer steps to run; -1 = derive from num_epochs.
+    max_steps: int = -1
+    # Passes over the training data when max_steps is -1.
+    num_epochs: float = 1.0
+    # Examples per micro-batch (train-ppo: prompts per rollout batch).
+    batch_size: int = 8
+    # Micro-batches accumulated into one optimizer step.
+    grad_accum_steps: int = 1
+    # Peak learning rate (AdamW).
+    lr: float = 1e-4
+    # AdamW weight decay.
+    weight_decay: float = 0.0
+    # Linear warmup, as a fraction of the total steps.
+    warmup_ratio: float = 0.03
+    # Schedule after warmup: cosine, linear or constant.
+    lr_scheduler: str = "cosine"
+    # Clip the gradient norm to this value (0 = no clipping).
+    max_grad_norm: float = 1.0
+    # Seed of data order, initialisation and sampling.
+    seed: int = 42
+    # Write metrics every N optimizer steps.
+    log_every: int = 10
+    # Write a resumable checkpoint every N optimizer steps (0 = only at the end).
+    save_every: int = 100
+    # Evaluate every N optimizer steps (0 = only at the end).
+    eval_every: int = 100
+    # Keep the newest N checkpoints (older ones are deleted).
+    keep_last: int = 2
+    # Autocast on GPU: auto (bf16 if supported, else fp16), bf16, fp16, or no.
+    mixed_precision: str = "auto"
+    # Device: auto (cuda when available), cpu, cuda, cuda:1, ...
+    device: str = "auto"
+
+
+@dataclass
+class StageConfig:
+    """Keys every stage shares."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    # Where the run writes; a fresh timestamped directory under outputs/<stage>/ by default.
+    output_dir: str = MISSING
+    # auto (continue from the newest complete checkpoint in output_dir), never, or a checkpoint path.
+    resume: str = "auto"
+
+
+@dataclass
+class SFTConfig(StageConfig):
+    pass
+
+
+@dataclass
+class RMConfig(StageConfig):
+    # The SFT stage's final/ directory: the reward model starts from it (InstructGPT's recipe).
+    sft_checkpoint: str | None = None
+    # Coefficient of the reward-centering term coef * mean((r_chosen + r_rejected)^2).
+    center_rewards_coef: float = 0.0
+
+
+@dataclass
+class GenerationConfig:
+    # Tokens sampled per response.
+    max_new_tokens: int = 64
+    # Sampling temperature (also divides the logits of every logprob in PPO).
+    temperature: float = 0.7
+
+
+@dataclass
+class PPOConfig:
+    # Initial KL coefficient beta of the per-token penalty -beta * (logp - logp_ref).
+    kl_coef: float = 0.05
+    # fixed or adaptive (Ziegler et al. 2019) KL coefficient.
+    kl_controller: str = "fixed"
+    # Adaptive controller: target KL in nats per sequence.
+    kl_target: float = 6.0
+    # Adaptive controller: horizon in episodes.
+    kl_horizon: int = 10000
+    # PPO epochs over each rollout batch.
+    epochs: int = 4
+    # Minibatches per epoch (train.batch_size must divide by it).
+    num_minibatches: int = 1
+    # Policy ratio clip range.
+    clip_range: float = 0.2
+    # Value clip range around the rollout's values.
+    clip_range_value: float = 0.2
+    # Weight of the value loss in the total loss.
+    vf_coef: float = 0.1
+    # GAE discount.
+    gamma: float = 1.0
+    # GAE lambda.
+    lam: float = 0.95
+    # Subtracted from the score of responses that never emit EOS (null = off).
+    missing_eos_penalty: float | None = None
+    # Whiten advantages over valid tokens.
+    whiten_advantages: bool = True
+    # Reward scale: rm_stats (use the RM's stored mean/std), whiten (per batch), or none.
+    reward_normalization: str = "rm_stats"
+    # Clip normalised scores to [-c, c] (null = no clip).
+    score_clip: float | None = None
+    # Learning rate of the value adapter and head (null = train.lr).
+    value_lr: float | None = None
+
+
+@dataclass
+class PPOStageConfig(StageConfig):
+    # The SFT stage's final/: the policy starts from it and it is the frozen reference.
+    sft_checkpoint: str | None = None
+    # The RM stage's final/, or a Hugging Face sequence-classification model (id or directory).
+    reward_checkpoint: str | None = None
+    # A `package.module:function` scoring (prompts, completions) -> list[float], instead of an RM.
+    reward_fn: str | None = None
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    # Show a table of sample completions every N steps (0 = never).
+    sample_every: int = 10
+
+
+def register_configs() -> None:
+    """Register the schemas that conf/<stage>.yaml extend (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="schema_train_sft", node=SFTConfig)
+    cs.store(name="schema_train_rm", node=RMConfig)
+    cs.store(name="schema_train_ppo", node=PPOStageConfig)

@@ -1,0 +1,406 @@
+"""Reading data files and turning rows into token ids, for every stage.
+
+Rows follow TRL's column conventions (CONTRACT.md):
+- SFT: {"prompt", "completion"} (loss on the completion), {"messages"} (loss on assistant turns), {"text"}.
+- RM: {"prompt", "chosen", "rejected"} or {"chosen", "rejected"}, as text or conversations; optional "margin".
+- PPO and generate: {"prompt"} as a string, or {"messages"} ending before the assistant's turn.
+
+A row that fits none of these is a UserError naming the file, the row number and the missing field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import ListConfig
+
+from ppo_cli.errors import UserError
+
+LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Row:
+    """One data row and where it came from (for error messages)."""
+
+    data: dict[str, Any]
+    source: str
+    index: int  # 1-based row number within its file
+
+    def where(self) -> str:
+        return f"{self.source}, row {self.index}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _as_list(spec: Any) -> list[str]:
+    if isinstance(spec, list | tuple | ListConfig):
+        return [str(s) for s in spec]
+    return [str(spec)]
+
+
+def _looks_local(spec: str) -> bool:
+    return Path(spec).suffix.lower() in LOCAL_SUFFIXES or spec.startswith((".", "/", "~")) or Path(spec).exists()
+
+
+def load_rows(spec: Any, key: str, split: str = "train") -> list[Row]:
+    """All rows of `spec` (a file, a list of files, or a Hub dataset id). `key` names the config key."""
+    rows: list[Row] = []
+    for item in _as_list(spec):
+        rows.extend(_load_one(item, key, split))
+    if not rows:
+        raise UserError(f"{key}={spec}: no rows (the data is empty).")
+    return rows
+
+
+def _load_one(spec: str, key: str, split: str) -> list[Row]:
+    if _looks_local(spec):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise UserError(f"{key}={spec}: file not found.")
+        suffix = path.suffix.lower()
+        if suffix not in LOCAL_SUFFIXES:
+            raise UserError(f"{key}={spec}: unsupported file type '{suffix}' (use .jsonl, .json, .parquet or .csv).")
+        if suffix in (".jsonl", ".json"):
+            rows = _read_json_rows(path, key)
+        else:
+            rows = _read_with_datasets(LOCAL_SUFFIXES[suffix], str(path), key)
+        if not rows:
+            raise UserError(f"{key}={spec}: the file is empty.")
+        return [Row(r, str(path), i + 1) for i, r in enumerate(rows)]
+    return _read_hub(spec, key, split)
+
+
+def _read_json_rows(path: Path, key: str) -> list[dict[str, Any]]:
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if path.suffix.lower() == ".json" and stripped.startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{key}: {path} is not valid JSON (line {exc.lineno}: {exc.msg}).") from exc
+        rows = data
+    else:
+        rows = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{key}: {path}, line {lineno} is not valid JSON ({exc.msg}).") from exc
+    for i, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise UserError(f"{key}: {path}, row {i} is a {type(row).__name__}, not a JSON object.")
+    return rows
+
+
+def _read_with_datasets(builder: str, path: str, key: str) -> list[dict[str, Any]]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(builder, data_files=path, split="train")
+    except Exception as exc:  # noqa: BLE001 - any parser failure is a bad file
+        raise UserError(f"{key}: cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    return [dict(r) for r in ds]
+
+
+def _read_hub(spec: str, key: str, split: str) -> list[Row]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(spec, split=split)
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(
+            f"{key}={spec}: not a local file, and loading it as a Hub dataset failed: "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from exc
+    return [Row(dict(r), f"{spec}[{split}]", i + 1) for i, r in enumerate(ds)]
+
+
+def split_eval(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row], list[Row]]:
+    """Hold out `fraction` of the rows (at least one, when fraction > 0 and there are 2+ rows)."""
+    if fraction <= 0 or len(rows) < 2:
+        return rows, []
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, int(round(len(rows) * fraction)))
+    held = set(order[:n_eval])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+# ---------------------------------------------------------------------------------------------
+# Field checks
+
+
+def _require(row: Row, *fields: str) -> None:
+    for name in fields:
+        if name not in row.data or row.data[name] is None:
+            raise UserError(f"{row.where()}: missing field '{name}' (have: {', '.join(row.data) or 'nothing'}).")
+
+
+def _is_conversation(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+
+
+def _check_text_or_conversation(row: Row, name: str) -> None:
+    value = row.data[name]
+    if not (isinstance(value, str) or _is_conversation(value)):
+        raise UserError(
+            f"{row.where()}: field '{name}' must be a string or a list of {{role, content}} messages, "
+            f"got {type(value).__name__}."
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenization helpers
+
+
+def _render_chat(tokenizer, messages: list[dict[str, Any]], add_generation_prompt: bool, where: str) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(
+            f"{where}: conversational data needs a tokenizer with a chat template, and this tokenizer has none; "
+            "use prompt/completion or text rows."
+        )
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _encode(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
+    return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+
+def _with_eos(ids: list[int], eos_id: int) -> list[int]:
+    return ids if ids and ids[-1] == eos_id else [*ids, eos_id]
+
+
+def encode_prompt(tokenizer, prompt: Any, where: str) -> list[int]:
+    """Token ids of a prompt: plain text as is, a conversation through the chat template."""
+    if isinstance(prompt, str):
+        return _encode(tokenizer, prompt, add_special_tokens=True)
+    text = _render_chat(tokenizer, prompt, add_generation_prompt=True, where=where)
+    return _encode(tokenizer, text, add_special_tokens=False)
+
+
+def _encode_messages_with_mask(tokenizer, messages: list[dict[str, Any]], where: str) -> tuple[list[int], list[bool]]:
+    """Ids of a whole conversation and a mask of the assistant tokens.
+
+    Rendering prefixes works with any chat template: the assistant turn i spans from the end of the
+    conversation rendered up to turn i with the generation prompt, to the end of it rendered through i.
+    """
+    full = _encode(tokenizer, _render_chat(tokenizer, messages, False, where), add_special_tokens=False)
+    mask = [False] * len(full)
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(_encode(tokenizer, _render_chat(tokenizer, messages[:i], True, where), add_special_tokens=False))
+        end = len(_encode(tokenizer, _render_chat(tokenizer, messages[: i + 1], False, where), add_special_tokens=False))
+        for j in range(start, min(end, len(full))):
+            mask[j] = True
+    return full, mask
+
+
+# ---------------------------------------------------------------------------------------------
+# SFT
+
+
+@dataclass
+class LengthReport:
+    """How many examples were truncated or dropped for being longer than data.max_length."""
+
+    total: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def note(self, what: str, where: str) -> None:
+        setattr(self, what, getattr(self, what) + 1)
+        if len(self.examples) < 3:
+            self.examples.append(where)
+
+    def describe(self, max_length: int) -> str | None:
+        if not (self.truncated or self.dropped):
+            return None
+        return (f"{self.truncated} of {self.total} examples truncated and {self.dropped} dropped at "
+                f"data.max_length={max_length} (e.g. {', '.join(self.examples)})")
+
+
+def sft_format(row: Row) -> str:
+    if "messages" in row.data:
+        return "messages"
+    if "prompt" in row.data or "completion" in row.data:
+        _require(row, "prompt", "completion")
+        return "prompt_completion"
+    if "text" in row.data:
+        return "text"
+    raise UserError(
+        f"{row.where()}: missing field: an SFT row needs 'prompt' and 'completion', 'messages', or 'text' "
+        f"(have: {', '.join(row.data) or 'nothing'})."
+    )
+
+
+def encode_sft_row(tokenizer, row: Row) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one SFT row; labels are IGNORE_INDEX where no loss is taken."""
+    kind = sft_format(row)
+    eos = tokenizer.eos_token_id
+    if kind == "prompt_completion":
+        _check_text_or_conversation(row, "prompt")
+        _check_text_or_conversation(row, "completion")
+        prompt, completion = row.data["prompt"], row.data["completion"]
+        if isinstance(prompt, str) != isinstance(completion, str):
+            raise UserError(f"{row.where()}: 'prompt' and 'completion' must both be text or both conversations.")
+        if isinstance(prompt, str):
+            prompt_ids = _encode(tokenizer, prompt, add_special_tokens=True)
+            completion_ids = _with_eos(_encode(tokenizer, completion, add_special_tokens=False), eos)
+            return prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids
+        ids, mask = _encode_messages_with_mask(tokenizer, [*prompt, *completion], row.where())
+        # Only the completion's assistant turns carry loss, not assistant turns inside the prompt.
+        n_prompt = len(_encode(tokenizer, _render_chat(tokenizer, prompt, True, row.where()), add_special_tokens=False))
+        mask = [m and j >= n_prompt for j, m in enumerate(mask)]
+        return ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
+    if kind == "messages":
+        messages = row.data["messages"]
+        if not _is_conversation(messages):
+            raise UserError(f"{row.where()}: field 'messages' must be a list of {{role, content}} objects.")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise UserError(f"{row.where()}: 'messages' has no assistant turn, so there is nothing to learn.")
+        ids, mask = _encode_messages_with_mask(tokenizer, messages, row.where())
+        return ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
+    text = row.data["text"]
+    if not isinstance(text, str):
+        raise UserError(f"{row.where()}: field 'text' must be a string.")
+    ids = _with_eos(_encode(tokenizer, text, add_special_tokens=True), eos)
+    return ids, list(ids)
+
+
+def build_sft_examples(tokenizer, rows: list[Row], max_length: int, overflow: str) -> tuple[list[dict], LengthReport]:
+    report = LengthReport()
+    examples = []
+    for row in rows:
+        report.total += 1
+        ids, labels = encode_sft_row(tokenizer, row)
+        if len(ids) > max_length:
+            if overflow == "drop":
+                report.note("dropped", row.where())
+                continue
+            ids, labels = ids[:max_length], labels[:max_length]
+            if all(label == IGNORE_INDEX for label in labels):
+                report.note("dropped", row.where())  # the prompt alone fills max_length: nothing to learn
+                continue
+            report.note("truncated", row.where())
+        examples.append({"input_ids": ids, "labels": labels})
+    return examples, report
+
+
+def pad_right(sequences: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(s) for s in sequences)
+    return torch.tensor([s + [value] * (width - len(s)) for s in sequences], dtype=torch.long)
+
+
+def pad_left(sequences: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(s) for s in sequences)
+    return torch.tensor([[value] * (width - len(s)) + s for s in sequences], dtype=torch.long)
+
+
+def collate_sft(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    ids = [e["input_ids"] for e in examples]
+    return {
+        "input_ids": pad_right(ids, pad_id),
+        "attention_mask": pad_right([[1] * len(s) for s in ids], 0),
+        "labels": pad_right([e["labels"] for e in examples], IGNORE_INDEX),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts (PPO, generate)
+
+
+def prompt_of(row: Row) -> Any:
+    """The prompt of a PPO/generate row: a string, or a conversation ending before the assistant's turn."""
+    if "prompt" in row.data:
+        _check_text_or_conversation(row, "prompt")
+        return row.data["prompt"]
+    if "messages" in row.data:
+        messages = row.data["messages"]
+        if not _is_conversation(messages) or not messages:
+            raise UserError(f"{row.where()}: field 'messages' must be a non-empty list of {{role, content}} objects.")
+        if messages[-1]["role"] == "assistant":
+            messages = messages[:-1]  # the reference answer, if present, is not part of the prompt
+        return messages
+    raise UserError(f"{row.where()}: missing field 'prompt' (or 'messages') (have: {', '.join(row.data) or 'nothing'}).")
+
+
+def prompt_text(prompt: Any) -> str:
+    """A display/reward-function form of a prompt: the string, or the last user message."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+
+def build_prompts(tokenizer, rows: list[Row], max_length: int, overflow: str) -> tuple[list[dict], LengthReport]:
+    """Tokenized prompts. A prompt longer than max_length keeps its last max_length tokens (the end of a
+    prompt is what the response continues) or is dropped."""
+    report = LengthReport()
+    prompts = []
+    for row in rows:
+        report.total += 1
+        prompt = prompt_of(row)
+        ids = encode_prompt(tokenizer, prompt, row.where())
+        if not ids:
+            raise UserError(f"{row.where()}: the prompt is empty.")
+        if len(ids) > max_length:
+            if overflow == "drop":
+                report.note("dropped", row.where())
+                continue
+            ids = ids[-max_length:]
+            report.note("truncated", row.where())
+        prompts.append({"input_ids": ids, "prompt": prompt_text(prompt)})
+    return prompts, report
+
+
+# ---------------------------------------------------------------------------------------------
+# Data order that can be resumed exactly
+
+
+class EpochBatches:
+    """Shuffled batches of indices, reshuffled each epoch with (seed, epoch); resumable from (epoch, offset).
+
+    The state is just two integers, so a resumed run sees exactly the batches the uninterrupted run
+    would have seen.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, drop_last: bool = False):
+        if n <= 0:
+            raise ValueError("no examples")
+        self.n, self.batch_size, self.seed, self.drop_last = n, batch_size, seed, drop_last
+        self.epoch, self.offset = 0, 0
+
+    def batches_per_epoch(self) -> int:
+        if self.drop_last:
+            return max(1, self.n // self.batch_size)
+        return math.ceil(self.n / self.batch_size)
+
+    def _order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def next(self) -> list[int]:
+        if self.offset >= self.batches_per_epoch():
+            self.epoch, self.offset = self.epoch + 1, 0
+        start = self.offset * self.batch_size
+        self.offset += 1
+        return self._order(self.epoch)[start : start + self.batch_size]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])

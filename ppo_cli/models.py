@@ -1,0 +1,278 @@
+"""Loading base models, tokenizers and adapters; device and precision choices.
+
+Every stage goes through here, so the rules live in one place:
+- the pad token is never EOS (a model trained with pad == EOS never learns to stop);
+- LoRA through peft on peft's default targets, `all-linear`, or a list; or full fine-tuning;
+- `trust_remote_code` only when the config asks for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from ppo_cli.errors import UserError
+
+PAD_TOKEN = "<|pad|>"
+PRODUCT_FILE = "ppo_cli.json"  # written in every final/: stage, base model, stats for later stages
+
+
+# ---------------------------------------------------------------------------------------------
+# Device and precision
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"train.device={name} but no CUDA device is available; use train.device=cpu or auto.")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """Weights dtype. auto: bf16 on a GPU that supports it (half the memory), else fp32."""
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if name not in table:
+        raise UserError(f"model.dtype={name} is not one of auto, float32, bfloat16, float16.")
+    return table[name]
+
+
+def autocast(device: torch.device, mixed_precision: str) -> contextlib.AbstractContextManager:
+    """Autocast for forward passes on GPU (bf16 if supported, else fp16); nothing on CPU unless asked."""
+    if mixed_precision == "no":
+        return contextlib.nullcontext()
+    if device.type == "cuda":
+        if mixed_precision == "auto":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    if mixed_precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None):
+    """Load a tokenizer and make sure it has a pad token distinct from EOS.
+
+    Order of preference: the tokenizer's own pad token (if not EOS); its UNK token (if not EOS); a new
+    `<|pad|>` token. A new token fits without resizing when the embedding matrix has spare rows (Qwen,
+    Pythia); otherwise `load_causal_lm` resizes the embeddings.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types for "not found"
+        raise UserError(f"cannot load the tokenizer of '{name_or_path}': {_first_line(exc)}") from exc
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"the tokenizer of '{name_or_path}' has no EOS token; set one in its tokenizer_config.json.")
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        unk = tokenizer.unk_token_id
+        if unk is not None and unk != tokenizer.eos_token_id:
+            tokenizer.pad_token = tokenizer.unk_token
+        else:
+            tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    return tokenizer
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+def local_or_hub(name_or_path: str) -> str:
+    """An absolute path for a local directory (so adapter configs stay valid from any working
+    directory), the Hub id unchanged otherwise."""
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.is_dir() else name_or_path
+
+
+def _from_pretrained(cls, name_or_path: str, model_cfg: DictConfig, dtype: torch.dtype, **kwargs: Any):
+    name_or_path = local_or_hub(name_or_path)
+    extra = {}
+    if model_cfg.attn_implementation:
+        extra["attn_implementation"] = model_cfg.attn_implementation
+    try:
+        return cls.from_pretrained(
+            name_or_path,
+            dtype=dtype,
+            trust_remote_code=model_cfg.trust_remote_code,
+            revision=model_cfg.revision,
+            **extra,
+            **kwargs,
+        )
+    except (ValueError, ImportError) as exc:
+        if extra and "attn" in str(exc).lower():  # the architecture lacks this kernel: fall back
+            return cls.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code,
+                                       revision=model_cfg.revision, **kwargs)
+        raise UserError(f"cannot load model '{name_or_path}': {_first_line(exc)}") from exc
+    except OSError as exc:
+        raise UserError(f"cannot load model '{name_or_path}': {_first_line(exc)}") from exc
+
+
+def fit_embeddings(model, tokenizer) -> None:
+    """Grow the embedding matrix when the tokenizer gained a token the model has no row for."""
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def load_causal_lm(model_cfg: DictConfig, tokenizer, device: torch.device, name_or_path: str | None = None):
+    from transformers import AutoModelForCausalLM
+
+    dtype = resolve_dtype(model_cfg.dtype, device)
+    model = _from_pretrained(AutoModelForCausalLM, name_or_path or model_cfg.name_or_path, model_cfg, dtype)
+    fit_embeddings(model, tokenizer)
+    return model.to(device)
+
+
+def load_sequence_classifier(model_cfg: DictConfig, tokenizer, device: torch.device, name_or_path: str | None = None):
+    from transformers import AutoModelForSequenceClassification
+
+    dtype = resolve_dtype(model_cfg.dtype, device)
+    model = _from_pretrained(AutoModelForSequenceClassification, name_or_path or model_cfg.name_or_path, model_cfg,
+                             dtype, num_labels=1)
+    fit_embeddings(model, tokenizer)
+    return model.to(device)
+
+
+def lora_target_modules(lora_cfg: DictConfig) -> Any:
+    targets = lora_cfg.target_modules
+    if isinstance(targets, ListConfig):
+        return list(targets)
+    return targets
+
+
+def peft_lora_config(lora_cfg: DictConfig, task_type: str, modules_to_save: list[str] | None = None,
+                     dropout: float | None = None):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout if dropout is None else dropout,
+        target_modules=lora_target_modules(lora_cfg),
+        task_type=task_type,
+        modules_to_save=modules_to_save,
+    )
+
+
+def apply_lora(model, lora_cfg: DictConfig, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None,
+               adapter_name: str = "default", dropout: float | None = None):
+    """Wrap `model` with a fresh LoRA adapter (or, for lora.enabled=false, leave every weight trainable)."""
+    if not lora_cfg.enabled:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    from peft import get_peft_model
+
+    try:
+        config = peft_lora_config(lora_cfg, task_type, modules_to_save, dropout)
+        return get_peft_model(model, config, adapter_name=adapter_name)
+    except ValueError as exc:
+        raise UserError(f"cannot apply LoRA with lora.target_modules={lora_cfg.target_modules}: {_first_line(exc)}") from exc
+
+
+def enable_gradient_checkpointing(model) -> None:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+
+
+def count_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage products (final/)
+
+
+def write_product_info(final_dir: Path, stage: str, base_model: str, **extra: Any) -> None:
+    info = {"stage": stage, "base_model": base_model, **extra}
+    (Path(final_dir) / PRODUCT_FILE).write_text(json.dumps(info, indent=1))
+
+
+def read_product_info(path: str | Path, key: str) -> dict[str, Any]:
+    """The ppo_cli.json of a stage's final/ (empty when the directory was not written by ppo-cli).
+
+    `key` is the config key that named the directory, for the error message.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{key}={path}: no such directory.")
+    info_path = path / PRODUCT_FILE
+    if not info_path.is_file():
+        return {}
+    return json.loads(info_path.read_text())
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def adapter_base_model(path: str | Path) -> str | None:
+    config = Path(path) / "adapter_config.json"
+    if not config.is_file():
+        return None
+    return json.loads(config.read_text()).get("base_model_name_or_path")
+
+
+def base_model_of_checkpoint(path: str | Path, key: str, expected_stage: str) -> str:
+    """The base model a stage product was trained on; checks that the product is of `expected_stage`."""
+    info = read_product_info(path, key)
+    stage = info.get("stage")
+    if stage is not None and stage != expected_stage:
+        raise UserError(f"{key}={path} is the product of the {stage} stage, not of the {expected_stage} stage.")
+    if is_adapter_dir(path):
+        return info.get("base_model") or adapter_base_model(path)
+    if (Path(path) / "config.json").is_file():  # a full model (full fine-tuning): it is its own base
+        return str(path)
+    raise UserError(f"{key}={path} holds neither a peft adapter (adapter_config.json) nor a model (config.json).")
+
+
+def fill_base_model(cfg: DictConfig, key: str, expected_stage: str) -> None:
+    """Take model.name_or_path from the checkpoint named by `key` when the user did not set it; when the
+    user did set it, check that it matches the checkpoint's base."""
+    ckpt = OmegaConf.select(cfg, key)
+    if not ckpt:
+        return
+    base = base_model_of_checkpoint(ckpt, key, expected_stage)
+    if OmegaConf.is_missing(cfg.model, "name_or_path"):
+        cfg.model.name_or_path = base
+    elif is_adapter_dir(ckpt) and not _same_model(cfg.model.name_or_path, base):
+        raise UserError(
+            f"{key}={ckpt} was trained on base model '{base}', but model.name_or_path={cfg.model.name_or_path}; "
+            "leave model.name_or_path unset to use the checkpoint's base."
+        )
+
+
+def _same_model(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    pa, pb = Path(a), Path(b)
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()

@@ -1,0 +1,143 @@
+"""A stage's run: its output directory, process group, logger, resume point and stop requests.
+
+Every stage (train_sft, train_rm, train_ppo) starts with `StageRun(cfg, stage)`; it decides where the
+run writes (all ranks agree), refuses to overwrite another run, writes config.yaml, and knows which
+checkpoint to resume from.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ppo_cli import checkpoint as ckpt
+from ppo_cli.dist import SEED_STRIDE, DistInfo, barrier, broadcast_object, init_distributed
+from ppo_cli.errors import UserError
+from ppo_cli.logger import RunLogger
+from ppo_cli.models import PRODUCT_FILE, resolve_device
+
+FINAL = "final"
+
+
+class StopRequest:
+    """Turns the first Ctrl-C / SIGTERM into a flag the loop checks between steps (then checkpoint and
+    exit); a second one interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. inside a test runner thread)
+                pass
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name} received: finishing this step and writing a checkpoint "
+              "(send it again to stop at once).", file=sys.stderr)
+
+
+class StageRun:
+    def __init__(self, cfg: DictConfig, stage: str):
+        self.cfg = cfg
+        self.stage = stage
+        self.dist: DistInfo = init_distributed(cfg.train.device)
+        self.device = self._device()
+        # All ranks must agree on one run directory: rank 0's resolved output_dir wins.
+        self.output_dir = Path(broadcast_object(str(cfg.output_dir), self.dist))
+        cfg.output_dir = str(self.output_dir)
+        self.final_dir = self.output_dir / FINAL
+        self.resume_from: Path | None = None
+        self.stop = StopRequest()
+        self.logger: RunLogger | None = None
+
+    def _device(self) -> torch.device:
+        device = resolve_device(self.cfg.train.device)
+        if device.type == "cuda" and self.dist.enabled:
+            return torch.device("cuda", self.dist.local_rank)
+        return device
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.is_main
+
+    @property
+    def seed(self) -> int:
+        """This rank's seed: differs per rank (sampling, dropout); data order uses cfg.train.seed."""
+        return int(self.cfg.train.seed) + self.dist.rank * SEED_STRIDE
+
+    def is_complete(self) -> bool:
+        return (self.final_dir / PRODUCT_FILE).is_file()
+
+    def prepare(self) -> bool:
+        """Check the output dir and pick the resume point. Returns False when the run is already complete."""
+        existing = ckpt.run_stage_of(self.output_dir)
+        if self.is_complete() and existing == self.stage and self.cfg.resume != "never":
+            if self.is_main:
+                print(f"ppo-cli train-{self.stage}: {self.output_dir} already holds a complete run "
+                      f"({self.final_dir}); nothing to do.")
+            return False
+        self.resume_from = ckpt.resolve_resume(self.output_dir, self.cfg.resume, self.stage)
+        barrier(self.dist)
+        return True
+
+    def start(self) -> RunLogger:
+        """Create the output dir, write config.yaml, and open the logger (rank 0 writes)."""
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            resolved = OmegaConf.to_container(self.cfg, resolve=True)
+            OmegaConf.save(OmegaConf.create({"stage": self.stage, **resolved}), self.output_dir / ckpt.RUN_MARKER)
+        barrier(self.dist)
+        self.logger = RunLogger(self.output_dir, self.cfg, self.stage, enabled=self.is_main)
+        self.stop.install()
+        return self.logger
+
+    def save_checkpoint(self, step: int, trainable, objects, state) -> None:
+        if self.is_main:
+            ckpt.save_checkpoint(self.output_dir, step, trainable, objects, state, keep_last=self.cfg.train.keep_last)
+        barrier(self.dist)
+
+    def stopped_message(self, step: int) -> str:
+        return (f"stopped at step {step} with a checkpoint in {self.output_dir / ckpt.CHECKPOINTS}. "
+                f"Resume with: ppo-cli train-{self.stage} output_dir={self.output_dir} resume=auto")
+
+    def save_final(self, model, tokenizer, **info) -> None:
+        """Write the stage's product to final/ atomically (rank 0): the adapter (or full model), the
+        tokenizer, and ppo_cli.json last, which marks the product complete."""
+        import os
+        import shutil
+
+        from ppo_cli.models import write_product_info
+
+        if not self.is_main:
+            return
+        tmp = self.output_dir / f".{FINAL}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_product_info(tmp, self.stage, self.cfg.model.name_or_path, lora=bool(self.cfg.lora.enabled), **info)
+        if self.final_dir.exists():
+            shutil.rmtree(self.final_dir)
+        os.replace(tmp, self.final_dir)
+
+    def finish(self) -> None:
+        self.stop.uninstall()
+
+
+class TrainingDiverged(UserError):
+    """Loss or gradients became NaN/inf: the run stops, keeping the last good checkpoint."""
