@@ -86,6 +86,32 @@ def precheck(config_name: str, overrides: list[str], command: str) -> DictConfig
     return cfg
 
 
+def quiet_libraries() -> None:
+    """Keep the console for our own output: no per-file loading bars or library chatter."""
+    import os
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*save_embedding_layers.*")
+    warnings.filterwarnings("ignore", message=".*mean_resizing.*")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+    try:
+        import datasets
+
+        datasets.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
+    except ImportError:
+        pass
+
+
 def hydra_app(config_name: str, command: str) -> Callable[[Callable[[DictConfig], object]], Callable[[], None]]:
     """Decorator: `run(cfg)` becomes a Hydra app whose user errors exit 2 with one paragraph."""
     import hydra
@@ -98,6 +124,7 @@ def hydra_app(config_name: str, command: str) -> Callable[[Callable[[DictConfig]
         @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=config_name)
         @functools.wraps(run)
         def main(cfg: DictConfig) -> None:
+            quiet_libraries()
             try:
                 # Resolve once: ${now:...} in output_dir must not change between reads.
                 OmegaConf.resolve(cfg)

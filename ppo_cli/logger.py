@@ -122,7 +122,7 @@ class RunLogger:
             self._wandb.log(clean, step=step)
         self._last.update(clean)
         if self.progress is not None:
-            shown = [f"{k.split('/')[-1]}={_fmt(self._last[k])}" for k in BAR_METRICS.get(self.stage, [])
+            shown = [f"{k.replace('objective/', '').replace('/', '_')}={_fmt(self._last[k])}" for k in BAR_METRICS.get(self.stage, [])
                      if k in self._last]
             self.progress.update(self._task, completed=step, metrics=" ".join(shown))
 
