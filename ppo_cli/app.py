@@ -112,8 +112,14 @@ def quiet_libraries() -> None:
         pass
 
 
-def hydra_app(config_name: str, command: str) -> Callable[[Callable[[DictConfig], object]], Callable[[], None]]:
-    """Decorator: `run(cfg)` becomes a Hydra app whose user errors exit 2 with one paragraph."""
+def hydra_app(
+    config_name: str, command: str, prepare: Callable[[DictConfig], None] | None = None
+) -> Callable[[Callable[[DictConfig], object]], Callable[[], None]]:
+    """Decorator: `run(cfg)` becomes a Hydra app whose user errors exit 2 with one paragraph.
+
+    `prepare(cfg)` runs before the required-keys check: it may fill values the user left unset (e.g. the
+    base model, read from an SFT checkpoint).
+    """
     import hydra
 
     from ppo_cli.config import register_configs
@@ -128,6 +134,8 @@ def hydra_app(config_name: str, command: str) -> Callable[[Callable[[DictConfig]
             try:
                 # Resolve once: ${now:...} in output_dir must not change between reads.
                 OmegaConf.resolve(cfg)
+                if prepare is not None:
+                    prepare(cfg)
                 check_required(cfg)
                 run(cfg)
             except UserError as exc:

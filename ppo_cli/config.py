@@ -184,8 +184,9 @@ class PPOConfig:
     missing_eos_penalty: float | None = None
     # Whiten advantages over valid tokens.
     whiten_advantages: bool = True
-    # Reward scale: rm_stats (use the RM's stored mean/std), whiten (per batch), or none.
-    reward_normalization: str = "rm_stats"
+    # Reward scale: sft_samples (mean/std of the first rollout's scores, when the policy is still the SFT
+    # policy, fixed for the run), rm_stats (the RM's stored mean/std), whiten (per batch), or none.
+    reward_normalization: str = "sft_samples"
     # Clip normalised scores to [-c, c] (null = no clip).
     score_clip: float | None = None
     # Learning rate of the value adapter and head (null = train.lr).
