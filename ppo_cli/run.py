@@ -48,8 +48,11 @@ class StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print(f"\n{signal.Signals(signum).name} received: finishing this step and writing a checkpoint "
-              "(send it again to stop at once).", file=sys.stderr)
+        print(
+            f"\n{signal.Signals(signum).name} received: finishing this step and writing a checkpoint "
+            "(send it again to stop at once).",
+            file=sys.stderr,
+        )
 
 
 class StageRun:
@@ -89,8 +92,10 @@ class StageRun:
         existing = ckpt.run_stage_of(self.output_dir)
         if self.is_complete() and existing == self.stage and self.cfg.resume != "never":
             if self.is_main:
-                print(f"ppo-cli train-{self.stage}: {self.output_dir} already holds a complete run "
-                      f"({self.final_dir}); nothing to do.")
+                print(
+                    f"ppo-cli train-{self.stage}: {self.output_dir} already holds a complete run "
+                    f"({self.final_dir}); nothing to do."
+                )
             return False
         self.resume_from = ckpt.resolve_resume(self.output_dir, self.cfg.resume, self.stage)
         barrier(self.dist)
@@ -101,7 +106,9 @@ class StageRun:
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             resolved = OmegaConf.to_container(self.cfg, resolve=True)
-            OmegaConf.save(OmegaConf.create({"stage": self.stage, **resolved}), self.output_dir / ckpt.RUN_MARKER)
+            OmegaConf.save(
+                OmegaConf.create({"stage": self.stage, **resolved}), self.output_dir / ckpt.RUN_MARKER
+            )
         barrier(self.dist)
         self.logger = RunLogger(self.output_dir, self.cfg, self.stage, enabled=self.is_main)
         self.stop.install()
@@ -109,16 +116,20 @@ class StageRun:
 
     def save_checkpoint(self, step: int, trainable, objects, state) -> None:
         if self.is_main:
-            ckpt.save_checkpoint(self.output_dir, step, trainable, objects, state, keep_last=self.cfg.train.keep_last)
+            ckpt.save_checkpoint(
+                self.output_dir, step, trainable, objects, state, keep_last=self.cfg.train.keep_last
+            )
         barrier(self.dist)
 
     def stopped_message(self, step: int) -> str:
-        return (f"stopped at step {step} with a checkpoint in {self.output_dir / ckpt.CHECKPOINTS}. "
-                f"Resume with: ppo-cli train-{self.stage} output_dir={self.output_dir} resume=auto")
+        return (
+            f"stopped at step {step} with a checkpoint in {self.output_dir / ckpt.CHECKPOINTS}. "
+            f"Resume with: ppo-cli train-{self.stage} output_dir={self.output_dir} resume=auto"
+        )
 
-    def save_final(self, model, tokenizer, **info) -> None:
+    def save_final(self, model, tokenizer, save_kwargs: dict | None = None, extra_save=None, **info) -> None:
         """Write the stage's product to final/ atomically (rank 0): the adapter (or full model), the
-        tokenizer, and ppo_cli.json last, which marks the product complete."""
+        tokenizer, `extra_save(dir)` if given, and ppo_cli.json last, which marks the product complete."""
         import os
         import shutil
 
@@ -128,9 +139,13 @@ class StageRun:
             return
         tmp = self.output_dir / f".{FINAL}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, **(save_kwargs or {}))
         tokenizer.save_pretrained(tmp)
-        write_product_info(tmp, self.stage, self.cfg.model.name_or_path, lora=bool(self.cfg.lora.enabled), **info)
+        if extra_save is not None:
+            extra_save(tmp)
+        write_product_info(
+            tmp, self.stage, self.cfg.model.name_or_path, lora=bool(self.cfg.lora.enabled), **info
+        )
         if self.final_dir.exists():
             shutil.rmtree(self.final_dir)
         os.replace(tmp, self.final_dir)

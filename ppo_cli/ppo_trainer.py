@@ -1,0 +1,488 @@
+"""The PPO loop: rollout -> score -> advantages -> several epochs of clipped updates -> KL control.
+
+One step, commented where the PPO_CHECKLIST.md rows apply:
+  1. sample train.batch_size prompts (data order shared by all ranks, each rank takes its slice);
+  2. generate with the policy adapter, KV cache, temperature T, no top-k/top-p (row 8);
+  3. truncate after the first EOS, keep it, pad the rest (row 3);
+  4. old logprobs (policy), reference logprobs, values, scores — in micro-batches of the same size
+     as the update's, so the first update sees exactly the same numbers (row 15);
+  5. missing-EOS penalty (row 5), scores on a fixed scale (row 17), per-token KL penalty with the
+     score at the last real token (rows 4, 6);
+  6. GAE with gamma, lambda; returns before whitening; advantages whitened over real tokens (11, 12);
+  7. ppo.epochs epochs over reshuffled minibatches: clipped policy loss + vf_coef * clipped value
+     loss (13, 14);
+  8. KL controller update (row 7), metrics with TRL's names, checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+from omegaconf import DictConfig
+
+from ppo_cli import checkpoint as ckpt
+from ppo_cli import rlhf
+from ppo_cli.data import EpochBatches, pad_left
+from ppo_cli.dist import all_reduce_mean, any_flag
+from ppo_cli.errors import UserError
+from ppo_cli.models import autocast
+from ppo_cli.roles import POLICY, REFERENCE, Roles
+from ppo_cli.run import StageRun
+from ppo_cli.trainer import build_scheduler, check_finite
+
+
+@dataclass
+class Rollout:
+    """One rollout batch on this rank. Shapes: B rows, P prompt tokens (left-padded), R response tokens."""
+
+    query_responses: torch.Tensor  # (B, P+R) prompt + response ids, pads after EOS
+    attention_mask: torch.Tensor  # (B, P+R)
+    responses: torch.Tensor  # (B, R)
+    response_mask: torch.Tensor  # (B, R) bool: real response tokens, up to and including EOS
+    logprobs: torch.Tensor  # (B, R) policy logprobs at sampling time ("old")
+    ref_logprobs: torch.Tensor  # (B, R)
+    values: torch.Tensor  # (B, R)
+    raw_scores: torch.Tensor  # (B,) reward source's scores, after the missing-EOS penalty
+    scores: torch.Tensor  # (B,) on the fixed scale used in the rewards
+    prompts: list[str]
+    completions: list[str]
+
+
+class RewardScale:
+    """Puts scores on a fixed scale before the KL trade-off (checklist row 17).
+
+    sft_samples: mean/std of the scores of the first rollout batch (the policy is still the SFT policy
+    then), fixed for the whole run; rm_stats: the RM's stored mean/std; whiten: per batch; none.
+    """
+
+    def __init__(self, mode: str, rm_stats: tuple[float, float] | None):
+        self.mode = mode
+        self.mean, self.std = rm_stats if mode == "rm_stats" and rm_stats else (None, None)
+
+    def __call__(self, scores: torch.Tensor, dist_info) -> torch.Tensor:
+        if self.mode == "none":
+            return scores
+        if self.mode == "whiten":
+            mean, std = _global_mean_std(scores, dist_info)
+            return (scores - mean) / (std + 1e-8)
+        if self.mean is None:  # sft_samples, first batch
+            self.mean, self.std = _global_mean_std(scores, dist_info)
+        return rlhf.normalize_scores(scores, self.mean, self.std)
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "std": self.std}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.std = state["mean"], state["std"]
+
+
+def _global_mean_std(values: torch.Tensor, dist_info) -> tuple[float, float]:
+    values = values.double()
+    if dist_info.enabled:
+        gathered = [torch.zeros_like(values) for _ in range(dist_info.world_size)]
+        tdist.all_gather(gathered, values)
+        values = torch.cat(gathered)
+    std = float(values.std()) if values.numel() > 1 else 1.0
+    return float(values.mean()), (std if std > 1e-6 else 1.0)
+
+
+class PPOTrainer:
+    def __init__(
+        self,
+        run: StageRun,
+        roles: Roles,
+        tokenizer,
+        prompts: list[dict],
+        reward,
+        eos_ids: list[int],
+        rm_stats: tuple[float, float] | None,
+    ):
+        self.run, self.roles, self.tokenizer = run, roles, tokenizer
+        self.cfg: DictConfig = run.cfg
+        self.ppo_cfg, self.train_cfg, self.gen_cfg = self.cfg.ppo, self.cfg.train, self.cfg.generation
+        self.prompts, self.reward, self.eos_ids = prompts, reward, eos_ids
+        self.device = run.device
+        world = run.dist.world_size
+        self.local_batch = self.train_cfg.batch_size // world
+        self.minibatch = self.local_batch // self.ppo_cfg.num_minibatches
+        self.micro = self.minibatch // self.train_cfg.grad_accum_steps
+        self.batches = EpochBatches(len(prompts), self.train_cfg.batch_size, self.train_cfg.seed)
+        self.policy_params = roles.policy_parameters()
+        self.value_params = roles.value_parameters()
+        value_lr = self.ppo_cfg.value_lr if self.ppo_cfg.value_lr is not None else self.train_cfg.lr
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": self.policy_params, "lr": self.train_cfg.lr},
+                {"params": self.value_params, "lr": value_lr},
+            ],
+            weight_decay=self.train_cfg.weight_decay,
+            eps=1e-5,
+        )
+        self.total_steps = int(self.train_cfg.max_steps)
+        self.scheduler = build_scheduler(self.optimizer, self.train_cfg, self.total_steps)
+        self.kl_ctl = (
+            rlhf.AdaptiveKLController(self.ppo_cfg.kl_coef, self.ppo_cfg.kl_target, self.ppo_cfg.kl_horizon)
+            if self.ppo_cfg.kl_controller == "adaptive"
+            else rlhf.FixedKLController(self.ppo_cfg.kl_coef)
+        )
+        self.scale = RewardScale(self.ppo_cfg.reward_normalization, rm_stats)
+        self.step = 0
+        self.negative_kl_streak = 0
+        self.generation_config = self._generation_config()
+
+    # -- generation -----------------------------------------------------------------------------
+    def _generation_config(self):
+        from transformers import GenerationConfig
+
+        # Pure sampling at temperature T: no top-k/top-p/repetition tricks, whose logprobs the
+        # scoring passes could not reproduce (checklist row 8).
+        return GenerationConfig(
+            do_sample=True,
+            temperature=self.gen_cfg.temperature,
+            top_k=0,
+            top_p=1.0,
+            min_p=None,
+            repetition_penalty=1.0,
+            max_new_tokens=self.gen_cfg.max_new_tokens,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.eos_ids,
+            use_cache=True,
+        )
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]]) -> tuple[torch.Tensor, ...]:
+        pad = self.tokenizer.pad_token_id
+        input_ids = pad_left(prompt_ids, pad).to(self.device)
+        prompt_mask = pad_left([[1] * len(p) for p in prompt_ids], 0).to(self.device)
+        self.roles.eval()
+        with self.roles.role(POLICY), autocast(self.device, self.train_cfg.mixed_precision):
+            out = self.roles.model.generate(
+                input_ids=input_ids, attention_mask=prompt_mask, generation_config=self.generation_config
+            )
+        responses = out[:, input_ids.shape[1] :]
+        responses, response_mask = rlhf.truncate_after_eos(responses, self.eos_ids, pad)
+        return input_ids, prompt_mask, responses, response_mask
+
+    # -- scoring passes -------------------------------------------------------------------------
+    def policy_logprobs(
+        self, qr: torch.Tensor, mask: torch.Tensor, responses: torch.Tensor, role: str
+    ) -> torch.Tensor:
+        """Logprobs of `responses` under `role`; the one code path for old, new and reference (row 15)."""
+        with self.roles.role(role), autocast(self.device, self.train_cfg.mixed_precision):
+            logits = self.roles.response_logits(qr, mask, responses.shape[1])
+        return rlhf.logprobs_from_logits(logits, responses, self.gen_cfg.temperature)
+
+    def value_estimates(self, qr: torch.Tensor, mask: torch.Tensor, length: int) -> torch.Tensor:
+        with autocast(self.device, self.train_cfg.mixed_precision):
+            return self.roles.values(qr, mask, length).float()
+
+    @torch.no_grad()
+    def rollout(self, batch_prompts: list[dict]) -> tuple[Rollout, dict[str, float]]:
+        timings = {}
+        start = time.perf_counter()
+        prompt_ids, prompt_mask, responses, response_mask = self.generate(
+            [p["input_ids"] for p in batch_prompts]
+        )
+        timings["time/generate"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        qr = torch.cat([prompt_ids, responses], dim=1)
+        mask = torch.cat([prompt_mask, response_mask.long()], dim=1)
+        length = responses.shape[1]
+        logprobs, ref_logprobs, values = [], [], []
+        for s in range(0, qr.shape[0], self.micro):
+            chunk = slice(s, s + self.micro)
+            logprobs.append(self.policy_logprobs(qr[chunk], mask[chunk], responses[chunk], POLICY))
+            ref_logprobs.append(self.policy_logprobs(qr[chunk], mask[chunk], responses[chunk], REFERENCE))
+            values.append(self.value_estimates(qr[chunk], mask[chunk], length))
+        prompts = [p["prompt"] for p in batch_prompts]
+        completions = self.tokenizer.batch_decode(
+            responses.masked_fill(~response_mask, self.tokenizer.pad_token_id), skip_special_tokens=True
+        )
+        raw = self.reward(qr, mask, prompts, completions).to(self.device).float()
+        eos_present = rlhf.has_eos(responses, response_mask, self.eos_ids)
+        raw = rlhf.apply_missing_eos_penalty(raw, eos_present, self.ppo_cfg.missing_eos_penalty)
+        scores = self.scale(raw, self.run.dist)
+        if self.ppo_cfg.score_clip is not None:
+            scores = scores.clamp(-self.ppo_cfg.score_clip, self.ppo_cfg.score_clip)
+        timings["time/score"] = time.perf_counter() - start
+        rollout = Rollout(
+            qr,
+            mask,
+            responses,
+            response_mask,
+            torch.cat(logprobs),
+            torch.cat(ref_logprobs),
+            torch.cat(values),
+            raw,
+            scores,
+            prompts,
+            completions,
+        )
+        return rollout, timings
+
+    # -- one PPO step ---------------------------------------------------------------------------
+    def advantages(self, ro: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        rewards, non_score = rlhf.shape_rewards(
+            ro.scores, ro.logprobs, ro.ref_logprobs, ro.response_mask, self.kl_ctl.value
+        )
+        adv, returns = rlhf.gae(rewards, ro.values, ro.response_mask, self.ppo_cfg.gamma, self.ppo_cfg.lam)
+        if self.ppo_cfg.whiten_advantages:
+            adv = self._whiten_global(adv, ro.response_mask)
+        return rewards, non_score, adv, returns
+
+    def _whiten_global(self, adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if not self.run.dist.enabled:
+            return rlhf.masked_whiten(adv, mask)
+        # Whiten with statistics over all ranks' tokens, so every rank scales advantages alike.
+        m = mask.bool()
+        stats = torch.tensor([adv[m].sum(), (adv[m] ** 2).sum(), m.sum()], dtype=torch.float64)
+        tdist.all_reduce(stats)
+        n = stats[2].clamp(min=2)
+        mean = stats[0] / n
+        var = (stats[1] / n - mean**2) * n / (n - 1)
+        return torch.where(m, (adv - mean.float()) * torch.rsqrt(var.float() + 1e-8), torch.zeros_like(adv))
+
+    def _sync_grads(self) -> None:
+        if not self.run.dist.enabled:
+            return
+        world = self.run.dist.world_size
+        for p in self.policy_params + self.value_params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            tdist.all_reduce(p.grad)
+            p.grad /= world
+
+    def update(self, ro: Rollout, adv: torch.Tensor, returns: torch.Tensor) -> dict[str, float]:
+        stats: dict[str, list[float]] = defaultdict(list)
+        B = ro.responses.shape[0]
+        length = ro.responses.shape[1]
+        self.roles.train(self.cfg.model.gradient_checkpointing)  # dropout is off either way (row 9)
+        for _epoch in range(self.ppo_cfg.epochs):
+            order = torch.randperm(B)  # reshuffled every epoch (row 14); torch RNG is checkpointed
+            for mb_start in range(0, B, self.minibatch):
+                mb = order[mb_start : mb_start + self.minibatch]
+                for mi_start in range(0, len(mb), self.micro):
+                    idx = mb[mi_start : mi_start + self.micro]
+                    new_lp = self.policy_logprobs(
+                        ro.query_responses[idx], ro.attention_mask[idx], ro.responses[idx], POLICY
+                    )
+                    pg = rlhf.policy_loss(
+                        new_lp, ro.logprobs[idx], adv[idx], ro.response_mask[idx], self.ppo_cfg.clip_range
+                    )
+                    vpred = self.value_estimates(ro.query_responses[idx], ro.attention_mask[idx], length)
+                    vf = rlhf.value_loss(
+                        vpred,
+                        ro.values[idx],
+                        returns[idx],
+                        ro.response_mask[idx],
+                        self.ppo_cfg.clip_range_value,
+                    )
+                    loss = pg["loss"] + self.ppo_cfg.vf_coef * vf["loss"]
+                    check_finite(loss.detach(), "the PPO loss", self.step + 1, self.run)
+                    (loss * len(idx) / len(mb)).backward()
+                    for key, value in (
+                        ("policy/approxkl_avg", pg["approxkl"]),
+                        ("policy/clipfrac_avg", pg["clipfrac"]),
+                        ("loss/policy_avg", pg["loss"]),
+                        ("loss/value_avg", vf["loss"]),
+                        ("val/clipfrac_avg", vf["clipfrac"]),
+                        ("val/ratio", pg["ratio"]),
+                    ):
+                        stats[key].append(float(value))
+                    with torch.no_grad():
+                        ent = rlhf.masked_mean(-new_lp, ro.response_mask[idx])
+                    stats["policy/entropy_avg"].append(float(ent))
+                self._sync_grads()
+                if self.train_cfg.max_grad_norm > 0:
+                    norm = torch.nn.utils.clip_grad_norm_(
+                        self.policy_params + self.value_params, self.train_cfg.max_grad_norm
+                    )
+                    check_finite(norm, "the gradient norm", self.step + 1, self.run)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        self.roles.eval()
+        result = {k: sum(v) / len(v) for k, v in stats.items()}
+        # The very first minibatch, before any update: ratio must be exactly 1 there (row 15).
+        result["policy/first_ratio"] = stats["val/ratio"][0]
+        return result
+
+    def step_metrics(
+        self, ro: Rollout, non_score: torch.Tensor, timings: dict[str, float]
+    ) -> dict[str, float]:
+        mask = ro.response_mask
+        kl = rlhf.masked_sum(ro.logprobs - ro.ref_logprobs, mask, dim=1)  # k1 per sequence (CONTRACT.md)
+        non_score_total = rlhf.masked_sum(non_score, mask, dim=1)
+        eos_count = sum(int((ro.responses == e).logical_and(mask).sum()) for e in self.eos_ids)
+        metrics = {
+            "objective/kl": float(kl.mean()),
+            "objective/entropy": float(rlhf.masked_sum(-ro.logprobs, mask, dim=1).mean()),
+            "objective/non_score_reward": float(non_score_total.mean()),
+            "objective/rlhf_reward": float((ro.scores + non_score_total).mean()),
+            "objective/scores": float(ro.raw_scores.mean()),
+            "objective/scores_normalized": float(ro.scores.mean()),
+            "val/num_eos_tokens": float(eos_count),
+            "val/mean_response_length": float(mask.sum(1).float().mean()),
+            **timings,
+        }
+        return metrics
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def save(self, episode: int) -> None:
+        objects = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng_torch": torch.get_rng_state(),
+        }
+        rng = ckpt.capture_rng()
+        rng.pop("torch")
+        rng.pop("cuda")
+        state = {
+            "data": self.batches.state_dict(),
+            "rng": rng,
+            "kl_controller": self.kl_ctl.state_dict(),
+            "reward_scale": self.scale.state_dict(),
+            "episode": episode,
+        }
+        self.run.save_checkpoint(self.step, ckpt.trainable_state(self.roles), objects, state)
+
+    def restore(self) -> int:
+        loaded = ckpt.load_checkpoint(self.run.resume_from)
+        ckpt.load_trainable_state(self.roles, loaded.trainable, str(loaded.path))
+        self.optimizer.load_state_dict(loaded.objects["optimizer"])
+        self.scheduler.load_state_dict(loaded.objects["scheduler"])
+        self.batches.load_state_dict(loaded.state["data"])
+        self.kl_ctl.load_state_dict(loaded.state["kl_controller"])
+        self.scale.load_state_dict(loaded.state["reward_scale"])
+        ckpt.restore_rng(dict(loaded.state["rng"], torch=loaded.objects["rng_torch"], cuda=[]))
+        self.step = loaded.step
+        return int(loaded.state["episode"])
+
+    # -- guards ---------------------------------------------------------------------------------
+    def guards(self, metrics: dict[str, float]) -> None:
+        logger = self.run.logger
+        ratio = metrics["val/ratio"]
+        if not 0.5 <= ratio <= 2.0:
+            logger.warn(
+                f"step {self.step}: val/ratio={ratio:.3f} left [0.5, 2]: updates are too large "
+                "(lower train.lr, ppo.epochs, or raise ppo.num_minibatches)."
+            )
+        self.negative_kl_streak = self.negative_kl_streak + 1 if metrics["objective/kl"] < 0 else 0
+        if self.negative_kl_streak == 3:
+            logger.warn(
+                "objective/kl has been negative for 3 steps: generation and scoring disagree "
+                "(check generation settings, temperature, padding) (checklist row 19)."
+            )
+
+    # -- the loop -------------------------------------------------------------------------------
+    def fit(self) -> dict[str, float]:
+        run, logger = self.run, self.run.logger
+        episode = 0
+        if run.resume_from is not None:
+            episode = self.restore()
+        else:
+            ckpt.seed_everything(run.seed)
+        logger.start(self.total_steps, self.step, self.summary())
+        rank, world = run.dist.rank, run.dist.world_size
+        metrics: dict[str, float] = {}
+        self.roles.eval()
+        try:
+            while self.step < self.total_steps:
+                indices = self.batches.next()[rank::world]
+                batch_prompts = [self.prompts[i] for i in indices]
+                ro, timings = self.rollout(batch_prompts)
+                start = time.perf_counter()
+                _, non_score, adv, returns = self.advantages(ro)
+                update_stats = self.update(ro, adv, returns)
+                self.scheduler.step()
+                timings["time/train"] = time.perf_counter() - start
+                self.step += 1
+                episode += self.train_cfg.batch_size
+                metrics = {**self.step_metrics(ro, non_score, timings), **update_stats}
+                metrics = all_reduce_mean(metrics, run.dist)
+                # KL controller sees the batch-mean KL; n_steps counts episodes, as in Ziegler et al.
+                self.kl_ctl.update(metrics["objective/kl"], self.train_cfg.batch_size)
+                metrics.update(
+                    {
+                        "objective/kl_coef": self.kl_ctl.value,
+                        "lr": self.scheduler.get_last_lr()[0],
+                        "episode": episode,
+                    }
+                )
+                self.guards(metrics)
+                logger.advance(self.step)
+                if self.step % self.train_cfg.log_every == 0 or self.step == self.total_steps:
+                    logger.log(self.step, metrics)
+                if self.cfg.sample_every > 0 and (self.step % self.cfg.sample_every == 0 or self.step == 1):
+                    self.show_samples(ro)
+                stop = any_flag(run.stop.requested, run.dist)
+                if (self.train_cfg.save_every > 0 and self.step % self.train_cfg.save_every == 0) or stop:
+                    self.save(episode)
+                if stop:
+                    logger.close_progress()
+                    logger.print(f"[bold]{run.stopped_message(self.step)}[/]")
+                    raise SystemExit(130)
+            self.save(episode)
+        finally:
+            logger.close_progress()
+        return metrics
+
+    def show_samples(self, ro: Rollout, n: int = 4) -> None:
+        rows = [
+            [ro.prompts[i], ro.completions[i], float(ro.raw_scores[i])]
+            for i in range(min(n, len(ro.prompts)))
+        ]
+        self.run.logger.table(
+            f"samples at step {self.step}", ["prompt", "completion", "score"], rows, step=self.step
+        )
+
+    def summary(self) -> dict[str, str]:
+        return {
+            "rollout": f"{self.train_cfg.batch_size} prompts x {self.gen_cfg.max_new_tokens} new tokens, "
+            f"T={self.gen_cfg.temperature}",
+            "ppo": f"{self.ppo_cfg.epochs} epochs x {self.ppo_cfg.num_minibatches} minibatches, "
+            f"kl_coef {self.ppo_cfg.kl_coef} ({self.ppo_cfg.kl_controller})",
+            "device": str(self.device),
+        }
+
+
+def validate_ppo(cfg: DictConfig, world_size: int = 1) -> None:
+    ppo, train = cfg.ppo, cfg.train
+    if train.max_steps < 1:
+        raise UserError(f"train.max_steps={train.max_steps}: train-ppo needs a positive number of steps.")
+    if train.batch_size % world_size:
+        raise UserError(
+            f"train.batch_size={train.batch_size} must divide by the number of ranks ({world_size})."
+        )
+    local = train.batch_size // world_size
+    if ppo.num_minibatches < 1 or local % ppo.num_minibatches:
+        raise UserError(
+            f"train.batch_size per rank ({local}) must divide by ppo.num_minibatches={ppo.num_minibatches}."
+        )
+    if (local // ppo.num_minibatches) % train.grad_accum_steps:
+        raise UserError(
+            f"the minibatch ({local // ppo.num_minibatches} prompts) must divide by "
+            f"train.grad_accum_steps={train.grad_accum_steps}."
+        )
+    if ppo.epochs < 1:
+        raise UserError(f"ppo.epochs={ppo.epochs} must be at least 1.")
+    if cfg.generation.max_new_tokens < 1:
+        raise UserError(f"generation.max_new_tokens={cfg.generation.max_new_tokens} must be at least 1.")
+    if not cfg.generation.temperature > 0 or not math.isfinite(cfg.generation.temperature):
+        raise UserError(f"generation.temperature={cfg.generation.temperature} must be positive.")
+    if ppo.kl_controller not in ("fixed", "adaptive"):
+        raise UserError(f"ppo.kl_controller={ppo.kl_controller} is not one of fixed, adaptive.")
+    if ppo.reward_normalization not in ("sft_samples", "rm_stats", "whiten", "none"):
+        raise UserError(
+            f"ppo.reward_normalization={ppo.reward_normalization} is not one of sft_samples, rm_stats, "
+            "whiten, none."
+        )
+    if ppo.missing_eos_penalty is not None and ppo.missing_eos_penalty < 0:
+        raise UserError(
+            f"ppo.missing_eos_penalty={ppo.missing_eos_penalty} must be positive (it is subtracted)."
+        )

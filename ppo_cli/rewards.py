@@ -1,0 +1,126 @@
+"""Where PPO's scores come from: exactly one of three sources.
+
+- `reward_checkpoint` = our RM's final/ on the same base: the "reward" adapter + head of the shared
+  model scores the policy's own token ids (no decoding, no second model in memory).
+- `reward_checkpoint` = any other sequence-classification model (a Hub id, a full model directory, or
+  our RM on a different base): a separate model with its own tokenizer; responses are decoded to text
+  and re-tokenized for it.
+- `reward_fn` = `package.module:function(prompts, completions) -> list[float]`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ppo_cli.errors import UserError
+
+
+def load_reward_function(spec: str) -> Callable[[list[str], list[str]], list[float]]:
+    if ":" not in spec:
+        raise UserError(f"reward_fn={spec}: expected the form package.module:function.")
+    module_name, func_name = spec.split(":", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - any import failure is the user's module
+        raise UserError(
+            f"reward_fn={spec}: cannot import module '{module_name}' ({type(exc).__name__}: {exc})."
+        ) from exc
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise UserError(f"reward_fn={spec}: module '{module_name}' has no function '{func_name}'.")
+    return func
+
+
+def call_reward_function(
+    func: Callable, spec: str, prompts: list[str], completions: list[str]
+) -> torch.Tensor:
+    """Call the user's function and check it returned one finite number per completion."""
+    try:
+        result = func(prompts, completions)
+    except Exception as exc:  # noqa: BLE001 - report the user's function failing, not our traceback
+        raise UserError(f"reward_fn={spec} raised {type(exc).__name__}: {exc}") from exc
+    try:
+        values = [float(v) for v in result]
+    except (TypeError, ValueError) as exc:
+        raise UserError(
+            f"reward_fn={spec} must return a list of floats, got {type(result).__name__}."
+        ) from exc
+    if len(values) != len(completions):
+        raise UserError(f"reward_fn={spec} returned {len(values)} scores for {len(completions)} completions.")
+    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+    if bad:
+        raise UserError(
+            f"reward_fn={spec} returned a non-finite score ({values[bad[0]]}) for completion {bad[0]}."
+        )
+    return torch.tensor(values, dtype=torch.float32)
+
+
+class SeparateRewardModel:
+    """A sequence classifier with its own tokenizer: scores `prompt + completion` texts."""
+
+    def __init__(self, path: str, model_cfg, device: torch.device, batch_size: int):
+        from ppo_cli.models import is_adapter_dir, load_sequence_classifier, load_tokenizer, read_product_info
+
+        self.device, self.batch_size = device, batch_size
+        if is_adapter_dir(path):
+            from peft import PeftModel
+
+            info = read_product_info(path, "reward_checkpoint")
+            base = info.get("base_model") or _adapter_base(path)
+            self.tokenizer = load_tokenizer(path, model_cfg.trust_remote_code)
+            base_model = load_sequence_classifier(model_cfg, self.tokenizer, device, name_or_path=base)
+            self.model = PeftModel.from_pretrained(base_model, path).to(device)
+        else:
+            self.tokenizer = load_tokenizer(path, model_cfg.trust_remote_code)
+            self.model = load_sequence_classifier(model_cfg, self.tokenizer, device, name_or_path=path)
+        self.model.eval().requires_grad_(False)
+        self.tokenizer.padding_side = "right"
+
+    @torch.inference_mode()
+    def score(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
+        eos = self.tokenizer.eos_token or ""
+        texts = [p + c + ("" if c.endswith(eos) else eos) for p, c in zip(prompts, completions)]
+        scores = []
+        for start in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(
+                texts[start : start + self.batch_size],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                add_special_tokens=True,
+            ).to(self.device)
+            from ppo_cli.rlhf import position_ids_from_mask
+
+            out = self.model(**enc, position_ids=position_ids_from_mask(enc["attention_mask"]))
+            scores.append(out.logits[:, 0].float().cpu())
+        return torch.cat(scores)
+
+
+def _adapter_base(path: str) -> str:
+    from ppo_cli.models import adapter_base_model
+
+    base = adapter_base_model(path)
+    if not base:
+        raise UserError(f"reward_checkpoint={path}: the adapter does not name its base model.")
+    return base
+
+
+def rm_shares_base(reward_checkpoint: str, base_model: str) -> bool:
+    """True when reward_checkpoint is one of our RM adapters trained on `base_model`."""
+    from ppo_cli.models import _same_model, is_adapter_dir, read_product_info
+
+    if not is_adapter_dir(reward_checkpoint):
+        return False
+    info = read_product_info(reward_checkpoint, "reward_checkpoint")
+    if info.get("stage") not in (None, "rm"):
+        raise UserError(
+            f"reward_checkpoint={reward_checkpoint} is the product of the {info['stage']} stage, "
+            "not a reward model."
+        )
+    base = info.get("base_model") or _adapter_base(reward_checkpoint)
+    return _same_model(base, base_model) and Path(reward_checkpoint, "adapter_config.json").is_file()

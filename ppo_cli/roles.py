@@ -1,0 +1,274 @@
+"""PPO's four roles on ONE frozen base model, as peft adapters (DESIGN.md, "One base model, four roles").
+
+| role      | on the shared base                                   | trainable |
+|-----------|------------------------------------------------------|-----------|
+| policy    | adapter "default", initialised from the SFT adapter  | yes       |
+| reference | adapter "reference" = the SFT adapter (or no adapter)| no        |
+| reward    | adapter "reward" + score head, from the RM           | no        |
+| value     | adapter "value" + value head, from the RM            | yes       |
+
+The policy adapter is called "default" so that `final/` is a plain peft adapter directory.
+Switching roles only changes which adapter the LoRA layers use; it never touches `requires_grad`
+(peft's own `set_adapter` would), so the trainable set stays exactly the policy and value weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from ppo_cli.errors import UserError
+from ppo_cli.rlhf import position_ids_from_mask
+
+POLICY, REFERENCE, REWARD, VALUE = "default", "reference", "reward", "value"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout changes logprobs between passes, so PPO's ratio would not start at 1 (checklist row 9)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for attr in ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout", "dropout"):
+        if isinstance(getattr(getattr(model, "config", None), attr, None), float):
+            setattr(model.config, attr, 0.0)
+
+
+def read_adapter(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(adapter_config.json as a dict, adapter tensors) of a saved peft adapter."""
+    path = Path(path)
+    config = json.loads((path / "adapter_config.json").read_text())
+    weights = path / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise UserError(f"{path} has no {ADAPTER_WEIGHTS} (only safetensors adapters are loaded).")
+    return config, load_file(weights)
+
+
+def lora_config_from(adapter_config: dict, task_type: str = "CAUSAL_LM"):
+    """A fresh LoraConfig with the shape of a saved adapter, dropout 0, no modules_to_save."""
+    from peft import LoraConfig
+
+    targets = adapter_config.get("target_modules")
+    if isinstance(targets, list):
+        targets = sorted(targets)
+    return LoraConfig(
+        r=adapter_config["r"],
+        lora_alpha=adapter_config["lora_alpha"],
+        lora_dropout=0.0,
+        target_modules=targets,
+        task_type=task_type,
+        use_rslora=adapter_config.get("use_rslora", False),
+        bias=adapter_config.get("bias", "none"),
+    )
+
+
+def head_name_of(adapter_config: dict, tensors: dict[str, torch.Tensor]) -> str | None:
+    """The score head saved with an RM adapter (peft modules_to_save), e.g. 'score'."""
+    for name in adapter_config.get("modules_to_save") or []:
+        if any(k.split(".")[-2] == name or f".{name}." in k for k in tensors):
+            return name
+    return None
+
+
+def split_head(
+    tensors: dict[str, torch.Tensor], head: str | None
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Separate LoRA tensors from the head's (keys 'base_model.model.<head>.weight' / '.bias')."""
+    if head is None:
+        return tensors, {}
+    lora, head_tensors = {}, {}
+    for key, value in tensors.items():
+        parts = key.split(".")
+        if head in parts and "lora_" not in key:
+            head_tensors[parts[-1]] = value
+        else:
+            lora[key] = value
+    return lora, head_tensors
+
+
+class Roles(torch.nn.Module):
+    """The peft model with the four role adapters, plus the value and reward heads."""
+
+    def __init__(
+        self,
+        peft_model,
+        value_head: torch.nn.Linear,
+        reward_head: torch.nn.Linear | None,
+        has_reference_adapter: bool,
+    ):
+        super().__init__()
+        self.model = peft_model
+        self.value_head = value_head
+        self.reward_head = reward_head
+        self.has_reference_adapter = has_reference_adapter
+        causal_lm = peft_model.get_base_model()
+        self.trunk = getattr(causal_lm, causal_lm.base_model_prefix)
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self._lora_layers = [m for m in peft_model.modules() if isinstance(m, BaseTunerLayer)]
+
+    # -- role switching --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def role(self, name: str) -> Iterator[None]:
+        """Run the enclosed forward passes as `name` (POLICY, REFERENCE, REWARD, VALUE)."""
+        if name == REFERENCE and not self.has_reference_adapter:
+            with self.model.disable_adapter():
+                yield
+            return
+        previous = [layer._active_adapter for layer in self._lora_layers]
+        for layer in self._lora_layers:
+            layer._active_adapter = [name]
+        try:
+            yield
+        finally:
+            for layer, prev in zip(self._lora_layers, previous):
+                layer._active_adapter = prev
+
+    # -- forward passes ---------------------------------------------------------------------------
+    def response_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_length: int
+    ) -> torch.Tensor:
+        """Logits that predict the last `response_length` tokens: positions T-R-1 .. T-2 (B, R, V).
+
+        Only those positions go through the output head (`logits_to_keep`), which saves the vocabulary
+        projection of the prompt tokens.
+        """
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            logits_to_keep=response_length + 1,
+            use_cache=False,
+        )
+        return out.logits[:, :-1]
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The trunk's last hidden states (B, T, H), no output head."""
+        return self.trunk(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        ).last_hidden_state
+
+    def values(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_length: int
+    ) -> torch.Tensor:
+        """V(s_t) for each response token t (B, R): the value head on the hidden state that predicts it."""
+        with self.role(VALUE):
+            hidden = self.hidden_states(input_ids, attention_mask)[:, -response_length - 1 : -1]
+        return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+
+    def reward_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The RM's score at the last non-pad token of each sequence (B,)."""
+        with self.role(REWARD):
+            hidden = self.hidden_states(input_ids, attention_mask)
+        last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).long().argmax(-1)
+        picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return self.reward_head(picked.to(self.reward_head.weight.dtype)).squeeze(-1)
+
+    # -- what trains ------------------------------------------------------------------------------
+    def policy_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for n, p in self.model.named_parameters() if f".{POLICY}." in n and p.requires_grad]
+
+    def value_parameters(self) -> list[torch.nn.Parameter]:
+        adapter = [p for n, p in self.model.named_parameters() if f".{VALUE}." in n and p.requires_grad]
+        return adapter + list(self.value_head.parameters())
+
+
+def _load_lora_tensors(peft_model, tensors: dict[str, torch.Tensor], adapter: str, source: str) -> None:
+    """Load saved LoRA tensors (peft's on-disk names) into adapter `adapter`, checking all were used."""
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(peft_model, tensors, adapter_name=adapter)
+    unexpected = [k for k in result.unexpected_keys if "lora_" in k]
+    if unexpected:
+        raise UserError(
+            f"{source}: adapter weights do not fit the base model (e.g. {unexpected[0]}); "
+            "was it trained on another base model?"
+        )
+    missing = [k for k in result.missing_keys if f".{adapter}." in k and "lora_" in k]
+    if missing:
+        raise UserError(
+            f"{source}: adapter is missing weights for {missing[0]}; was it trained on another base model?"
+        )
+
+
+def _copy_adapter(peft_model, source: str, target: str) -> None:
+    params = dict(peft_model.named_parameters())
+    with torch.no_grad():
+        for name, param in params.items():
+            if f".{target}." in name:
+                param.copy_(params[name.replace(f".{target}.", f".{source}.")])
+
+
+def build_roles(
+    base_model, lora_cfg, sft_adapter: str | None, reward_adapter: str | None, hidden_size: int
+) -> Roles:
+    """Put the roles on `base_model` (a frozen CausalLM).
+
+    sft_adapter: the SFT stage's final/ when it is a LoRA adapter (policy + reference start from it).
+    reward_adapter: our RM's final/ when it shares this base (reward adapter + head; the value starts
+    from it). Without it the value adapter starts from the policy's weights with a zero head.
+    """
+    from peft import get_peft_model
+
+    from ppo_cli.models import peft_lora_config
+
+    for p in base_model.parameters():
+        p.requires_grad_(False)
+    device = next(base_model.parameters()).device
+
+    if sft_adapter:
+        sft_config, sft_tensors = read_adapter(sft_adapter)
+        policy_config = lora_config_from(sft_config)
+    else:
+        sft_tensors = None
+        policy_config = peft_lora_config(lora_cfg, "CAUSAL_LM", dropout=0.0)
+    model = get_peft_model(base_model, policy_config, adapter_name=POLICY)
+    if sft_tensors is not None:
+        _load_lora_tensors(model, sft_tensors, POLICY, f"sft_checkpoint={sft_adapter}")
+        model.add_adapter(REFERENCE, lora_config_from(sft_config))
+        _load_lora_tensors(model, sft_tensors, REFERENCE, f"sft_checkpoint={sft_adapter}")
+
+    reward_head = None
+    value_head = torch.nn.Linear(hidden_size, 1, bias=False, device=device, dtype=torch.float32)
+    if reward_adapter:
+        rm_config, rm_tensors = read_adapter(reward_adapter)
+        head = head_name_of(rm_config, rm_tensors)
+        lora_tensors, head_tensors = split_head(rm_tensors, head)
+        if "weight" not in head_tensors:
+            raise UserError(
+                f"reward_checkpoint={reward_adapter}: no score head saved with the adapter "
+                "(expected peft modules_to_save, e.g. 'score')."
+            )
+        for name in (REWARD, VALUE):
+            model.add_adapter(name, lora_config_from(rm_config))
+            _load_lora_tensors(model, lora_tensors, name, f"reward_checkpoint={reward_adapter}")
+        weight = head_tensors["weight"].to(device, torch.float32)
+        has_bias = "bias" in head_tensors
+        reward_head = torch.nn.Linear(hidden_size, 1, bias=has_bias, device=device, dtype=torch.float32)
+        value_head = torch.nn.Linear(hidden_size, 1, bias=has_bias, device=device, dtype=torch.float32)
+        with torch.no_grad():
+            for head_module in (reward_head, value_head):
+                head_module.weight.copy_(weight.reshape(1, -1))
+                if has_bias:
+                    head_module.bias.copy_(head_tensors["bias"].to(device, torch.float32).reshape(1))
+        reward_head.requires_grad_(False)
+    else:
+        model.add_adapter(VALUE, policy_config)
+        _copy_adapter(model, POLICY, VALUE)
+        torch.nn.init.zeros_(value_head.weight)
+
+    # Exactly the policy and value adapters train; peft's add_adapter may have changed flags.
+    for name, param in model.named_parameters():
+        param.requires_grad_(f".{POLICY}." in name or f".{VALUE}." in name)
+    value_head.requires_grad_(True)
+    disable_dropout(model)
+    roles = Roles(model, value_head, reward_head, has_reference_adapter=sft_tensors is not None)
+    return roles

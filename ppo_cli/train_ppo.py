@@ -1,0 +1,157 @@
+"""`ppo-cli train-ppo`: PPO with policy, reference, reward and value on one base model.
+
+Setup reads the SFT adapter (policy + reference), the reward source (RM adapter on the same base,
+a separate reward model, or a Python function), the prompts, and hands everything to PPOTrainer.
+final/ is the policy as a plain peft adapter on the base; final/value/ holds the value adapter and head.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from safetensors.torch import save_file
+
+from ppo_cli.app import hydra_app
+from ppo_cli.data import build_prompts, load_rows
+from ppo_cli.errors import UserError
+from ppo_cli.models import (
+    count_parameters,
+    enable_gradient_checkpointing,
+    fill_base_model,
+    is_adapter_dir,
+    load_causal_lm,
+    load_tokenizer,
+    read_product_info,
+)
+from ppo_cli.ppo_trainer import PPOTrainer, validate_ppo
+from ppo_cli.rewards import SeparateRewardModel, call_reward_function, load_reward_function, rm_shares_base
+from ppo_cli.roles import VALUE, Roles, build_roles
+from ppo_cli.run import StageRun
+
+STAGE = "ppo"
+
+
+def prepare(cfg: DictConfig) -> None:
+    fill_base_model(cfg, "sft_checkpoint", "sft")
+
+
+def check_reward_source(cfg: DictConfig) -> None:
+    given = [k for k in ("reward_checkpoint", "reward_fn") if cfg[k]]
+    if len(given) != 1:
+        raise UserError(
+            "train-ppo needs exactly one reward source: reward_checkpoint=DIR_OR_HUB_ID (the RM stage's final/ or a "
+            "sequence-classification model) or reward_fn=package.module:function; "
+            + ("both were given." if given else "neither was given.")
+        )
+    if not cfg.lora.enabled:
+        raise UserError(
+            "train-ppo trains LoRA adapters on one shared base; lora.enabled=false is not supported "
+            "(the SFT stage may still be full fine-tuning: its final/ then becomes the base)."
+        )
+
+
+def eos_token_ids(tokenizer, model) -> list[int]:
+    """EOS of the tokenizer plus the model's generation EOS ids (chat models stop at end-of-turn)."""
+    ids = [tokenizer.eos_token_id]
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in extra if isinstance(extra, list) else [extra]:
+        if value is not None and value not in ids and value != tokenizer.pad_token_id:
+            ids.append(int(value))
+    return ids
+
+
+def build_reward(cfg: DictConfig, roles: Roles, shared_rm: bool, device: torch.device):
+    """reward(query_responses, attention_mask, prompts, completions) -> scores (B,)."""
+    if cfg.reward_fn:
+        func = load_reward_function(cfg.reward_fn)
+        return lambda qr, mask, prompts, completions: call_reward_function(
+            func, cfg.reward_fn, prompts, completions
+        )
+    if shared_rm:
+        return lambda qr, mask, prompts, completions: roles.reward_scores(qr, mask)
+    separate = SeparateRewardModel(cfg.reward_checkpoint, cfg.model, device, batch_size=cfg.train.batch_size)
+    return lambda qr, mask, prompts, completions: separate.score(prompts, completions)
+
+
+def rm_statistics(cfg: DictConfig) -> tuple[float, float] | None:
+    if not cfg.reward_checkpoint or not Path(cfg.reward_checkpoint).is_dir():
+        return None
+    info = read_product_info(cfg.reward_checkpoint, "reward_checkpoint")
+    if "reward_mean" in info and "reward_std" in info:
+        return float(info["reward_mean"]), float(info["reward_std"])
+    return None
+
+
+def save_value(roles: Roles, final_dir: Path) -> None:
+    """final/value/: the value adapter (peft format) and its head."""
+    roles.model.save_pretrained(str(final_dir), selected_adapters=[VALUE], safe_serialization=True)
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in roles.value_head.state_dict().items()},
+        str(final_dir / VALUE / "value_head.safetensors"),
+    )
+
+
+@hydra_app("train_ppo", "train-ppo", prepare=prepare)
+def main(cfg: DictConfig) -> None:
+    check_reward_source(cfg)
+    run = StageRun(cfg, STAGE)
+    validate_ppo(cfg, run.dist.world_size)
+    if not run.prepare():
+        return
+    tokenizer_source = cfg.sft_checkpoint if cfg.sft_checkpoint else cfg.model.name_or_path
+    tokenizer = load_tokenizer(tokenizer_source, cfg.model.trust_remote_code, cfg.model.revision)
+    tokenizer.padding_side = "left"
+    rows = load_rows(cfg.data.train, "data.train", cfg.data.split)
+    prompts, report = build_prompts(tokenizer, rows, cfg.data.max_length, cfg.data.overflow)
+    if report.describe(cfg.data.max_length):
+        print(f"data.train: {report.describe(cfg.data.max_length)}")
+    if len(prompts) < cfg.train.batch_size:
+        raise UserError(
+            f"data.train has {len(prompts)} usable prompts, fewer than train.batch_size="
+            f"{cfg.train.batch_size}."
+        )
+    shared_rm = bool(cfg.reward_checkpoint) and rm_shares_base(cfg.reward_checkpoint, cfg.model.name_or_path)
+    if cfg.ppo.reward_normalization == "rm_stats" and rm_statistics(cfg) is None:
+        raise UserError(
+            "ppo.reward_normalization=rm_stats needs reward_checkpoint to be an RM trained by ppo-cli "
+            "(its final/ppo_cli.json holds reward_mean/reward_std)."
+        )
+
+    base = load_causal_lm(cfg.model, tokenizer, run.device)
+    sft_adapter = cfg.sft_checkpoint if cfg.sft_checkpoint and is_adapter_dir(cfg.sft_checkpoint) else None
+    hidden = base.get_input_embeddings().weight.shape[1]
+    hidden = getattr(base.config, "hidden_size", hidden)
+    roles = build_roles(base, cfg.lora, sft_adapter, cfg.reward_checkpoint if shared_rm else None, hidden)
+    if cfg.model.gradient_checkpointing:
+        enable_gradient_checkpointing(roles.model)
+    reward = build_reward(cfg, roles, shared_rm, run.device)
+    trainable, total = count_parameters(roles)
+    logger = run.start()
+    trainer = PPOTrainer(
+        run, roles, tokenizer, prompts, reward, eos_token_ids(tokenizer, base), rm_statistics(cfg)
+    )
+    logger.print(
+        f"roles on one base: policy + reference ({'SFT adapter' if sft_adapter else 'base'}), reward "
+        f"({'RM adapter' if shared_rm else ('reward_fn' if cfg.reward_fn else 'separate model')}), value; "
+        f"{trainable:,} trainable of {total:,} parameters"
+    )
+    metrics = trainer.fit()
+    if run.is_main:
+        run.save_final(
+            roles.model,
+            tokenizer,
+            save_kwargs={"selected_adapters": ["default"]},
+            extra_save=lambda final_dir: save_value(roles, final_dir),
+            reward_source=cfg.reward_checkpoint or cfg.reward_fn,
+        )
+    summary = {
+        k: metrics[k] for k in ("objective/scores", "objective/kl", "objective/kl_coef") if k in metrics
+    }
+    logger.finish({"steps": trainer.step, **summary, "final": str(run.final_dir)})
+    run.finish()
+
+
+if __name__ == "__main__":
+    main()
