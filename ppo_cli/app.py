@@ -26,7 +26,9 @@ def fail(message: str, command: str | None = None) -> None:
     try:
         from rich.console import Console
 
-        Console(stderr=True, soft_wrap=True, highlight=False).print(f"[bold red]{prefix}[/]{text}", markup=True)
+        Console(stderr=True, soft_wrap=True, highlight=False).print(
+            f"[bold red]{prefix}[/]{text}", markup=True
+        )
     except Exception:  # noqa: BLE001 - printing the error must never raise another one
         print(prefix + text, file=sys.stderr)
     sys.exit(EXIT_USAGE)
@@ -41,8 +43,11 @@ def describe_composition_error(exc: BaseException, command: str) -> str:
         lines.extend(line.strip() for line in str(exc).splitlines() if line.strip())
         exc = exc.__cause__ or exc.__context__
     full_key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), None)
-    kept = [ln.rstrip(".") for ln in lines
-            if not ln.startswith(("full_key:", "object_type=", "reference_type=")) and "$VALUE" not in ln]
+    kept = [
+        ln.rstrip(".")
+        for ln in lines
+        if not ln.startswith(("full_key:", "object_type=", "reference_type=")) and "$VALUE" not in ln
+    ]
     message = "; ".join(dict.fromkeys(kept)) + "."  # drop repeated lines, keep order
     key_hint = f" (key: {full_key})" if full_key and full_key not in message else ""
     return (
@@ -64,7 +69,9 @@ def check_required(cfg: DictConfig) -> None:
             "data.train": "data.train=train.jsonl",
         }
         hints = ", ".join(examples.get(k, f"{k}=...") for k in missing)
-        raise UserError(f"missing required value for {', '.join(missing)}: set it on the command line, e.g. {hints}.")
+        raise UserError(
+            f"missing required value for {', '.join(missing)}: set it on the command line, e.g. {hints}."
+        )
 
 
 def precheck(config_name: str, overrides: list[str], command: str) -> DictConfig:
@@ -149,8 +156,19 @@ def hydra_app(
     return decorate
 
 
-_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
-                     "--config-dir", "-cd", "--experimental-rerun"}
+_FLAGS_WITH_VALUE = {
+    "--cfg",
+    "-c",
+    "--package",
+    "-p",
+    "--config-path",
+    "-cp",
+    "--config-name",
+    "-cn",
+    "--config-dir",
+    "-cd",
+    "--experimental-rerun",
+}
 
 
 def split_hydra_args(args: list[str]) -> tuple[list[str], list[str]]:
@@ -162,10 +180,14 @@ def split_hydra_args(args: list[str]) -> tuple[list[str], list[str]]:
         arg = args[i]
         if arg.startswith("-"):
             flags.append(arg)
-            if arg in _FLAGS_WITH_VALUE and i + 1 < len(args):
-                flags.append(args[i + 1])
-                i += 1
-            elif arg in ("--info", "-i") and i + 1 < len(args) and not args[i + 1].startswith("-") and "=" not in args[i + 1]:
+            if (
+                arg in _FLAGS_WITH_VALUE
+                and i + 1 < len(args)
+                or arg in ("--info", "-i")
+                and i + 1 < len(args)
+                and not args[i + 1].startswith("-")
+                and "=" not in args[i + 1]
+            ):
                 flags.append(args[i + 1])
                 i += 1
         else:

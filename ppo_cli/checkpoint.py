@@ -169,7 +169,9 @@ def save_checkpoint(
         files = [TRAINABLE, STATE, TRAINER_STATE]
         for name in files:
             _fsync_file(tmp / name)
-        manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in files}
+        manifest = {
+            name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in files
+        }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         _fsync_file(tmp / MANIFEST)
         _fsync_dir(tmp)

@@ -14,17 +14,47 @@ from ppo_cli import __version__
 
 # subcommand -> (module, config name, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "train-sft": ("ppo_cli.train_sft", "train_sft", "supervised fine-tuning of a LoRA adapter on a base model"),
-    "train-rm": ("ppo_cli.train_rm", "train_rm", "train a reward model (LoRA adapter + scalar score head) on preference pairs"),
-    "train-ppo": ("ppo_cli.train_ppo", "train_ppo", "PPO against a reward model or reward function, KL-penalised to the SFT policy"),
-    "pipeline": ("ppo_cli.pipeline", "pipeline", "run sft -> rm -> ppo of a recipe, each stage's final/ feeding the next"),
-    "generate": ("ppo_cli.generate", "generate", "sample completions from any stage's final/ (or a base model) into JSONL"),
+    "train-sft": (
+        "ppo_cli.train_sft",
+        "train_sft",
+        "supervised fine-tuning of a LoRA adapter on a base model",
+    ),
+    "train-rm": (
+        "ppo_cli.train_rm",
+        "train_rm",
+        "train a reward model (LoRA adapter + scalar score head) on preference pairs",
+    ),
+    "train-ppo": (
+        "ppo_cli.train_ppo",
+        "train_ppo",
+        "PPO against a reward model or reward function, KL-penalised to the SFT policy",
+    ),
+    "pipeline": (
+        "ppo_cli.pipeline",
+        "pipeline",
+        "run sft -> rm -> ppo of a recipe, each stage's final/ feeding the next",
+    ),
+    "generate": (
+        "ppo_cli.generate",
+        "generate",
+        "sample completions from any stage's final/ (or a base model) into JSONL",
+    ),
     "export": ("ppo_cli.export", "export", "merge adapter(s) into a standalone Hugging Face model directory"),
 }
 
 # Flags that make Hydra do something other than run one job: no precheck for those.
-_NO_PRECHECK_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--multirun", "-m", "--shell-completion", "-sc",
-                      "--version"}
+_NO_PRECHECK_FLAGS = {
+    "--help",
+    "-h",
+    "--hydra-help",
+    "--info",
+    "-i",
+    "--multirun",
+    "-m",
+    "--shell-completion",
+    "-sc",
+    "--version",
+}
 
 
 def usage() -> str:

@@ -49,7 +49,9 @@ def _as_list(spec: Any) -> list[str]:
 
 
 def _looks_local(spec: str) -> bool:
-    return Path(spec).suffix.lower() in LOCAL_SUFFIXES or spec.startswith((".", "/", "~")) or Path(spec).exists()
+    return (
+        Path(spec).suffix.lower() in LOCAL_SUFFIXES or spec.startswith((".", "/", "~")) or Path(spec).exists()
+    )
 
 
 def load_rows(spec: Any, key: str, split: str = "train") -> list[Row]:
@@ -69,7 +71,9 @@ def _load_one(spec: str, key: str, split: str) -> list[Row]:
             raise UserError(f"{key}={spec}: file not found.")
         suffix = path.suffix.lower()
         if suffix not in LOCAL_SUFFIXES:
-            raise UserError(f"{key}={spec}: unsupported file type '{suffix}' (use .jsonl, .json, .parquet or .csv).")
+            raise UserError(
+                f"{key}={spec}: unsupported file type '{suffix}' (use .jsonl, .json, .parquet or .csv)."
+            )
         if suffix in (".jsonl", ".json"):
             rows = _read_json_rows(path, key)
         else:
@@ -110,7 +114,9 @@ def _read_with_datasets(builder: str, path: str, key: str) -> list[dict[str, Any
     try:
         ds = datasets.load_dataset(builder, data_files=path, split="train")
     except Exception as exc:  # noqa: BLE001 - any parser failure is a bad file
-        raise UserError(f"{key}: cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+        raise UserError(
+            f"{key}: cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from exc
     return [dict(r) for r in ds]
 
 
@@ -145,11 +151,15 @@ def split_eval(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row], 
 def _require(row: Row, *fields: str) -> None:
     for name in fields:
         if name not in row.data or row.data[name] is None:
-            raise UserError(f"{row.where()}: missing field '{name}' (have: {', '.join(row.data) or 'nothing'}).")
+            raise UserError(
+                f"{row.where()}: missing field '{name}' (have: {', '.join(row.data) or 'nothing'})."
+            )
 
 
 def _is_conversation(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+    return isinstance(value, list) and all(
+        isinstance(m, dict) and "role" in m and "content" in m for m in value
+    )
 
 
 def _check_text_or_conversation(row: Row, name: str) -> None:
@@ -171,7 +181,9 @@ def _render_chat(tokenizer, messages: list[dict[str, Any]], add_generation_promp
             f"{where}: conversational data needs a tokenizer with a chat template, and this tokenizer has none; "
             "use prompt/completion or text rows."
         )
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
 
 
 def _encode(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
@@ -190,7 +202,9 @@ def encode_prompt(tokenizer, prompt: Any, where: str) -> list[int]:
     return _encode(tokenizer, text, add_special_tokens=False)
 
 
-def _encode_messages_with_mask(tokenizer, messages: list[dict[str, Any]], where: str) -> tuple[list[int], list[bool]]:
+def _encode_messages_with_mask(
+    tokenizer, messages: list[dict[str, Any]], where: str
+) -> tuple[list[int], list[bool]]:
     """Ids of a whole conversation and a mask of the assistant tokens.
 
     Rendering prefixes works with any chat template: the assistant turn i spans from the end of the
@@ -201,8 +215,14 @@ def _encode_messages_with_mask(tokenizer, messages: list[dict[str, Any]], where:
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start = len(_encode(tokenizer, _render_chat(tokenizer, messages[:i], True, where), add_special_tokens=False))
-        end = len(_encode(tokenizer, _render_chat(tokenizer, messages[: i + 1], False, where), add_special_tokens=False))
+        start = len(
+            _encode(tokenizer, _render_chat(tokenizer, messages[:i], True, where), add_special_tokens=False)
+        )
+        end = len(
+            _encode(
+                tokenizer, _render_chat(tokenizer, messages[: i + 1], False, where), add_special_tokens=False
+            )
+        )
         for j in range(start, min(end, len(full))):
             mask[j] = True
     return full, mask
@@ -229,8 +249,10 @@ class LengthReport:
     def describe(self, max_length: int) -> str | None:
         if not (self.truncated or self.dropped):
             return None
-        return (f"{self.truncated} of {self.total} examples truncated and {self.dropped} dropped at "
-                f"data.max_length={max_length} (e.g. {', '.join(self.examples)})")
+        return (
+            f"{self.truncated} of {self.total} examples truncated and {self.dropped} dropped at "
+            f"data.max_length={max_length} (e.g. {', '.join(self.examples)})"
+        )
 
 
 def sft_format(row: Row) -> str:
@@ -256,14 +278,18 @@ def encode_sft_row(tokenizer, row: Row) -> tuple[list[int], list[int]]:
         _check_text_or_conversation(row, "completion")
         prompt, completion = row.data["prompt"], row.data["completion"]
         if isinstance(prompt, str) != isinstance(completion, str):
-            raise UserError(f"{row.where()}: 'prompt' and 'completion' must both be text or both conversations.")
+            raise UserError(
+                f"{row.where()}: 'prompt' and 'completion' must both be text or both conversations."
+            )
         if isinstance(prompt, str):
             prompt_ids = _encode(tokenizer, prompt, add_special_tokens=True)
             completion_ids = _with_eos(_encode(tokenizer, completion, add_special_tokens=False), eos)
             return prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids
         ids, mask = _encode_messages_with_mask(tokenizer, [*prompt, *completion], row.where())
         # Only the completion's assistant turns carry loss, not assistant turns inside the prompt.
-        n_prompt = len(_encode(tokenizer, _render_chat(tokenizer, prompt, True, row.where()), add_special_tokens=False))
+        n_prompt = len(
+            _encode(tokenizer, _render_chat(tokenizer, prompt, True, row.where()), add_special_tokens=False)
+        )
         mask = [m and j >= n_prompt for j, m in enumerate(mask)]
         return ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
     if kind == "messages":
@@ -281,7 +307,9 @@ def encode_sft_row(tokenizer, row: Row) -> tuple[list[int], list[int]]:
     return ids, list(ids)
 
 
-def build_sft_examples(tokenizer, rows: list[Row], max_length: int, overflow: str) -> tuple[list[dict], LengthReport]:
+def build_sft_examples(
+    tokenizer, rows: list[Row], max_length: int, overflow: str
+) -> tuple[list[dict], LengthReport]:
     report = LengthReport()
     examples = []
     for row in rows:
@@ -331,11 +359,15 @@ def prompt_of(row: Row) -> Any:
     if "messages" in row.data:
         messages = row.data["messages"]
         if not _is_conversation(messages) or not messages:
-            raise UserError(f"{row.where()}: field 'messages' must be a non-empty list of {{role, content}} objects.")
+            raise UserError(
+                f"{row.where()}: field 'messages' must be a non-empty list of {{role, content}} objects."
+            )
         if messages[-1]["role"] == "assistant":
             messages = messages[:-1]  # the reference answer, if present, is not part of the prompt
         return messages
-    raise UserError(f"{row.where()}: missing field 'prompt' (or 'messages') (have: {', '.join(row.data) or 'nothing'}).")
+    raise UserError(
+        f"{row.where()}: missing field 'prompt' (or 'messages') (have: {', '.join(row.data) or 'nothing'})."
+    )
 
 
 def prompt_text(prompt: Any) -> str:
@@ -345,7 +377,9 @@ def prompt_text(prompt: Any) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
 
 
-def build_prompts(tokenizer, rows: list[Row], max_length: int, overflow: str) -> tuple[list[dict], LengthReport]:
+def build_prompts(
+    tokenizer, rows: list[Row], max_length: int, overflow: str
+) -> tuple[list[dict], LengthReport]:
     """Tokenized prompts. A prompt longer than max_length keeps its last max_length tokens (the end of a
     prompt is what the response continues) or is dropped."""
     report = LengthReport()

@@ -14,7 +14,14 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.panel import Panel
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 METRICS_FILE = "metrics.jsonl"
@@ -23,7 +30,14 @@ METRICS_FILE = "metrics.jsonl"
 BAR_METRICS = {
     "sft": ["loss", "eval/loss", "lr", "tokens_per_second"],
     "rm": ["loss", "accuracy", "eval/accuracy", "lr"],
-    "ppo": ["objective/scores", "objective/kl", "objective/kl_coef", "policy/clipfrac_avg", "val/ratio", "lr"],
+    "ppo": [
+        "objective/scores",
+        "objective/kl",
+        "objective/kl_coef",
+        "policy/clipfrac_avg",
+        "val/ratio",
+        "lr",
+    ],
 }
 
 
@@ -57,8 +71,11 @@ class RunLogger:
         table = Table.grid(padding=(0, 2))
         rows = {
             "model": self.cfg.model.name_or_path,
-            "lora": (f"r={self.cfg.lora.r} alpha={self.cfg.lora.alpha} targets={self.cfg.lora.target_modules}"
-                     if self.cfg.lora.enabled else "off (full fine-tuning)"),
+            "lora": (
+                f"r={self.cfg.lora.r} alpha={self.cfg.lora.alpha} targets={self.cfg.lora.target_modules}"
+                if self.cfg.lora.enabled
+                else "off (full fine-tuning)"
+            ),
             "data": self.cfg.data.train,
             "steps": f"{total_steps} (batch {self.cfg.train.batch_size} x accum {self.cfg.train.grad_accum_steps}, "
             f"lr {self.cfg.train.lr})",
@@ -114,16 +131,21 @@ class RunLogger:
         """Record metrics of `step`: one line of metrics.jsonl, wandb, and the progress bar."""
         if not self.enabled:
             return
-        clean = {k: (float(v) if hasattr(v, "__float__") and not isinstance(v, bool | int) else v)
-                 for k, v in metrics.items()}
+        clean = {
+            k: (float(v) if hasattr(v, "__float__") and not isinstance(v, bool | int) else v)
+            for k, v in metrics.items()
+        }
         with open(self.output_dir / METRICS_FILE, "a") as fh:
             fh.write(json.dumps({"step": step, **clean}, allow_nan=True) + "\n")
         if self._wandb is not None:
             self._wandb.log(clean, step=step)
         self._last.update(clean)
         if self.progress is not None:
-            shown = [f"{k.replace('objective/', '').replace('/', '_')}={_fmt(self._last[k])}" for k in BAR_METRICS.get(self.stage, [])
-                     if k in self._last]
+            shown = [
+                f"{k.replace('objective/', '').replace('/', '_')}={_fmt(self._last[k])}"
+                for k in BAR_METRICS.get(self.stage, [])
+                if k in self._last
+            ]
             self.progress.update(self._task, completed=step, metrics=" ".join(shown))
 
     def print(self, *args: Any, **kwargs: Any) -> None:
@@ -147,7 +169,9 @@ class RunLogger:
         if self._wandb is not None:
             import wandb
 
-            self._wandb.log({title: wandb.Table(columns=columns, data=[list(map(str, r)) for r in rows])}, step=step)
+            self._wandb.log(
+                {title: wandb.Table(columns=columns, data=[list(map(str, r)) for r in rows])}, step=step
+            )
 
     # -- helpers -------------------------------------------------------------------------------
     def _trim_metrics(self, start_step: int) -> None:
@@ -158,7 +182,11 @@ class RunLogger:
         if start_step == 0:
             path.unlink()
             return
-        kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= start_step]
+        kept = [
+            ln
+            for ln in path.read_text().splitlines()
+            if ln.strip() and json.loads(ln).get("step", 0) <= start_step
+        ]
         path.write_text("".join(ln + "\n" for ln in kept))
 
     def _start_wandb(self) -> None:

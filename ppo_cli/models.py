@@ -76,11 +76,15 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision:
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(
+            name_or_path, trust_remote_code=trust_remote_code, revision=revision
+        )
     except Exception as exc:  # noqa: BLE001 - transformers raises many types for "not found"
         raise UserError(f"cannot load the tokenizer of '{name_or_path}': {_first_line(exc)}") from exc
     if tokenizer.eos_token_id is None:
-        raise UserError(f"the tokenizer of '{name_or_path}' has no EOS token; set one in its tokenizer_config.json.")
+        raise UserError(
+            f"the tokenizer of '{name_or_path}' has no EOS token; set one in its tokenizer_config.json."
+        )
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         unk = tokenizer.unk_token_id
         if unk is not None and unk != tokenizer.eos_token_id:
@@ -123,8 +127,13 @@ def _from_pretrained(cls, name_or_path: str, model_cfg: DictConfig, dtype: torch
         )
     except (ValueError, ImportError) as exc:
         if extra and "attn" in str(exc).lower():  # the architecture lacks this kernel: fall back
-            return cls.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code,
-                                       revision=model_cfg.revision, **kwargs)
+            return cls.from_pretrained(
+                name_or_path,
+                dtype=dtype,
+                trust_remote_code=model_cfg.trust_remote_code,
+                revision=model_cfg.revision,
+                **kwargs,
+            )
         raise UserError(f"cannot load model '{name_or_path}': {_first_line(exc)}") from exc
     except OSError as exc:
         raise UserError(f"cannot load model '{name_or_path}': {_first_line(exc)}") from exc
@@ -148,12 +157,19 @@ def load_causal_lm(model_cfg: DictConfig, tokenizer, device: torch.device, name_
     return model.to(device)
 
 
-def load_sequence_classifier(model_cfg: DictConfig, tokenizer, device: torch.device, name_or_path: str | None = None):
+def load_sequence_classifier(
+    model_cfg: DictConfig, tokenizer, device: torch.device, name_or_path: str | None = None
+):
     from transformers import AutoModelForSequenceClassification
 
     dtype = resolve_dtype(model_cfg.dtype, device)
-    model = _from_pretrained(AutoModelForSequenceClassification, name_or_path or model_cfg.name_or_path, model_cfg,
-                             dtype, num_labels=1)
+    model = _from_pretrained(
+        AutoModelForSequenceClassification,
+        name_or_path or model_cfg.name_or_path,
+        model_cfg,
+        dtype,
+        num_labels=1,
+    )
     fit_embeddings(model, tokenizer)
     return model.to(device)
 
@@ -165,8 +181,12 @@ def lora_target_modules(lora_cfg: DictConfig) -> Any:
     return targets
 
 
-def peft_lora_config(lora_cfg: DictConfig, task_type: str, modules_to_save: list[str] | None = None,
-                     dropout: float | None = None):
+def peft_lora_config(
+    lora_cfg: DictConfig,
+    task_type: str,
+    modules_to_save: list[str] | None = None,
+    dropout: float | None = None,
+):
     from peft import LoraConfig
 
     return LoraConfig(
@@ -179,8 +199,14 @@ def peft_lora_config(lora_cfg: DictConfig, task_type: str, modules_to_save: list
     )
 
 
-def apply_lora(model, lora_cfg: DictConfig, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None,
-               adapter_name: str = "default", dropout: float | None = None):
+def apply_lora(
+    model,
+    lora_cfg: DictConfig,
+    task_type: str = "CAUSAL_LM",
+    modules_to_save: list[str] | None = None,
+    adapter_name: str = "default",
+    dropout: float | None = None,
+):
     """Wrap `model` with a fresh LoRA adapter (or, for lora.enabled=false, leave every weight trainable)."""
     if not lora_cfg.enabled:
         for p in model.parameters():
@@ -192,7 +218,9 @@ def apply_lora(model, lora_cfg: DictConfig, task_type: str = "CAUSAL_LM", module
         config = peft_lora_config(lora_cfg, task_type, modules_to_save, dropout)
         return get_peft_model(model, config, adapter_name=adapter_name)
     except ValueError as exc:
-        raise UserError(f"cannot apply LoRA with lora.target_modules={lora_cfg.target_modules}: {_first_line(exc)}") from exc
+        raise UserError(
+            f"cannot apply LoRA with lora.target_modules={lora_cfg.target_modules}: {_first_line(exc)}"
+        ) from exc
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -247,12 +275,16 @@ def base_model_of_checkpoint(path: str | Path, key: str, expected_stage: str) ->
     info = read_product_info(path, key)
     stage = info.get("stage")
     if stage is not None and stage != expected_stage:
-        raise UserError(f"{key}={path} is the product of the {stage} stage, not of the {expected_stage} stage.")
+        raise UserError(
+            f"{key}={path} is the product of the {stage} stage, not of the {expected_stage} stage."
+        )
     if is_adapter_dir(path):
         return info.get("base_model") or adapter_base_model(path)
     if (Path(path) / "config.json").is_file():  # a full model (full fine-tuning): it is its own base
         return str(path)
-    raise UserError(f"{key}={path} holds neither a peft adapter (adapter_config.json) nor a model (config.json).")
+    raise UserError(
+        f"{key}={path} holds neither a peft adapter (adapter_config.json) nor a model (config.json)."
+    )
 
 
 def fill_base_model(cfg: DictConfig, key: str, expected_stage: str) -> None:

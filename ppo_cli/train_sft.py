@@ -27,7 +27,9 @@ from ppo_cli.trainer import SupervisedTask, SupervisedTrainer
 STAGE = "sft"
 
 
-def sft_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float], int]:
+def sft_loss(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, float], int]:
     """Mean cross-entropy over labelled tokens (labels shifted by one: token t predicts t+1)."""
     logits = model(
         input_ids=batch["input_ids"],
@@ -57,8 +59,10 @@ def load_examples(cfg: DictConfig, tokenizer, logger_print) -> tuple[list[dict],
         if message:
             logger_print(f"[yellow]{name}: {message}[/]")
     if not train:
-        raise UserError(f"data.train={data_cfg.train}: no example is left after applying data.max_length="
-                        f"{data_cfg.max_length}; raise it or use shorter examples.")
+        raise UserError(
+            f"data.train={data_cfg.train}: no example is left after applying data.max_length="
+            f"{data_cfg.max_length}; raise it or use shorter examples."
+        )
     return train, evals
 
 
@@ -93,8 +97,11 @@ def main(cfg: DictConfig) -> None:
         collate=lambda examples: collate_sft(examples, tokenizer.pad_token_id),
         loss_fn=sft_loss,
         save_final=lambda: run.save_final(model, tokenizer),
-        summary={"parameters": f"{trainable:,} trainable of {total:,}", "examples": f"{len(train)} train, {len(evals)} eval",
-                 "device": str(run.device)},
+        summary={
+            "parameters": f"{trainable:,} trainable of {total:,}",
+            "examples": f"{len(train)} train, {len(evals)} eval",
+            "device": str(run.device),
+        },
     )
     trainer = SupervisedTrainer(run, task)
     result = trainer.fit()

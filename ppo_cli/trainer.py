@@ -29,20 +29,31 @@ from ppo_cli.run import StageRun, TrainingDiverged
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float], int]]
 
 
-def build_optimizer(params: Sequence[torch.nn.Parameter] | list[dict], train_cfg: DictConfig, lr: float | None = None):
-    return torch.optim.AdamW(params, lr=train_cfg.lr if lr is None else lr, weight_decay=train_cfg.weight_decay,
-                             betas=(0.9, 0.999), eps=1e-8)
+def build_optimizer(
+    params: Sequence[torch.nn.Parameter] | list[dict], train_cfg: DictConfig, lr: float | None = None
+):
+    return torch.optim.AdamW(
+        params,
+        lr=train_cfg.lr if lr is None else lr,
+        weight_decay=train_cfg.weight_decay,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+    )
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, train_cfg: DictConfig, total_steps: int):
     from transformers import get_scheduler
 
     warmup = int(math.ceil(train_cfg.warmup_ratio * total_steps))
-    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}.get(train_cfg.lr_scheduler)
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}.get(
+        train_cfg.lr_scheduler
+    )
     if name is None:
         from ppo_cli.errors import UserError
 
-        raise UserError(f"train.lr_scheduler={train_cfg.lr_scheduler} is not one of cosine, linear, constant.")
+        raise UserError(
+            f"train.lr_scheduler={train_cfg.lr_scheduler} is not one of cosine, linear, constant."
+        )
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=max(total_steps, 1))
 
 
@@ -88,7 +99,9 @@ class SupervisedTrainer:
         world = run.dist.world_size
         self.total_steps = total_optimizer_steps(len(task.train_examples), self.train_cfg, world)
         # One global batch order shared by every rank (seeded with train.seed); each rank takes its slice.
-        self.batches = EpochBatches(len(task.train_examples), self.train_cfg.batch_size * world, self.train_cfg.seed)
+        self.batches = EpochBatches(
+            len(task.train_examples), self.train_cfg.batch_size * world, self.train_cfg.seed
+        )
         self.optimizer = build_optimizer(self.trainable, self.train_cfg)
         self.scheduler = build_scheduler(self.optimizer, self.train_cfg, self.total_steps)
         self.step = 0
@@ -106,8 +119,11 @@ class SupervisedTrainer:
         return {"data": self.batches.state_dict(), "rng": ckpt.capture_rng(), "total_steps": self.total_steps}
 
     def save(self) -> None:
-        objects = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                   "rng_torch": torch.get_rng_state()}
+        objects = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng_torch": torch.get_rng_state(),
+        }
         state = self._state()
         state["rng"].pop("torch")
         state["rng"].pop("cuda")
@@ -139,7 +155,9 @@ class SupervisedTrainer:
         total_loss = 0.0
         for i, batch in enumerate(micro):
             sync = i == len(micro) - 1
-            no_sync = self.ddp_model.no_sync() if (self.run.dist.enabled and not sync) else contextlib.nullcontext()
+            no_sync = (
+                self.ddp_model.no_sync() if (self.run.dist.enabled and not sync) else contextlib.nullcontext()
+            )
             with no_sync, autocast(self.run.device, self.train_cfg.mixed_precision):
                 loss, metrics, n_tokens = self.task.loss_fn(self.ddp_model, batch)
             (loss / len(micro)).backward()
