@@ -294,7 +294,7 @@ class PPOTrainer:
                         ("val/clipfrac_avg", vf["clipfrac"]),
                         ("val/ratio", pg["ratio"]),
                     ):
-                        stats[key].append(float(value))
+                        stats[key].append(float(value.detach()))
                     with torch.no_grad():
                         ent = rlhf.masked_mean(-new_lp, ro.response_mask[idx])
                     stats["policy/entropy_avg"].append(float(ent))
