@@ -90,7 +90,7 @@ class TrainConfig:
     max_steps: int = -1
     # Passes over the training data when max_steps is -1.
     num_epochs: float = 1.0
-    # Examples per micro-batch (train-ppo: prompts per rollout batch).
+    # Examples per micro-batch on each rank (train-ppo: prompts per rollout batch on each rank).
     batch_size: int = 8
     # Micro-batches accumulated into one optimizer step.
     grad_accum_steps: int = 1

@@ -84,3 +84,27 @@ def barrier(info: DistInfo) -> None:
 def cleanup(info: DistInfo) -> None:
     if info.enabled and tdist.is_initialized():
         tdist.destroy_process_group()
+
+
+def broadcast_parameters(params: list[torch.nn.Parameter], info: DistInfo) -> None:
+    """Start every rank from rank 0's trainable weights (DDP does this itself; PPO syncs by hand)."""
+    if not info.enabled:
+        return
+    with torch.no_grad():
+        for p in params:
+            tdist.broadcast(p.data, src=0)
+
+
+def check_in_sync(params: list[torch.nn.Parameter], info: DistInfo) -> None:
+    """Fail loudly if the ranks' trainable weights drifted apart (they must stay identical)."""
+    if not info.enabled:
+        return
+    with torch.no_grad():
+        fingerprint = torch.stack(
+            [p.detach().double().sum() + p.detach().double().abs().sum() for p in params]
+        ).cpu()
+    low, high = fingerprint.clone(), fingerprint.clone()
+    tdist.all_reduce(low, op=tdist.ReduceOp.MIN)
+    tdist.all_reduce(high, op=tdist.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        raise RuntimeError("the ranks' trainable weights differ: gradients were not synchronised")

@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 from ppo_cli import checkpoint as ckpt
 from ppo_cli import rlhf
 from ppo_cli.data import EpochBatches, pad_left
-from ppo_cli.dist import all_reduce_mean, any_flag
+from ppo_cli.dist import all_reduce_mean, any_flag, broadcast_parameters
 from ppo_cli.errors import UserError
 from ppo_cli.models import autocast
 from ppo_cli.roles import POLICY, REFERENCE, Roles
@@ -108,12 +108,15 @@ class PPOTrainer:
         self.prompts, self.reward, self.eos_ids = prompts, reward, eos_ids
         self.device = run.device
         world = run.dist.world_size
-        self.local_batch = self.train_cfg.batch_size // world
+        # train.batch_size is per rank, like SFT/RM's (TRL's per_device_train_batch_size); every rank
+        # rolls out its own prompts from one shared global order.
+        self.local_batch = self.train_cfg.batch_size
         self.minibatch = self.local_batch // self.ppo_cfg.num_minibatches
         self.micro = self.minibatch // self.train_cfg.grad_accum_steps
-        self.batches = EpochBatches(len(prompts), self.train_cfg.batch_size, self.train_cfg.seed)
+        self.batches = EpochBatches(len(prompts), self.train_cfg.batch_size * world, self.train_cfg.seed)
         self.policy_params = roles.policy_parameters()
         self.value_params = roles.value_parameters()
+        broadcast_parameters(self.policy_params + self.value_params, run.dist)
         value_lr = self.ppo_cfg.value_lr if self.ppo_cfg.value_lr is not None else self.train_cfg.lr
         self.optimizer = torch.optim.AdamW(
             [
@@ -402,11 +405,11 @@ class PPOTrainer:
                 self.scheduler.step()
                 timings["time/train"] = time.perf_counter() - start
                 self.step += 1
-                episode += self.train_cfg.batch_size
+                episode += self.train_cfg.batch_size * world
                 metrics = {**self.step_metrics(ro, non_score, timings), **update_stats}
                 metrics = all_reduce_mean(metrics, run.dist)
                 # KL controller sees the batch-mean KL; n_steps counts episodes, as in Ziegler et al.
-                self.kl_ctl.update(metrics["objective/kl"], self.train_cfg.batch_size)
+                self.kl_ctl.update(metrics["objective/kl"], self.train_cfg.batch_size * world)
                 metrics.update(
                     {
                         "objective/kl_coef": self.kl_ctl.value,
@@ -455,14 +458,10 @@ def validate_ppo(cfg: DictConfig, world_size: int = 1) -> None:
     ppo, train = cfg.ppo, cfg.train
     if train.max_steps < 1:
         raise UserError(f"train.max_steps={train.max_steps}: train-ppo needs a positive number of steps.")
-    if train.batch_size % world_size:
+    local = train.batch_size
+    if local < 1 or ppo.num_minibatches < 1 or local % ppo.num_minibatches:
         raise UserError(
-            f"train.batch_size={train.batch_size} must divide by the number of ranks ({world_size})."
-        )
-    local = train.batch_size // world_size
-    if ppo.num_minibatches < 1 or local % ppo.num_minibatches:
-        raise UserError(
-            f"train.batch_size per rank ({local}) must divide by ppo.num_minibatches={ppo.num_minibatches}."
+            f"train.batch_size={local} must be positive and divide by ppo.num_minibatches={ppo.num_minibatches}."
         )
     if (local // ppo.num_minibatches) % train.grad_accum_steps:
         raise UserError(

@@ -7,6 +7,7 @@ checkpoint to resume from.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ppo_cli import checkpoint as ckpt
-from ppo_cli.dist import SEED_STRIDE, DistInfo, barrier, broadcast_object, init_distributed
+from ppo_cli.dist import SEED_STRIDE, DistInfo, barrier, broadcast_object, check_in_sync, init_distributed
 from ppo_cli.errors import UserError
 from ppo_cli.logger import RunLogger
 from ppo_cli.models import PRODUCT_FILE, resolve_device
@@ -34,10 +35,9 @@ class StopRequest:
 
     def install(self) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
+            # signal.signal raises ValueError outside the main thread (e.g. a test runner's thread).
+            with contextlib.suppress(ValueError):
                 self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. inside a test runner thread)
-                pass
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
@@ -60,6 +60,9 @@ class StageRun:
         self.cfg = cfg
         self.stage = stage
         self.dist: DistInfo = init_distributed(cfg.train.device)
+        # Model building (new LoRA weights, heads) draws from the shared seed, the same on every rank;
+        # training then reseeds per rank (see `seed`).
+        ckpt.seed_everything(int(cfg.train.seed))
         self.device = self._device()
         # All ranks must agree on one run directory: rank 0's resolved output_dir wins.
         self.output_dir = Path(broadcast_object(str(cfg.output_dir), self.dist))
@@ -115,6 +118,7 @@ class StageRun:
         return self.logger
 
     def save_checkpoint(self, step: int, trainable, objects, state) -> None:
+        check_in_sync(list(trainable.values()), self.dist)
         if self.is_main:
             ckpt.save_checkpoint(
                 self.output_dir, step, trainable, objects, state, keep_last=self.cfg.train.keep_last

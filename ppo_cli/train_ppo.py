@@ -107,10 +107,10 @@ def main(cfg: DictConfig) -> None:
     prompts, report = build_prompts(tokenizer, rows, cfg.data.max_length, cfg.data.overflow)
     if report.describe(cfg.data.max_length):
         print(f"data.train: {report.describe(cfg.data.max_length)}")
-    if len(prompts) < cfg.train.batch_size:
+    if len(prompts) < cfg.train.batch_size * run.dist.world_size:
         raise UserError(
-            f"data.train has {len(prompts)} usable prompts, fewer than train.batch_size="
-            f"{cfg.train.batch_size}."
+            f"data.train has {len(prompts)} usable prompts, fewer than one rollout batch "
+            f"(train.batch_size={cfg.train.batch_size} x {run.dist.world_size} ranks)."
         )
     shared_rm = bool(cfg.reward_checkpoint) and rm_shares_base(cfg.reward_checkpoint, cfg.model.name_or_path)
     if cfg.ppo.reward_normalization == "rm_stats" and rm_statistics(cfg) is None:
