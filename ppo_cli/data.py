@@ -67,6 +67,8 @@ def load_rows(spec: Any, key: str, split: str = "train") -> list[Row]:
 def _load_one(spec: str, key: str, split: str) -> list[Row]:
     if _looks_local(spec):
         path = Path(spec).expanduser()
+        if path.is_dir():  # a folder of data files, or a dataset saved with `save_to_disk`
+            return _read_hub(str(path), key, split)
         if not path.is_file():
             raise UserError(f"{key}={spec}: file not found.")
         suffix = path.suffix.lower()
@@ -123,12 +125,22 @@ def _read_with_datasets(builder: str, path: str, key: str) -> list[dict[str, Any
 def _read_hub(spec: str, key: str, split: str) -> list[Row]:
     import datasets
 
+    local = Path(spec)
     try:
-        ds = datasets.load_dataset(spec, split=split)
+        if local.is_dir() and ((local / "state.json").is_file() or (local / "dataset_dict.json").is_file()):
+            ds = datasets.load_from_disk(str(local))  # written by Dataset(Dict).save_to_disk
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[split]
+        else:
+            ds = datasets.load_dataset(spec, split=split)
     except Exception as exc:  # noqa: BLE001
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if local.is_dir():
+            raise UserError(
+                f"{key}={spec}: cannot load this dataset folder (split {split}): {reason}"
+            ) from exc
         raise UserError(
-            f"{key}={spec}: not a local file, and loading it as a Hub dataset failed: "
-            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            f"{key}={spec}: not a local file, and loading it as a Hub dataset failed: {reason}"
         ) from exc
     return [Row(dict(r), f"{spec}[{split}]", i + 1) for i, r in enumerate(ds)]
 
