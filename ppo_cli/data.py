@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -237,7 +238,29 @@ def _encode_messages_with_mask(
         )
         for j in range(start, min(end, len(full))):
             mask[j] = True
+    generated = _generation_mask(tokenizer, messages, full)
+    if generated is not None:  # drop template glue inside the turn span (e.g. the newline after <|im_end|>)
+        mask = [m and g for m, g in zip(mask, generated)]
     return full, mask
+
+
+_GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def _generation_mask(tokenizer, messages: list[dict[str, Any]], full: list[int]) -> list[bool] | None:
+    """The chat template's own assistant mask (its `{% generation %}` blocks: what the model must emit),
+    or None when the template has no such blocks or its tokens differ from `full`."""
+    if not _GENERATION_BLOCK.search(tokenizer.chat_template or ""):
+        return None
+    try:
+        out = tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+    except Exception:  # noqa: BLE001 - e.g. a slow tokenizer without offsets: keep the prefix mask
+        return None
+    if list(out["input_ids"]) != full or not any(out["assistant_masks"]):
+        return None
+    return [bool(m) for m in out["assistant_masks"]]
 
 
 # ---------------------------------------------------------------------------------------------
