@@ -29,14 +29,26 @@ POLICY, REFERENCE, REWARD, VALUE = "default", "reference", "reward", "value"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
+_DROPOUT_ATTRS = ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout", "dropout")
+
+
 def disable_dropout(model: torch.nn.Module) -> None:
-    """Dropout changes logprobs between passes, so PPO's ratio would not start at 1 (checklist row 9)."""
+    """Dropout changes logprobs between passes, so PPO's ratio would not start at 1 (checklist row 9).
+
+    Besides nn.Dropout modules, attention layers keep their dropout probability as a plain float read
+    from the config at construction (e.g. LlamaAttention.attention_dropout, passed to SDPA as dropout_p
+    in train mode): those attributes are zeroed on every module, not only in the config.
+    """
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    for attr in ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout", "dropout"):
-        if isinstance(getattr(getattr(model, "config", None), attr, None), float):
-            setattr(model.config, attr, 0.0)
+        for attr in _DROPOUT_ATTRS:
+            if isinstance(getattr(module, attr, None), float):
+                setattr(module, attr, 0.0)
+        config = getattr(module, "config", None)
+        for attr in _DROPOUT_ATTRS:
+            if isinstance(getattr(config, attr, None), float):
+                setattr(config, attr, 0.0)
 
 
 def read_adapter(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
