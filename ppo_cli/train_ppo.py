@@ -86,7 +86,9 @@ def rm_statistics(cfg: DictConfig) -> tuple[float, float] | None:
 
 def save_value(roles: Roles, final_dir: Path) -> None:
     """final/value/: the value adapter (peft format) and its head."""
-    roles.model.save_pretrained(str(final_dir), selected_adapters=[VALUE], safe_serialization=True)
+    roles.model.save_pretrained(
+        str(final_dir), selected_adapters=[VALUE], safe_serialization=True, save_embedding_layers=False
+    )
     save_file(
         {k: v.detach().cpu().contiguous() for k, v in roles.value_head.state_dict().items()},
         str(final_dir / VALUE / "value_head.safetensors"),
@@ -142,7 +144,11 @@ def main(cfg: DictConfig) -> None:
         run.save_final(
             roles.model,
             tokenizer,
-            save_kwargs={"selected_adapters": ["default"]},
+            # Only the LoRA weights: the embeddings are the base's (frozen). When load_tokenizer added a
+            # pad token, peft would otherwise save the resized embedding matrices, and the plain
+            # `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), final)` of
+            # CONTRACT.md would fail on their shape.
+            save_kwargs={"selected_adapters": ["default"], "save_embedding_layers": False},
             extra_save=lambda final_dir: save_value(roles, final_dir),
             reward_source=cfg.reward_checkpoint or cfg.reward_fn,
         )
