@@ -1,0 +1,249 @@
+"""Reward-model helpers shared by train-rm and train-ppo: the score head, scores, stored statistics.
+
+A reward model here is a Hugging Face `AutoModelForSequenceClassification(num_labels=1)` (usually with a
+LoRA adapter, the head saved with it through peft's `modules_to_save`). Its score for a sequence is the
+head's logit at the last real token. We find that token from the attention mask, never from
+`pad_token_id`, and feed position ids derived from the mask, so left padding, right padding or any
+amount of extra padding gives the same score.
+
+PPO imports: `sequence_scores`, `score_head_name`, `init_score_head`, `load_rm_stats` (and
+`last_token_index` / `gather_last` when it applies a head to hidden states of its own).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from ppo_cli.models import PRODUCT_FILE
+from ppo_cli.rlhf import position_ids_from_mask
+
+# Keys of ppo_cli.json in an RM's final/: mean and std of its scores over training sequences.
+REWARD_MEAN, REWARD_STD = "reward_mean", "reward_std"
+
+
+# ---------------------------------------------------------------------------------------------
+# Unwrapping
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside DDP / peft wrappers (the module that owns the score head)."""
+    if hasattr(model, "module") and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base):  # peft.PeftModel
+        model = get_base()
+    return model
+
+
+def _plain_linear(module: torch.nn.Module) -> torch.nn.Linear | None:
+    """`module` as a Linear, looking through peft's ModulesToSaveWrapper (which keeps `original_module`)."""
+    if isinstance(module, torch.nn.Linear):
+        return module
+    original = getattr(module, "original_module", None)
+    if isinstance(original, torch.nn.Linear):
+        return original
+    return None
+
+
+def score_head_name(model: torch.nn.Module) -> str:
+    """Name of the scalar score head: the top-level Linear with out_features == 1 (`score` in llama,
+    qwen2, gpt2, gpt_neox). Works on a plain, peft-wrapped or DDP-wrapped sequence classifier."""
+    inner = unwrap(model)
+    found = [
+        name
+        for name, child in inner.named_children()
+        if (lin := _plain_linear(child)) is not None and lin.out_features == 1
+    ]
+    if len(found) != 1:
+        raise ValueError(
+            f"{type(inner).__name__} has {len(found)} top-level Linear layers with one output "
+            f"({', '.join(found) or 'none'}); expected exactly one score head."
+        )
+    return found[0]
+
+
+def score_head(model: torch.nn.Module) -> torch.nn.Module:
+    """The score head module as the forward pass calls it (peft's wrapper when there is one)."""
+    return getattr(unwrap(model), score_head_name(model))
+
+
+def init_score_head(linear: torch.nn.Linear) -> None:
+    """Small initial scores: weight ~ N(0, 1/sqrt(hidden + 1)), bias 0 (N implementation details #1,
+    Ziegler et al. 2019's reward head), so the untrained RM starts near 0 with unit-scale outputs."""
+    std = 1.0 / math.sqrt(linear.in_features + 1)
+    with torch.no_grad():
+        torch.nn.init.normal_(linear.weight, mean=0.0, std=std)
+        if linear.bias is not None:
+            linear.bias.zero_()
+
+
+# ---------------------------------------------------------------------------------------------
+# Scores
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Column of the last real token of each row, from the mask alone (works for left and right padding).
+
+    Shapes: `attention_mask` (B, L) -> LongTensor (B,). A row with no real token gives 0.
+    """
+    mask = attention_mask.long()
+    columns = torch.arange(mask.shape[-1], device=mask.device)
+    return (columns * mask).argmax(-1)
+
+
+def gather_last(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """values[b, last real token of b]: (B, L) -> (B,), or (B, L, H) -> (B, H)."""
+    rows = torch.arange(values.shape[0], device=values.device)
+    return values[rows, last_token_index(attention_mask).to(values.device)]
+
+
+@contextlib.contextmanager
+def _some_pad_id(model: torch.nn.Module) -> Iterator[None]:
+    """transformers' classifiers refuse batches > 1 without config.pad_token_id even though we never use
+    their pad-based pooling; lend them one for the call when it is unset."""
+    config = getattr(unwrap(model), "config", None)
+    missing = config is not None and getattr(config, "pad_token_id", 0) is None
+    if missing:
+        config.pad_token_id = 0
+    try:
+        yield
+    finally:
+        if missing:
+            config.pad_token_id = None
+
+
+def sequence_scores(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """Score of each sequence: the score head's output at its last real token, as float32 (B,).
+
+    Shapes: `input_ids`, `attention_mask` (B, L), left- or right-padded -> (B,).
+
+    The forward pass goes through `model` itself (so DDP and peft wrappers do their work) with position
+    ids from the mask; a hook on the head captures its per-token output (B, L, 1), and we take the column
+    of the last real token. The classifier's own pad-token-based pooling is ignored.
+    """
+    head = score_head(model)
+    captured: list[torch.Tensor] = []
+    handle = head.register_forward_hook(lambda _module, _inputs, output: captured.append(output))
+    try:
+        with _some_pad_id(model):
+            model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask),
+                use_cache=False,
+            )
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError("the score head was not called in the forward pass")
+    per_token = captured[-1]
+    if per_token.dim() != 3 or per_token.shape[-1] != 1:
+        raise RuntimeError(f"expected per-token head output (B, L, 1), got {tuple(per_token.shape)}")
+    return gather_last(per_token[..., 0], attention_mask).float()
+
+
+@torch.no_grad()
+def batched_scores(
+    model: torch.nn.Module,
+    sequences: list[list[int]],
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+    autocast_ctx=contextlib.nullcontext,
+) -> torch.Tensor:
+    """Scores of many token sequences (right-padded in batches of `batch_size`), as a float32 CPU tensor."""
+    from ppo_cli.data import pad_right
+
+    out = []
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start : start + batch_size]
+        ids = pad_right(chunk, pad_id).to(device)
+        mask = pad_right([[1] * len(s) for s in chunk], 0).to(device)
+        with autocast_ctx():
+            out.append(sequence_scores(model, ids, mask).cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics stored with the product
+
+
+def load_rm_stats(final_dir: str | Path) -> tuple[float, float] | None:
+    """(reward_mean, reward_std) stored in an RM's final/ppo_cli.json; None when absent (e.g. a reward
+    model not trained by ppo-cli)."""
+    info_path = Path(final_dir) / PRODUCT_FILE
+    if not info_path.is_file():
+        return None
+    info = json.loads(info_path.read_text())
+    mean, std = info.get(REWARD_MEAN), info.get(REWARD_STD)
+    if mean is None or std is None:
+        return None
+    return float(mean), float(std)
+
+
+# ---------------------------------------------------------------------------------------------
+# Starting an RM from an SFT adapter
+
+
+def copy_adapter_weights(
+    model: torch.nn.Module, adapter_dir: str | Path, adapter_name: str = "default"
+) -> dict:
+    """Load a saved peft adapter's tensors into `model`'s adapter `adapter_name`, across task types.
+
+    A CausalLM adapter and a SeqCls adapter on the same base share their trunk's parameter names (llama,
+    qwen2: `model.*`; gpt2: `transformer.*`; gpt_neox: `gpt_neox.*`), so the mapping is by name: peft saves
+    a parameter `X.lora_A.<adapter>.weight` as `X.lora_A.weight`. Every LoRA parameter of the adapter
+    must be found (else ValueError), and every LoRA tensor in the file must be used. Other saved tensors
+    (embeddings peft saves after a vocabulary resize) are copied when the model has them with the same
+    shape; the rest (the CausalLM's lm_head) are skipped and returned.
+
+    Returns {"lora": n LoRA tensors loaded, "other": names copied, "skipped": names not used}.
+    """
+    from peft.utils import load_peft_weights
+
+    saved = load_peft_weights(str(adapter_dir), device="cpu")
+    params = dict(model.named_parameters())
+    marker = f".{adapter_name}"
+    used: set[str] = set()
+    missing: list[str] = []
+    other: list[str] = []
+    with torch.no_grad():
+        for name, param in params.items():
+            is_lora = ".lora_" in name and marker in name
+            if not is_lora and (marker in name or "modules_to_save" in name or "original_module" in name):
+                continue  # another adapter's or a head copy: not part of the trunk
+            key = name.replace(marker, "") if is_lora else name
+            if key not in saved:
+                if is_lora:
+                    missing.append(name)
+                continue
+            tensor = saved[key]
+            if tuple(tensor.shape) != tuple(param.shape):
+                if is_lora:
+                    raise ValueError(
+                        f"{adapter_dir}: {key} has shape {tuple(tensor.shape)}, the model expects "
+                        f"{tuple(param.shape)}"
+                    )
+                continue
+            param.copy_(tensor.to(param.device, param.dtype))
+            used.add(key)
+            if not is_lora:
+                other.append(key)
+    unused_lora = sorted(k for k in saved if ".lora_" in k and k not in used)
+    if missing or unused_lora:
+        raise ValueError(
+            f"{adapter_dir}: the adapter does not match the model: {len(missing)} LoRA parameters not found in "
+            f"the file (e.g. {missing[:2]}), {len(unused_lora)} LoRA tensors in the file unused (e.g. {unused_lora[:2]})"
+        )
+    n_lora = len(used) - len(other)
+    if n_lora == 0:
+        raise ValueError(f"{adapter_dir}: no LoRA tensor was loaded")
+    return {"lora": n_lora, "other": other, "skipped": sorted(set(saved) - used)}
