@@ -149,11 +149,11 @@ def _targets(value) -> list[str] | str | None:
     return value
 
 
-def sft_lora_config(sft_dir: str, cfg: DictConfig, head: str | None, warn):
+def sft_lora_config(sft_dir: str, cfg: DictConfig, head: str | None, warn, explicit: set[str] | None = None):
     """The SFT adapter's LoraConfig turned into a SEQ_CLS one (same shape; our dropout; the head saved).
 
-    Differences with lora.* are reported, and cfg.lora is updated to the shape actually used, so that
-    config.yaml tells the truth."""
+    Differences with the lora.* keys in `explicit` (the ones the user set; None = all) are reported, and
+    cfg.lora is updated to the shape actually used, so that config.yaml tells the truth."""
     from peft import LoraConfig
 
     config = LoraConfig.from_pretrained(sft_dir)
@@ -163,7 +163,11 @@ def sft_lora_config(sft_dir: str, cfg: DictConfig, head: str | None, warn):
         )
     used = {"r": config.r, "alpha": config.lora_alpha, "target_modules": _targets(config.target_modules)}
     asked = {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "target_modules": _targets(cfg.lora.target_modules)}
-    ignored = [f"lora.{k}={asked[k]}" for k in used if asked[k] is not None and asked[k] != used[k]]
+    ignored = [
+        f"lora.{k}={asked[k]}"
+        for k in used
+        if asked[k] is not None and asked[k] != used[k] and (explicit is None or k in explicit)
+    ]
     if ignored:
         warn(
             f"the reward model starts as a copy of the SFT adapter, so it keeps its shape (r={used['r']}, "
@@ -178,8 +182,16 @@ def sft_lora_config(sft_dir: str, cfg: DictConfig, head: str | None, warn):
     return config
 
 
-def build_reward_model(cfg: DictConfig, tokenizer, device: torch.device, warn=lambda message: None):
-    """The RM to train: (model, head name, a one-line description of its initialisation)."""
+def build_reward_model(
+    cfg: DictConfig,
+    tokenizer,
+    device: torch.device,
+    warn=lambda message: None,
+    explicit: set[str] | None = None,
+):
+    """The RM to train: (model, head name, a one-line description of its initialisation).
+
+    `explicit`: the lora.* keys the user set (see `overridden_lora_keys`), None = all of them."""
     from peft import get_peft_model
 
     model = load_sequence_classifier(cfg.model, tokenizer, device)
@@ -198,7 +210,7 @@ def build_reward_model(cfg: DictConfig, tokenizer, device: torch.device, warn=la
         )
         model = apply_lora(model, cfg.lora, task_type="SEQ_CLS", modules_to_save=[head])
         return model, head, start
-    lora_config = sft_lora_config(sft, cfg, head if cfg.lora.enabled else None, warn)
+    lora_config = sft_lora_config(sft, cfg, head if cfg.lora.enabled else None, warn, explicit)
     model = get_peft_model(model, lora_config)
     try:
         loaded = copy_adapter_weights(model, sft)
@@ -213,6 +225,23 @@ def build_reward_model(cfg: DictConfig, tokenizer, device: torch.device, warn=la
             p.requires_grad_(True)
         start = f"SFT adapter {sft} merged into the base (full fine-tuning)"
     return model, head, start
+
+
+def overridden_lora_keys() -> set[str] | None:
+    """The LoRA shape keys (r, alpha, target_modules) set on the command line (a `lora=...` group choice
+    sets all three); None when not running under Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    keys: set[str] = set()
+    for override in HydraConfig.get().overrides.task:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key == "lora":
+            keys |= {"r", "alpha", "target_modules"}
+        elif key.startswith("lora."):
+            keys.add(key.removeprefix("lora."))
+    return keys
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,8 +304,8 @@ def main(cfg: DictConfig) -> None:
         tokenizer_source, cfg.model.trust_remote_code, None if cfg.sft_checkpoint else cfg.model.revision
     )
     train, evals = load_examples(cfg, tokenizer, say)
-    ckpt.seed_everything(run.seed)  # LoRA and head initialisation
-    model, head, start = build_reward_model(cfg, tokenizer, run.device, warn)
+    ckpt.seed_everything(int(cfg.train.seed))  # LoRA and head initialisation: the same on every rank
+    model, head, start = build_reward_model(cfg, tokenizer, run.device, warn, overridden_lora_keys())
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     trainable, total = count_parameters(model)
@@ -285,9 +314,15 @@ def main(cfg: DictConfig) -> None:
     def save_final() -> None:
         mean, std, n = reward_stats(model, train, tokenizer.pad_token_id, cfg, run.device)
         logger.print(f"reward scale over {n} training sequences: mean {mean:.4g}, std {std:.4g}")
+        # An adapter holds the LoRA weights and the head only: the embeddings are the base's (frozen). When
+        # load_tokenizer added a pad token, peft would otherwise save the resized embedding matrix, and the
+        # plain `PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base,
+        # num_labels=1), final)` of CONTRACT.md would fail on its shape.
+        save_kwargs = {"save_embedding_layers": False} if hasattr(model, "peft_config") else None
         run.save_final(
             model,
             tokenizer,
+            save_kwargs=save_kwargs,
             **{REWARD_MEAN: mean, REWARD_STD: std},
             reward_stats_sequences=n,
             score_head=head,

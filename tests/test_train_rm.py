@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
+from ppo_cli.config import RMConfig
 from ppo_cli.data import Row, load_rows
 from ppo_cli.errors import UserError
 from ppo_cli.models import load_tokenizer, write_product_info
@@ -250,7 +252,9 @@ def test_output_tree(rm_run, tiny):
     assert adapter["task_type"] == "SEQ_CLS" and "score" in adapter["modules_to_save"]
     from safetensors.torch import load_file
 
-    assert "base_model.model.score.weight" in load_file(final / "adapter_model.safetensors")
+    saved = load_file(final / "adapter_model.safetensors")
+    assert "base_model.model.score.weight" in saved  # the head, saved with the adapter
+    assert all(".lora_" in k or ".score." in k for k in saved), sorted(saved)  # no (resized) embeddings
     info = json.loads((final / "ppo_cli.json").read_text())
     assert info["stage"] == "rm" and info["base_model"] == str(tiny["model"])  # filled from the SFT product
     assert info["sft_checkpoint"] == str(sft)
@@ -263,25 +267,43 @@ def test_final_loads_with_plain_transformers_and_peft(rm_run, tiny, separable):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from ppo_cli.models import load_sequence_classifier
+
     out, _, _ = rm_run
     final = out / "final"
+    rows = load_rows(str(separable["eval"]), "data.eval")[:6]
+    examples, _ = build_pair_examples(load_tokenizer(str(final)), rows, 64, "truncate")
     tok = AutoTokenizer.from_pretrained(final)
-    base = AutoModelForSequenceClassification.from_pretrained(tiny["model"], num_labels=1)
-    if len(tok) > base.get_input_embeddings().weight.shape[0]:
-        base.resize_token_embeddings(len(tok))  # peft's rule for adapters trained with an added (pad) token
-    base.config.pad_token_id = tok.pad_token_id
-    model = PeftModel.from_pretrained(base, final).eval()
+    batch = collate_pairs(examples, tok.pad_token_id)  # right-padded: 6 chosen, then 6 rejected
+    sequences = [e["chosen"] for e in examples] + [e["rejected"] for e in examples]
 
-    rows = load_rows(str(separable["eval"]), "data.eval")[:8]
-    tokenizer = load_tokenizer(str(final))
-    examples, _ = build_pair_examples(tokenizer, rows, 64, "truncate")
-    batch = collate_pairs(examples, tok.pad_token_id)  # right-padded, 8 chosen then 8 rejected
+    # CONTRACT.md's load, word for word; one unpadded sequence at a time.
+    plain = PeftModel.from_pretrained(
+        AutoModelForSequenceClassification.from_pretrained(tiny["model"], num_labels=1), final
+    ).eval()
     with torch.no_grad():
-        plain = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
-        ours = sequence_scores(model, batch["input_ids"], batch["attention_mask"])
-    torch.testing.assert_close(ours, plain.float(), atol=1e-5, rtol=1e-5)
-    chosen, rejected = plain[:8], plain[8:]
-    assert (chosen > rejected).float().mean() >= 0.875  # the trained head came with the adapter
+        alone = torch.stack([plain(input_ids=torch.tensor([s])).logits[0, 0] for s in sequences])
+    assert (alone[:6] > alone[6:]).float().mean() >= 5 / 6  # the trained head came with the adapter
+
+    # Plain batches with the saved tokenizer's pad token (peft's recipe for an added token: resize
+    # the base first) read the logit at the last non-pad token: the same scores.
+    base = AutoModelForSequenceClassification.from_pretrained(tiny["model"], num_labels=1)
+    base.resize_token_embeddings(len(tok))
+    base.config.pad_token_id = tok.pad_token_id
+    padded = PeftModel.from_pretrained(base, final).eval()
+    with torch.no_grad():
+        batched = padded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
+
+    # Ours: ppo-cli's loader + sequence_scores on the right-padded batch.
+    cfg = OmegaConf.structured(RMConfig)
+    cfg.model.name_or_path, cfg.model.dtype = str(tiny["model"]), "float32"
+    ours_model = PeftModel.from_pretrained(
+        load_sequence_classifier(cfg.model, load_tokenizer(str(final)), torch.device("cpu")), final
+    ).eval()
+    with torch.no_grad():
+        ours = sequence_scores(ours_model, batch["input_ids"], batch["attention_mask"])
+    torch.testing.assert_close(ours, alone.float(), atol=1e-5, rtol=1e-5)
 
 
 def test_bad_row_exits_2_naming_file_and_row(tiny, tmp_path, monkeypatch, capsys):
