@@ -96,7 +96,11 @@ def main(cfg: DictConfig) -> None:
         eval_examples=evals,
         collate=lambda examples: collate_sft(examples, tokenizer.pad_token_id),
         loss_fn=sft_loss,
-        save_final=lambda: run.save_final(model, tokenizer),
+        # Only the LoRA weights: a resized embedding saved with the adapter would make the plain
+        # `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), final)` fail on shapes.
+        save_final=lambda: run.save_final(
+            model, tokenizer, save_kwargs={"save_embedding_layers": False} if cfg.lora.enabled else None
+        ),
         summary={
             "parameters": f"{trainable:,} trainable of {total:,}",
             "examples": f"{len(train)} train, {len(evals)} eval",
