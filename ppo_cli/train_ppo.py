@@ -45,6 +45,8 @@ def check_reward_source(cfg: DictConfig) -> None:
             "sequence-classification model) or reward_fn=package.module:function; "
             + ("both were given." if given else "neither was given.")
         )
+    if cfg.reward_fn:
+        load_reward_function(cfg.reward_fn)  # a typo in the spec fails here, before any model loads
     if not cfg.lora.enabled:
         raise UserError(
             "train-ppo trains LoRA adapters on one shared base; lora.enabled=false is not supported "
