@@ -81,6 +81,15 @@ class RewardScale:
         self.mean, self.std = state["mean"], state["std"]
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: allocated GPU memory on CUDA, the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 def _global_mean_std(values: torch.Tensor, dist_info) -> tuple[float, float]:
     values = values.double()
     if dist_info.enabled:
@@ -398,12 +407,15 @@ class PPOTrainer:
             while self.step < self.total_steps:
                 indices = self.batches.next()[rank::world]
                 batch_prompts = [self.prompts[i] for i in indices]
+                step_start = time.perf_counter()
                 ro, timings = self.rollout(batch_prompts)
                 start = time.perf_counter()
                 _, non_score, adv, returns = self.advantages(ro)
                 update_stats = self.update(ro, adv, returns)
                 self.scheduler.step()
                 timings["time/train"] = time.perf_counter() - start
+                timings["time/step"] = time.perf_counter() - step_start
+                timings["memory/peak_mb"] = peak_memory_mb(self.device)
                 self.step += 1
                 episode += self.train_cfg.batch_size * world
                 metrics = {**self.step_metrics(ro, non_score, timings), **update_stats}
