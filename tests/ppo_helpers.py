@@ -1,0 +1,226 @@
+"""Helpers for the PPO tests: hand-made SFT / RM adapters on the tiny base, roles and trainers in-process.
+
+The adapters are made directly with peft (non-zero LoRA B weights, a random score head), so the PPO
+tests do not depend on train-sft / train-rm, and a wrong adapter (e.g. the reward adapter used where
+the policy's should be) changes the numbers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+LORA_TARGETS = ["q_proj", "v_proj"]
+
+
+def model_cfg(base: str | Path):
+    return OmegaConf.create(
+        {
+            "name_or_path": str(base),
+            "dtype": "float32",
+            "trust_remote_code": False,
+            "attn_implementation": "sdpa",
+            "gradient_checkpointing": False,
+            "revision": None,
+        }
+    )
+
+
+def tokenizer_of(base: str | Path):
+    from ppo_cli.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(base))
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_base(base: str | Path, tokenizer):
+    """The base CausalLM the way train-ppo loads it (pad token added, embeddings grown)."""
+    from ppo_cli.models import load_causal_lm
+
+    return load_causal_lm(model_cfg(base), tokenizer, torch.device("cpu"))
+
+
+def _randomise(model, names: tuple[str, ...], std: float, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if any(n in name for n in names):
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
+
+
+def make_sft_adapter(
+    base: str | Path, out: Path, dropout: float = 0.05, seed: int = 1, std: float = 0.3
+) -> Path:
+    """An SFT-like LoRA adapter (as train-sft writes it: lora dropout 0.05) with non-zero B weights."""
+    from peft import LoraConfig, get_peft_model
+
+    from ppo_cli.models import write_product_info
+
+    tokenizer = tokenizer_of(base)
+    model = get_peft_model(
+        load_base(base, tokenizer),
+        LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=dropout, target_modules=LORA_TARGETS, task_type="CAUSAL_LM"
+        ),
+    )
+    _randomise(model, ("lora_B",), std, seed)
+    model.save_pretrained(str(out), save_embedding_layers=False)
+    tokenizer.save_pretrained(str(out))
+    write_product_info(out, "sft", str(base), lora=True)
+    return out
+
+
+def make_rm_adapter(base: str | Path, out: Path, seed: int = 2, std: float = 0.3) -> Path:
+    """An RM-like adapter: LoRA on AutoModelForSequenceClassification + the 'score' head (modules_to_save)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from ppo_cli.models import fit_embeddings, write_product_info
+
+    tokenizer = tokenizer_of(base)
+    model = AutoModelForSequenceClassification.from_pretrained(str(base), num_labels=1, dtype=torch.float32)
+    fit_embeddings(model, tokenizer)
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            lora_dropout=0.0,
+            target_modules=LORA_TARGETS,
+            task_type="SEQ_CLS",
+            modules_to_save=["score"],
+        ),
+    )
+    _randomise(model, ("lora_B", "score"), std, seed)
+    model.save_pretrained(str(out), save_embedding_layers=False)
+    tokenizer.save_pretrained(str(out))
+    write_product_info(out, "rm", str(base), lora=True)
+    return out
+
+
+def build_tiny_roles(base: str | Path, sft: Path | None, rm: Path | None, targets=LORA_TARGETS):
+    """(roles, tokenizer) exactly as train-ppo builds them (`targets` matter only without `sft`)."""
+    from ppo_cli.roles import build_roles
+
+    tokenizer = tokenizer_of(base)
+    model = load_base(base, tokenizer)
+    lora = OmegaConf.create({"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": targets})
+    roles = build_roles(
+        model, lora, str(sft) if sft else None, str(rm) if rm else None, model.config.hidden_size
+    )
+    roles.eval()
+    return roles, tokenizer
+
+
+def ppo_config(base: str | Path, data: str | Path, output_dir: Path, *overrides: str):
+    """The composed and resolved train-ppo config, as the CLI would see it."""
+    from ppo_cli.app import precheck
+
+    cfg = precheck(
+        "train_ppo",
+        [
+            f"model.name_or_path={base}",
+            f"data.train={data}",
+            f"output_dir={output_dir}",
+            "reward_fn=ppo_cli.tiny:positive_reward",
+            "train.device=cpu",
+            "train.batch_size=4",
+            "generation.max_new_tokens=8",
+            "logger.progress=false",
+            *overrides,
+        ],
+        "train-ppo",
+    )
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def make_trainer(cfg, roles, tokenizer, reward=None, dist=None):
+    """A PPOTrainer on `roles` with the tiny prompts; `reward(qr, mask, prompts, completions)`.
+
+    `dist` (a DistInfo) makes the run look like one rank of several; no process group is started, so
+    the caller must stub what would talk to one (ppo_trainer.broadcast_parameters).
+    """
+    from ppo_cli.data import build_prompts, load_rows
+    from ppo_cli.logger import RunLogger
+    from ppo_cli.ppo_trainer import PPOTrainer
+    from ppo_cli.run import StageRun
+
+    run = StageRun(cfg, "ppo")
+    if dist is not None:
+        run.dist = dist
+    run.logger = RunLogger(Path(cfg.output_dir), cfg, "ppo")
+    prompts, _ = build_prompts(tokenizer, load_rows(cfg.data.train, "data.train"), 64, "truncate")
+    if reward is None:
+        reward = lambda qr, mask, prompts, completions: roles.reward_scores(qr, mask)  # noqa: E731
+    return PPOTrainer(run, roles, tokenizer, prompts, reward, [tokenizer.eos_token_id], None)
+
+
+def tiny_adapters(tiny: dict) -> dict[str, Path]:
+    """The SFT and RM adapters on the session's tiny base, made once per session (lock-free: a test
+    session is one process)."""
+    root = Path(tiny["root"]) / "ppo_adapters"
+    paths = {"sft": root / "sft", "rm": root / "rm"}
+    if not (paths["rm"] / "ppo_cli.json").is_file():
+        make_sft_adapter(tiny["model"], paths["sft"])
+        make_rm_adapter(tiny["model"], paths["rm"])
+    return paths
+
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO = TESTS_DIR.parent
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """Environment of a CLI subprocess: tests/ importable (ppo_rewards), one thread per process (the
+    CLI tests start several runs at once on a 2-core machine), plain console."""
+    import os
+
+    path = os.pathsep.join(p for p in (str(TESTS_DIR), os.environ.get("PYTHONPATH")) if p)
+    return {
+        **os.environ,
+        "PYTHONPATH": path,
+        "PYTHONUNBUFFERED": "1",
+        "COLUMNS": "200",
+        "OMP_NUM_THREADS": "1",
+        **extra,
+    }
+
+
+def start_cli(*args: str, log: Path, env: dict | None = None):
+    """`python -m ppo_cli ARGS` started in the background, stdout/stderr to `log`.out/.err (files, not
+    pipes: several runs go at once and none may block on a full pipe); see `finish`."""
+    import subprocess
+    import sys
+
+    log = Path(log)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{log}.out", "w") as out, open(f"{log}.err", "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ppo_cli", *args],
+            cwd=REPO,
+            stdout=out,
+            stderr=err,
+            text=True,
+            env=env or cli_env(),
+        )
+    proc.log = log
+    return proc
+
+
+def finish(proc, timeout: float = 600):
+    """Wait for a process from `start_cli`: a CompletedProcess with its return code and output."""
+    import subprocess
+
+    proc.wait(timeout=timeout)
+    out, err = Path(f"{proc.log}.out").read_text(), Path(f"{proc.log}.err").read_text()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]

@@ -1,0 +1,620 @@
+"""train-ppo: the PPO trainer in-process, then the real CLI on the tiny Llama.
+
+Every row of /work/shared/PPO_CHECKLIST.md has a test; where it lives:
+
+| row | test |
+|-----|------|
+| 1 pad != eos | test_ppo_roles.py::test_row1_pad_is_its_own_token |
+| 2 left padding, position ids | test_ppo_roles.py::test_row2_left_padding_does_not_change_logprobs; test_rlhf.py::test_position_ids_under_left_padding |
+| 3 truncate after EOS | test_rlhf.py::test_truncate_after_eos_single_id, ::test_truncate_after_eos_list_of_ids_and_pad_none |
+| 4 reward at the last real token | test_ppo_roles.py::test_row4_reward_at_last_real_token_equals_plain_peft_rm; test_rlhf.py::test_shape_rewards_score_at_last_real_token_and_no_kl_at_pads |
+| 5 missing-EOS penalty | test_rlhf.py::test_missing_eos_penalty_only_hits_rows_without_eos, ::test_has_eos_empty_row_is_false |
+| 6 KL 0 at pads, masked sums | test_row6_kl_and_masked_sums_count_real_tokens_only (here); test_rlhf.py::test_masked_sum_mean_ignore_pads_even_nan, ::test_kl_estimators_hand_computed |
+| 7 adaptive KL controller | test_rlhf.py::test_adaptive_kl_controller, ::test_fixed_kl_controller; its state across resume: test_resume_after_sigkill_is_identical |
+| 8 same temperature, no top-k/top-p | test_row8_generation_and_scoring_agree (here); test_rlhf.py::test_logprobs_with_temperature_hand_computed |
+| 9 dropout off | test_ppo_roles.py::test_row9_dropout_off_in_every_role, ::test_row9_disable_dropout_covers_gpt2_and_lora_dropout |
+| 10 critic from the RM | test_ppo_roles.py::test_row10_critic_starts_as_the_reward_model |
+| 11 GAE | test_rlhf.py::test_gae_two_rows_with_masked_tail, ::test_gae_lam_gamma_one_is_future_reward_sum_minus_value |
+| 12 whitening over valid tokens | test_rlhf.py::test_masked_whiten_mean0_std1_over_mask_and_zero_at_pads, ::test_masked_var |
+| 13 clipped losses | test_rlhf.py::test_policy_loss_hand_computed_with_clipping, ::test_value_loss_with_one_clipped_entry, ::test_policy_loss_garbage_at_pads_gives_finite_grads |
+| 14 epochs x reshuffled minibatches | test_row14_epochs_over_reshuffled_minibatches (here) |
+| 15 ratio 1 before the first update | test_row14_... (first_ratio, in-process); test_row15_16_lr0_run_never_moves (CLI, lr=0); test_first_ratio_is_one_with_minibatches (CLI, normal lr); test_rlhf.py::test_policy_loss_new_equals_old |
+| 16 reference = SFT, KL 0 at step 1 | test_row15_16_lr0_run_never_moves; test_first_ratio_is_one_with_minibatches; test_ppo_roles.py::test_reference_is_the_sft_adapter_and_policy_starts_there |
+| 17 reward scale fixed on SFT samples | test_first_ratio_is_one_with_minibatches (objective/scores_normalized at step 1); test_rlhf.py::test_normalize_scores |
+| 18 per-rank seeds, shared data order | test_row18_rank_seeds_differ_data_order_shared (here) |
+| 19 negative-KL alarm | test_row19_negative_kl_alarm (here) |
+| 20 RM Bradley-Terry loss | test_rlhf.py::test_pairwise_reward_loss_hand_computed (held-out accuracy: the train-rm tests) |
+
+Runtime guards: test_nan_loss_stops_with_the_last_checkpoint, test_row19_negative_kl_alarm (val/ratio).
+End-to-end learning: test_ppo_e2e.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from ppo_helpers import (
+    build_tiny_roles,
+    cli_env,
+    finish,
+    make_trainer,
+    ppo_config,
+    read_metrics,
+    start_cli,
+    tiny_adapters,
+)
+
+from ppo_cli import checkpoint as ckpt
+from ppo_cli import rlhf
+from ppo_cli.data import pad_left
+from ppo_cli.dist import DistInfo
+from ppo_cli.errors import UserError
+from ppo_cli.rewards import call_reward_function, load_reward_function
+from ppo_cli.roles import POLICY
+
+CONTRACT_METRICS = [
+    "objective/kl",
+    "objective/entropy",
+    "objective/non_score_reward",
+    "objective/rlhf_reward",
+    "objective/scores",
+    "policy/approxkl_avg",
+    "policy/clipfrac_avg",
+    "loss/policy_avg",
+    "loss/value_avg",
+    "val/clipfrac_avg",
+    "val/ratio",
+    "val/num_eos_tokens",
+    "lr",
+    "episode",
+    "objective/kl_coef",
+    "time/generate",
+    "time/score",
+    "time/train",
+]
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny):
+    return tiny_adapters(tiny)
+
+
+@pytest.fixture
+def trainer_factory(tiny, adapters, tmp_path):
+    """trainer_factory(*overrides, dist=None) -> PPOTrainer on fresh roles (SFT policy, RM reward + critic)."""
+
+    def make(*overrides: str, dist: DistInfo | None = None, reward=None):
+        roles, tokenizer = build_tiny_roles(tiny["model"], adapters["sft"], adapters["rm"])
+        cfg = ppo_config(tiny["model"], tiny["prompts"], tmp_path / "run", *overrides)
+        return make_trainer(cfg, roles, tokenizer, reward=reward, dist=dist)
+
+    return make
+
+
+# ================================================================================================
+# In-process: the trainer's pieces on a real rollout
+# ================================================================================================
+
+
+def test_row8_generation_and_scoring_agree(trainer_factory):
+    """Rollouts sample from softmax(logits / T) with no top-k/top-p, and the old logprobs are exactly
+    that distribution's: generate's own processed scores give the same numbers."""
+    trainer = trainer_factory("generation.temperature=0.7", "generation.max_new_tokens=6")
+    gc = trainer.generation_config
+    assert gc.do_sample and gc.temperature == 0.7 and gc.top_k == 0 and gc.top_p == 1.0
+    assert gc.repetition_penalty == 1.0 and not gc.min_p
+
+    prompts = [p["input_ids"] for p in trainer.prompts[:4]]
+    pad = trainer.tokenizer.pad_token_id
+    input_ids = pad_left(prompts, pad)
+    prompt_mask = pad_left([[1] * len(p) for p in prompts], 0)
+    ckpt.seed_everything(0)
+    with torch.no_grad(), trainer.roles.role(POLICY):
+        out = trainer.roles.model.generate(
+            input_ids=input_ids,
+            attention_mask=prompt_mask,
+            generation_config=trainer.generation_config,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    responses, mask = rlhf.truncate_after_eos(out.sequences[:, input_ids.shape[1] :], trainer.eos_ids, pad)
+    processed = torch.stack(out.scores, dim=1)  # what generate sampled from, after its logits processors
+    assert torch.isfinite(processed[mask]).all(), "a top-k/top-p filter removed tokens"
+    sampled_lp = torch.log_softmax(processed.float(), -1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)
+
+    qr = torch.cat([input_ids, responses], 1)
+    full_mask = torch.cat([prompt_mask, mask.long()], 1)
+    with torch.no_grad():
+        old = trainer.policy_logprobs(qr, full_mask, responses, POLICY)
+        with trainer.roles.role(POLICY):
+            logits = trainer.roles.response_logits(qr, full_mask, responses.shape[1])
+    by_hand = torch.log_softmax(logits.float() / 0.7, -1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(old[mask], by_hand[mask], atol=1e-6, rtol=0)
+    torch.testing.assert_close(old[mask], sampled_lp[mask], atol=1e-5, rtol=0)
+    # Teeth: at T = 1 the logprobs are visibly different.
+    at_one = rlhf.logprobs_from_logits(logits, responses, 1.0)
+    assert (at_one[mask] - old[mask]).abs().max() > 1e-2
+
+    # And the trainer's rollout stores exactly these old logprobs.
+    ckpt.seed_everything(0)
+    ro, _ = trainer.rollout(trainer.prompts[:4])
+    assert torch.equal(ro.responses, responses)
+    torch.testing.assert_close(ro.logprobs[mask], old[mask], atol=1e-6, rtol=0)
+
+
+def test_row6_kl_and_masked_sums_count_real_tokens_only(trainer_factory):
+    trainer = trainer_factory("ppo.kl_coef=0.1")
+    ckpt.seed_everything(0)
+    ro, _ = trainer.rollout(trainer.prompts[:4])
+    B, R = ro.responses.shape
+    lengths = torch.tensor([R, 3, 1, 5])
+    mask = torch.arange(R).unsqueeze(0) < lengths.unsqueeze(1)
+    step = 0.1 * (torch.arange(R) + 1).float()  # logπ − logπ_ref = 0.1·(t+1) on real tokens
+
+    def crafted(garbage: float):
+        junk = torch.full_like(ro.logprobs, garbage)
+        return dataclasses.replace(
+            ro,
+            response_mask=mask,
+            logprobs=torch.where(mask, ro.logprobs, junk),
+            ref_logprobs=torch.where(mask, ro.logprobs - step, -junk),
+        )
+
+    results = []
+    for garbage in (float("nan"), 1e4):
+        case = crafted(garbage)
+        rewards, non_score, adv, returns = trainer.advantages(case)
+        metrics = trainer.step_metrics(case, non_score, {})
+        results.append(metrics)
+        assert torch.isfinite(rewards).all() and torch.isfinite(adv).all() and torch.isfinite(returns).all()
+        assert (non_score[~mask] == 0).all() and (rewards[~mask] == 0).all() and (adv[~mask] == 0).all()
+        # The score sits on the last real token of each row.
+        last = lengths - 1
+        torch.testing.assert_close(
+            rewards[torch.arange(B), last] - non_score[torch.arange(B), last], case.scores, atol=1e-6, rtol=0
+        )
+    expected_kl = torch.tensor([float(step[:n].sum()) for n in lengths]).mean()
+    for metrics in results:
+        assert metrics["objective/kl"] == pytest.approx(float(expected_kl), abs=1e-5)
+        assert metrics["objective/non_score_reward"] == pytest.approx(-0.1 * float(expected_kl), abs=1e-5)
+        assert metrics["val/mean_response_length"] == pytest.approx(float(lengths.float().mean()))
+        assert math.isfinite(metrics["objective/entropy"])
+    assert results[0] == results[1]  # whatever sits at the pads
+
+
+def test_row14_epochs_over_reshuffled_minibatches(trainer_factory):
+    """ppo.epochs passes over the rollout batch, each a fresh permutation split into minibatches of
+    micro-batches; one optimizer step per minibatch; the first minibatch sees ratio exactly 1 (row 15)."""
+    trainer = trainer_factory(
+        "ppo.epochs=3",
+        "ppo.num_minibatches=2",
+        "train.grad_accum_steps=2",
+        "train.lr=1e-2",
+        "train.batch_size=4",
+    )
+    ckpt.seed_everything(0)
+    ro, _ = trainer.rollout(trainer.prompts[:4])
+    _, _, adv, returns = trainer.advantages(ro)
+
+    seen: list[int] = []
+    original = trainer.policy_logprobs
+
+    def recording(qr, mask, responses, role):
+        for row in qr:
+            seen.append(
+                next(i for i in range(len(ro.query_responses)) if torch.equal(ro.query_responses[i], row))
+            )
+        return original(qr, mask, responses, role)
+
+    steps = []
+    trainer.policy_logprobs = recording
+    optimizer_step = trainer.optimizer.step
+    trainer.optimizer.step = lambda *a, **k: (steps.append(len(seen)), optimizer_step(*a, **k))[1]
+    before = [p.detach().clone() for p in trainer.policy_params]
+    stats = trainer.update(ro, adv, returns)
+
+    assert len(seen) == 3 * 4  # 3 epochs x 4 rows, one row per micro-batch (4 / 2 / 2)
+    epochs = [seen[i : i + 4] for i in range(0, 12, 4)]
+    assert all(sorted(e) == [0, 1, 2, 3] for e in epochs)
+    assert len({tuple(e) for e in epochs}) > 1  # reshuffled
+    assert steps == [2, 4, 6, 8, 10, 12]  # one optimizer step per minibatch of 2 rows
+    assert stats["policy/first_ratio"] == 1.0
+    assert stats["val/ratio"] != 1.0  # later minibatches see the moved policy
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.policy_params))
+
+
+def test_row18_rank_seeds_differ_data_order_shared(trainer_factory, monkeypatch):
+    monkeypatch.setattr("ppo_cli.ppo_trainer.broadcast_parameters", lambda params, dist: None)
+    trainers = [trainer_factory(dist=DistInfo(rank=r, world_size=2)) for r in (0, 1)]
+    seeds = [t.run.seed for t in trainers]
+    assert seeds[0] == trainers[0].cfg.train.seed and seeds[0] != seeds[1]
+    orders = [[t.batches.next() for _ in range(3)] for t in trainers]
+    assert orders[0] == orders[1]  # one global order of 2 x train.batch_size prompts...
+    for batch in orders[0]:
+        assert len(batch) == 2 * trainers[0].cfg.train.batch_size
+        mine, theirs = batch[0::2], batch[1::2]  # ...each rank takes its slice (as PPOTrainer.fit does)
+        assert len(mine) == len(theirs) == trainers[0].cfg.train.batch_size and not set(mine) & set(theirs)
+    # Same prompts, each rank's seed: different samples; the same seed again: the same samples.
+    prompts = [p["input_ids"] for p in trainers[0].prompts[:2]]
+    samples = []
+    for trainer, seed in zip(trainers + trainers[:1], seeds + seeds[:1]):
+        ckpt.seed_everything(seed)
+        samples.append(trainer.generate(prompts)[2])
+    assert not torch.equal(samples[0], samples[1])
+    assert torch.equal(samples[0], samples[2])
+
+
+def test_row19_negative_kl_alarm(trainer_factory, capsys):
+    trainer = trainer_factory()
+    ok = {"val/ratio": 1.0, "objective/kl": 0.3}
+    negative = {"val/ratio": 1.0, "objective/kl": -0.2}
+
+    def console_after(metrics) -> str:
+        trainer.step += 1
+        trainer.guards(metrics)
+        return " ".join(capsys.readouterr().out.split())
+
+    assert "negative" not in console_after(negative)
+    assert "negative" not in console_after(negative)
+    assert "objective/kl has been negative for 3 steps" in console_after(negative)
+    assert "negative" not in console_after(negative)  # said once per streak, not every step
+    assert console_after(ok) == ""
+    assert "negative" not in console_after(negative)  # a positive step resets the streak
+    assert "val/ratio=3.000 left [0.5, 2]" in console_after({"val/ratio": 3.0, "objective/kl": 1.0})
+
+
+def test_reward_function_results_are_checked():
+    from ppo_rewards import nan, raises, wrong_length
+
+    prompts, completions = ["a", "b"], [" x", " y"]
+    for func, spec, message in (
+        (
+            raises,
+            "ppo_rewards:raises",
+            "reward_fn=ppo_rewards:raises raised RuntimeError: reward server unreachable",
+        ),
+        (
+            wrong_length,
+            "ppo_rewards:wrong_length",
+            "reward_fn=ppo_rewards:wrong_length returned 3 scores for 2",
+        ),
+        (nan, "ppo_rewards:nan", "reward_fn=ppo_rewards:nan returned a non-finite score (nan)"),
+        (lambda p, c: None, "m:none", "reward_fn=m:none must return a list of floats, got NoneType"),
+    ):
+        with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            call_reward_function(func, spec, prompts, completions)
+    scores = call_reward_function(lambda p, c: [1, 2.5], "m:f", prompts, completions)
+    assert scores.dtype == torch.float32 and scores.tolist() == [1.0, 2.5]
+    for spec, message in (
+        ("no_colon", "expected the form package.module:function"),
+        ("no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
+        ("ppo_rewards:nope", "module 'ppo_rewards' has no function 'nope'"),
+    ):
+        with pytest.raises(UserError, match=message):
+            load_reward_function(spec)
+
+
+# ================================================================================================
+# The CLI on the tiny model
+# ================================================================================================
+
+
+def ppo_cli_args(tiny, output_dir: Path, *extra: str) -> list[str]:
+    return [
+        "train-ppo",
+        f"data.train={tiny['prompts']}",
+        f"output_dir={output_dir}",
+        "train.batch_size=4",
+        "generation.max_new_tokens=6",
+        "ppo.epochs=2",
+        "logger.progress=false",
+        *extra,
+    ]
+
+
+def assert_clean_exit_2(result, *needles: str) -> None:
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout, result.stderr[-3000:]
+    text = " ".join(result.stderr.split())
+    for needle in needles:
+        assert needle in text, text
+
+
+def test_row15_16_lr0_run_never_moves(tiny, adapters, tmp_path, cli):
+    """train.lr=0: the policy never moves, so every step sees ratio 1 and KL 0 exactly (rows 15, 16);
+    the run writes the contract's output tree and metric names."""
+    out = tmp_path / "lr0"
+    result = cli(
+        *ppo_cli_args(
+            tiny,
+            out,
+            f"sft_checkpoint={adapters['sft']}",
+            "reward_fn=ppo_cli.tiny:positive_reward",
+            "train.lr=0",
+            "train.max_steps=3",
+            "ppo.num_minibatches=2",
+            "train.save_every=2",
+        ),
+        env=cli_env(),
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    for m in metrics:
+        assert set(CONTRACT_METRICS) <= m.keys(), set(CONTRACT_METRICS) - m.keys()
+        assert m["objective/kl"] == 0.0, m
+        assert m["policy/approxkl_avg"] == 0.0, m
+        assert m["policy/clipfrac_avg"] == 0.0, m
+        assert m["val/ratio"] == 1.0, m
+        assert m["policy/first_ratio"] == 1.0, m
+        assert m["objective/kl_coef"] == 0.05 and m["lr"] == 0.0
+    assert abs(metrics[0]["objective/scores_normalized"]) < 1e-5  # row 17 (first batch defines the scale)
+    assert [m["episode"] for m in metrics] == [4, 8, 12]
+    assert (out / "config.yaml").is_file()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
+    final = out / "final"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json", "ppo_cli.json"):
+        assert (final / name).is_file(), name
+    assert json.loads((final / "ppo_cli.json").read_text())["stage"] == "ppo"
+    assert (final / "value" / "adapter_config.json").is_file()
+    assert (final / "value" / "value_head.safetensors").is_file()
+
+
+def run_in_process(*args: str) -> tuple[int, str, str]:
+    """`ppo-cli ARGS` in this process (the imports are paid already): (exit code, stdout, stderr).
+
+    Used for runs that must stop early; the real subprocess CLI is exercised by the other tests."""
+    import contextlib
+    import io
+
+    from ppo_cli.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    saved_argv = sys.argv
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main(list(args))
+                code = 0
+            except SystemExit as exc:  # anything else escaping is a crash: the test fails with it
+                code = exc.code
+    finally:
+        sys.argv = saved_argv
+        for sig, handler in handlers.items():  # a run stopped by an error leaves its own installed
+            signal.signal(sig, handler)
+    return code, out.getvalue(), err.getvalue()
+
+
+FAILING = {
+    "neither": [],
+    "both": ["reward_fn=ppo_cli.tiny:positive_reward", "reward_checkpoint={rm}"],
+    "not_importable": ["reward_fn=no_such_module_xyz:score"],
+    "no_function": ["reward_fn=ppo_rewards:nope"],
+    "raises": ["reward_fn=ppo_rewards:raises"],
+    "wrong_length": ["reward_fn=ppo_rewards:wrong_length"],
+    "nan": ["reward_fn=ppo_rewards:nan"],
+}
+
+
+def run_failing(tiny, adapters, tmp_path, case: str, *extra: str):
+    out = tmp_path / case
+    args = [a.format(rm=adapters["rm"]) for a in FAILING.get(case, [])]
+    code, stdout, stderr = run_in_process(
+        *ppo_cli_args(tiny, out, f"model.name_or_path={tiny['model']}", "sample_every=0", *args, *extra)
+    )
+    return subprocess.CompletedProcess(["ppo-cli"], code, stdout, stderr), out
+
+
+@pytest.mark.parametrize(
+    "case,needles",
+    [
+        ("neither", ["exactly one reward source", "neither was given"]),
+        ("both", ["exactly one reward source", "both were given"]),
+        ("not_importable", ["reward_fn=no_such_module_xyz:score: cannot import module 'no_such_module_xyz'"]),
+        ("no_function", ["reward_fn=ppo_rewards:nope: module 'ppo_rewards' has no function 'nope'"]),
+    ],
+)
+def test_reward_source_mistakes_exit_2_before_loading(tiny, adapters, tmp_path, monkeypatch, case, needles):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the base model was loaded before the reward source was checked")
+
+    monkeypatch.setattr("ppo_cli.train_ppo.load_causal_lm", no_model)
+    result, out = run_failing(tiny, adapters, tmp_path, case)
+    assert_clean_exit_2(result, *needles)
+    assert not out.exists()  # nothing written, no model loaded
+
+
+@pytest.mark.parametrize(
+    "case,needles",
+    [
+        ("raises", ["reward_fn=ppo_rewards:raises raised RuntimeError: reward server unreachable"]),
+        ("wrong_length", ["reward_fn=ppo_rewards:wrong_length returned 5 scores for 4 completions"]),
+        ("nan", ["reward_fn=ppo_rewards:nan returned a non-finite score (nan)"]),
+    ],
+)
+def test_bad_reward_function_results_exit_2(tiny, adapters, tmp_path, case, needles):
+    result, out = run_failing(tiny, adapters, tmp_path, case)
+    assert_clean_exit_2(result, *needles)
+    assert not (out / "checkpoints").exists()
+
+
+def test_nan_loss_stops_with_the_last_checkpoint(tiny, adapters, tmp_path):
+    """Scores of 1e30 from step 3 on overflow the losses: the run stops there with exit 2, naming the
+    step and the last good checkpoint, which stays intact and resumable."""
+    import ppo_rewards
+
+    ppo_rewards._calls["explode_from_third_call"] = 0
+    result, out = run_failing(
+        tiny,
+        adapters,
+        tmp_path,
+        "explodes",
+        "reward_fn=ppo_rewards:explode_from_third_call",
+        "train.max_steps=5",
+        "train.save_every=1",
+        "train.lr=1e-3",
+    )
+    last = out / "checkpoints" / "step-000002"
+    assert_clean_exit_2(result, "at step 3", str(last))
+    assert ckpt.latest_checkpoint(out) == last and ckpt.verify_checkpoint(last) is None
+    assert not (out / "final").exists()
+    assert [m["step"] for m in read_metrics(out)] == [1, 2]
+
+
+def test_separate_sequence_classifier_reward_model(tiny, tiny_factory, tmp_path):
+    """reward_checkpoint = a plain HF sequence-classification model (tiny GPT-2, its own tokenizer)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    gpt2 = tiny_factory("gpt2")
+    rm_dir = tmp_path / "gpt2-rm"
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_pretrained(str(gpt2["model"]), num_labels=1)
+    with torch.no_grad():
+        rm.score.weight.normal_(0, 1.0)
+    rm.save_pretrained(str(rm_dir))
+    AutoTokenizer.from_pretrained(str(gpt2["model"])).save_pretrained(str(rm_dir))
+
+    out = tmp_path / "separate"
+    code, stdout, stderr = run_in_process(
+        *ppo_cli_args(
+            tiny,
+            out,
+            f"model.name_or_path={tiny['model']}",
+            f"reward_checkpoint={rm_dir}",
+            "train.max_steps=2",
+            "sample_every=0",
+        )
+    )
+    result = subprocess.CompletedProcess(["ppo-cli"], code, stdout, stderr)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "reward (separate model)" in " ".join(result.stdout.split())
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert all(math.isfinite(m["objective/scores"]) and m["objective/scores"] != 0 for m in metrics)
+    assert (out / "final" / "adapter_model.safetensors").is_file()
+
+
+# -- checkpoint / resume and final/ ----------------------------------------------------------------
+RESUME_ARGS = [
+    "train.max_steps=4",
+    "train.save_every=2",
+    "train.lr=3e-3",
+    "ppo.num_minibatches=2",
+    "train.grad_accum_steps=2",
+    "ppo.kl_controller=adaptive",
+    "ppo.kl_horizon=100",
+    "sample_every=0",
+]
+
+
+@pytest.fixture(scope="module")
+def resume_runs(tiny, adapters, tmp_path_factory):
+    """An uninterrupted 4-step run A and a run B killed (SIGKILL) after its step-2 checkpoint, then
+    resumed with resume=auto. Both use the SFT adapter and the shared RM (reward + critic)."""
+    root = tmp_path_factory.mktemp("resume")
+    sources = [f"sft_checkpoint={adapters['sft']}", f"reward_checkpoint={adapters['rm']}"]
+    args = {name: ppo_cli_args(tiny, root / name, *sources, *RESUME_ARGS) for name in ("A", "B")}
+    full = start_cli(*args["A"], log=root / "logs" / "A")
+    killed = start_cli(*args["B"], log=root / "logs" / "B")
+    step2 = root / "B" / "checkpoints" / "step-000002"
+    deadline = time.monotonic() + 500
+    while not step2.is_dir():
+        assert killed.poll() is None, finish(killed).stderr[-3000:]
+        assert time.monotonic() < deadline, "run B wrote no step-2 checkpoint"
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed_result = finish(killed)
+    resumed = start_cli(*args["B"], "resume=auto", log=root / "logs" / "B-resumed")
+    return {
+        "A": (finish(full), root / "A"),
+        "killed": (killed_result, root / "B"),
+        "B": (finish(resumed), root / "B"),
+    }
+
+
+def test_resume_after_sigkill_is_identical(resume_runs):
+    """Weights, optimizer, scheduler, RNG, data position, KL controller and reward scale all resume."""
+    for name in ("A", "B"):
+        result, _ = resume_runs[name]
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    killed, _ = resume_runs["killed"]
+    assert killed.returncode == -signal.SIGKILL
+    (_, a), (result_b, b) = resume_runs["A"], resume_runs["B"]
+    assert "resumed at" in result_b.stdout and "step 2" in result_b.stdout
+    from safetensors.torch import load_file
+
+    for rel in (
+        "adapter_model.safetensors",
+        "value/adapter_model.safetensors",
+        "value/value_head.safetensors",
+    ):
+        ta, tb = load_file(a / "final" / rel), load_file(b / "final" / rel)
+        assert ta.keys() == tb.keys() and ta, rel
+        for key in ta:
+            assert torch.equal(ta[key], tb[key]), f"{rel}: {key} differs after resume"
+
+    def comparable(run_dir):
+        return [{k: v for k, v in m.items() if not k.startswith("time/")} for m in read_metrics(run_dir)]
+
+    assert comparable(a) == comparable(b)
+
+
+def test_first_ratio_is_one_with_minibatches(resume_runs):
+    """Normal lr, 2 minibatches x 2 micro-batches: the first minibatch of every step still sees ratio 1
+    (old logprobs come from the same code path and micro-batch shape); KL 0 at step 1 (row 16); the
+    first batch's normalised scores have mean 0 (row 17); the policy does move afterwards."""
+    metrics = read_metrics(resume_runs["A"][1])
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert all(m["policy/first_ratio"] == 1.0 for m in metrics), [m["policy/first_ratio"] for m in metrics]
+    assert metrics[0]["objective/kl"] == 0.0
+    assert abs(metrics[0]["objective/scores_normalized"]) < 1e-5 and metrics[0]["objective/scores"] != 0
+    assert any(m["objective/kl"] != 0.0 for m in metrics[1:])
+    assert any(m["val/ratio"] != 1.0 for m in metrics)
+    coefs = [m["objective/kl_coef"] for m in metrics]
+    assert len(set(coefs)) == 4  # the adaptive controller moved every step (its state is resumed above)
+
+
+def test_final_loads_with_plain_transformers_and_peft(tiny, adapters, resume_runs):
+    """final/ is the policy for plain transformers + peft: the same response logits as the run's policy
+    (its last checkpoint loaded into the roles); final/value/ holds the critic."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    run_dir = resume_runs["A"][1]
+    final = run_dir / "final"
+    plain = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(tiny["model"]), dtype=torch.float32), str(final)
+    ).eval()
+
+    roles, tokenizer = build_tiny_roles(tiny["model"], adapters["sft"], adapters["rm"])
+    last = ckpt.load_checkpoint(run_dir / "checkpoints" / "step-000004")
+    ckpt.load_trainable_state(roles, last.trainable, "step-000004")
+    ids = torch.tensor(
+        [tokenizer("Describe the river: good happy river.")["input_ids"] + [tokenizer.eos_token_id]]
+    )
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        with roles.role(POLICY):
+            ours = roles.response_logits(ids, mask, 6)
+        theirs = plain(input_ids=ids, attention_mask=mask).logits[:, -7:-1]
+        with roles.role("reference"):
+            sft = roles.response_logits(ids, mask, 6)
+    vocab = theirs.shape[-1]  # the run's model has one more row: the pad token load_tokenizer added
+    torch.testing.assert_close(ours[..., :vocab], theirs, atol=1e-5, rtol=0)
+    assert (ours - sft).abs().max() > 1e-3  # PPO moved the policy: this is not the SFT adapter again
+
+    value_dir = final / "value"
+    assert (value_dir / "adapter_config.json").is_file()
+    head = load_file(value_dir / "value_head.safetensors")
+    torch.testing.assert_close(head["weight"], last.trainable["value_head.weight"], atol=0, rtol=0)
