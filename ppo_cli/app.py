@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from ppo_cli.errors import EXIT_USAGE, UserError
 from ppo_cli.paths import conf_dir
@@ -93,6 +94,42 @@ def precheck(config_name: str, overrides: list[str], command: str) -> DictConfig
     return cfg
 
 
+def _interpolations(node: object, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted key, raw value) of every value in `node` (unresolved) that holds an interpolation."""
+    if isinstance(node, dict):
+        items = node.items()
+    elif isinstance(node, list):
+        items = enumerate(node)
+    else:
+        return [(prefix, node)] if isinstance(node, str) and "${" in node else []
+    found = []
+    for key, value in items:
+        found.extend(_interpolations(value, f"{prefix}.{key}" if prefix else str(key)))
+    return found
+
+
+def resolve_or_fail(cfg: DictConfig, command: str) -> None:
+    """Resolve every interpolation in place; one that cannot resolve (${oc.env:UNSET}, ${no.such.key}) is a
+    one-paragraph error naming its key."""
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as exc:
+        reason = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        culprit = "the configuration"
+        for key, value in _interpolations(raw):
+            try:
+                OmegaConf.select(cfg, key, throw_on_resolution_failure=True)
+            except OmegaConfBaseException:
+                culprit = f"{key}={value}"
+                break
+        fail(
+            f"cannot resolve {culprit}: {reason.rstrip('.')}. "
+            f"See every key and its default with `ppo-cli {command} --cfg job`.",
+            command,
+        )
+
+
 def quiet_libraries() -> None:
     """Keep the console for our own output: no per-file loading bars or library chatter."""
     import os
@@ -140,7 +177,7 @@ def hydra_app(
             quiet_libraries()
             try:
                 # Resolve once: ${now:...} in output_dir must not change between reads.
-                OmegaConf.resolve(cfg)
+                resolve_or_fail(cfg, command)
                 if prepare is not None:
                     prepare(cfg)
                 check_required(cfg)
