@@ -29,7 +29,10 @@ PRODUCT_FILE = "ppo_cli.json"  # written in every final/: stage, base model, sta
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise UserError(f"train.device={name} is not a device: use auto, cpu, cuda, cuda:N or mps.") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"train.device={name} but no CUDA device is available; use train.device=cpu or auto.")
     return device
