@@ -1,0 +1,210 @@
+#!/usr/bin/env python
+"""`make bench`: PPO seconds per step, per phase, rollout tokens/s and peak memory — ppo-cli and TRL 1.12
+side by side on the same ~30M-parameter random Llama, prompts and settings, in one run.
+
+Settings (both): 16 prompts per rollout (16-32 tokens), 24 new tokens, temperature 0.7, 4 PPO epochs,
+1 minibatch, LoRA policy r=16 alpha=32 on q_proj/v_proj, reference = the base (adapter disabled),
+reward model = the base as a sequence classifier. ppo-cli keeps all four roles on one base (the reward
+model is a LoRA adapter + head there); TRL keeps separate reward and value models.
+
+    python bench/run.py [--steps 5] [--warmup 1] [--device cpu|cuda] [--skip-trl] [--out FILE]
+
+The TRL side runs only when `trl==1.12.0` is importable (install it with a constraint that keeps your
+torch, e.g. `pip install trl==1.12.0 -c <(echo torch==$(python -c 'import torch;print(torch.__version__)'))`).
+Each side runs in its own process; medians exclude the warmup steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PROMPTS, RESPONSE_LENGTH, EPOCHS, TEMPERATURE = 16, 24, 4, 0.7
+
+
+def _trl_baseline():
+    spec = importlib.util.spec_from_file_location("trl_baseline", HERE / "trl_baseline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_rm_adapter(base_dir: str, out_dir: Path) -> Path:
+    """A reward model in ppo-cli's RM format on the bench base: fresh LoRA + small score head."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from ppo_cli.models import write_product_info
+    from ppo_cli.reward_model import init_score_head
+
+    if (out_dir / "ppo_cli.json").is_file():
+        return out_dir
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=1)
+    init_score_head(model.score)
+    config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="SEQ_CLS", modules_to_save=["score"])
+    peft_model = get_peft_model(model, config)
+    peft_model.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(out_dir)
+    write_product_info(out_dir, "rm", base_dir, lora=True, reward_mean=0.0, reward_std=1.0)
+    return out_dir
+
+
+def run_ppo_cli(base_dir: str, rm_dir: Path, prompts_file: Path, work: Path, steps: int, device: str) -> dict:
+    out = work / "ppo-cli-run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "ppo_cli",
+        "train-ppo",
+        f"model.name_or_path={base_dir}",
+        f"reward_checkpoint={rm_dir}",
+        f"data.train={prompts_file}",
+        f"output_dir={out}",
+        f"train.max_steps={steps}",
+        f"train.batch_size={PROMPTS}",
+        "train.save_every=0",
+        "train.log_every=1",
+        f"train.device={device}",
+        f"generation.max_new_tokens={RESPONSE_LENGTH}",
+        f"generation.temperature={TEMPERATURE}",
+        f"ppo.epochs={EPOCHS}",
+        "ppo.num_minibatches=1",
+        "lora.r=16",
+        "lora.alpha=32",
+        "lora.dropout=0.0",
+        "sample_every=0",
+        "logger.progress=false",
+        "ppo.reward_normalization=none",
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if result.returncode != 0:
+        raise SystemExit(f"ppo-cli run failed:\n{result.stderr[-4000:]}")
+    return {int(m["step"]): m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
+def run_trl(model_dir: str, steps: int, warmup: int, device: str, work: Path) -> dict | None:
+    if importlib.util.find_spec("trl") is None:
+        return None
+    out = work / "trl.json"
+    cmd = [
+        sys.executable,
+        str(HERE / "trl_baseline.py"),
+        "--steps",
+        str(steps),
+        "--warmup",
+        str(warmup),
+        "--device",
+        device,
+        "--model-dir",
+        model_dir,
+        "--out",
+        str(out),
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        print(f"TRL baseline failed (skipped):\n{result.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(out.read_text())
+
+
+def summarise(metrics: dict, warmup: int) -> dict:
+    measured = [metrics[s] for s in sorted(metrics) if s > warmup]
+
+    def median(key: str) -> float:
+        return statistics.median(m[key] for m in measured)
+
+    tokens = [m["val/mean_response_length"] * PROMPTS / m["time/generate"] for m in measured]
+    return {
+        "step_seconds": [round(m["time/step"], 4) for m in measured],
+        "median_step_s": median("time/step"),
+        "median_generate_s": median("time/generate"),
+        "median_score_s": median("time/score"),
+        "median_train_s": median("time/train"),
+        "rollout_tokens_per_s": statistics.median(tokens),
+        "peak_mb": max(m["memory/peak_mb"] for m in measured),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=5, help="measured PPO steps per side")
+    ap.add_argument("--warmup", type=int, default=1, help="warmup steps, excluded from the medians")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--skip-trl", action="store_true", help="measure ppo-cli only")
+    ap.add_argument("--cache", default=str(HERE / "results" / "cache"), help="where the bench model is built")
+    ap.add_argument("--out", default=str(HERE / "results" / "latest.json"))
+    args = ap.parse_args(argv)
+
+    import torch
+
+    baseline = _trl_baseline()
+    model_dir = baseline.build_bench_model(Path(args.cache) / "llama-30m", seed=0)
+    with tempfile.TemporaryDirectory(prefix="ppo-bench-") as tmp:
+        work = Path(tmp)
+        from transformers import AutoTokenizer
+
+        _, texts = baseline.make_prompt_dataset(AutoTokenizer.from_pretrained(model_dir), n_prompts=PROMPTS)
+        prompts_file = work / "prompts.jsonl"
+        prompts_file.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+        rm_dir = build_rm_adapter(model_dir, Path(args.cache) / "llama-30m-rm")
+        ours_metrics = run_ppo_cli(
+            model_dir, rm_dir, prompts_file, work, args.steps + args.warmup, args.device
+        )
+        ours = summarise(ours_metrics, args.warmup)
+        trl = None if args.skip_trl else run_trl(model_dir, args.steps, args.warmup, args.device, work)
+
+    spec = json.loads((Path(model_dir) / "bench_model_spec.json").read_text())
+    result = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+        + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
+        "torch": torch.__version__,
+        "settings": {
+            "model_params": spec["model_params"],
+            "prompts": PROMPTS,
+            "response_length": RESPONSE_LENGTH,
+            "ppo_epochs": EPOCHS,
+            "temperature": TEMPERATURE,
+            "device": args.device,
+            "measured_steps": args.steps,
+            "warmup": args.warmup,
+        },
+        "ppo_cli": ours,
+        "trl": trl,
+    }
+    if trl:
+        result["speedup_vs_trl"] = trl["median_step_s"] / ours["median_step_s"]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+
+    print(
+        f"PPO step on a {spec['model_params'] / 1e6:.1f}M-parameter Llama, {PROMPTS} prompts x {RESPONSE_LENGTH} "
+        f"tokens, {EPOCHS} epochs, {args.device} ({result['machine']})"
+    )
+    print(f"{'':12}{'s/step':>9}{'generate':>10}{'score':>8}{'train':>8}{'tok/s':>8}{'peak MB':>9}")
+    print(
+        f"{'ppo-cli':12}{ours['median_step_s']:9.2f}{ours['median_generate_s']:10.2f}{ours['median_score_s']:8.2f}"
+        f"{ours['median_train_s']:8.2f}{ours['rollout_tokens_per_s']:8.0f}{ours['peak_mb']:9.0f}"
+    )
+    if trl:
+        peak = trl.get("peak_cuda_mb") or trl.get("peak_rss_mb") or float("nan")
+        print(f"{'trl 1.12.0':12}{trl['median_step_s']:9.2f}{'':34}{peak:9.0f}")
+        print(f"ppo-cli is {result['speedup_vs_trl']:.2f}x faster per PPO step (median of {args.steps}).")
+    else:
+        print("TRL 1.12.0 not installed or --skip-trl: ppo-cli only.")
+    print(f"written to {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
