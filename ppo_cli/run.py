@@ -8,6 +8,7 @@ checkpoint to resume from.
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import sys
 from pathlib import Path
@@ -55,8 +56,30 @@ class StopRequest:
         )
 
 
+def validate_train(cfg: DictConfig) -> None:
+    """Checks of the keys every stage shares, before anything loads or is written (torch would otherwise
+    fail later with a traceback, e.g. AdamW on a negative train.lr)."""
+    train = cfg.train
+    for key in ("train.lr", "train.weight_decay", "ppo.value_lr"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise UserError(f"{key}={value} must be a finite number >= 0.")
+    if not 0 <= train.warmup_ratio <= 1:
+        raise UserError(f"train.warmup_ratio={train.warmup_ratio} must be between 0 and 1.")
+    if not math.isfinite(train.max_grad_norm):
+        raise UserError(
+            f"train.max_grad_norm={train.max_grad_norm} must be a finite number (0 = no clipping)."
+        )
+    if train.mixed_precision not in ("auto", "bf16", "fp16", "no"):
+        raise UserError(f"train.mixed_precision={train.mixed_precision} is not one of auto, bf16, fp16, no.")
+    eval_fraction = OmegaConf.select(cfg, "data.eval_fraction")
+    if eval_fraction is not None and not 0 <= eval_fraction < 1:
+        raise UserError(f"data.eval_fraction={eval_fraction} must be at least 0 and less than 1.")
+
+
 class StageRun:
     def __init__(self, cfg: DictConfig, stage: str):
+        validate_train(cfg)
         self.cfg = cfg
         self.stage = stage
         self.dist: DistInfo = init_distributed(cfg.train.device)
