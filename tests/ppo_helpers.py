@@ -161,8 +161,8 @@ def make_trainer(cfg, roles, tokenizer, reward=None, dist=None):
 
 def tiny_adapters(tiny: dict) -> dict[str, Path]:
     """The SFT and RM adapters on the session's tiny base, made once per session (lock-free: a test
-    session is one process)."""
-    root = Path(tiny["root"]) / "ppo_adapters"
+    session is one process), beside the tiny build rather than inside it."""
+    root = Path(tiny["root"]).parent / f"ppo-adapters-{Path(tiny['root']).name}"
     paths = {"sft": root / "sft", "rm": root / "rm"}
     if not (paths["rm"] / "ppo_cli.json").is_file():
         make_sft_adapter(tiny["model"], paths["sft"])
