@@ -33,7 +33,7 @@ from ppo_cli.errors import UserError
 from ppo_cli.models import autocast
 from ppo_cli.roles import POLICY, REFERENCE, Roles
 from ppo_cli.run import StageRun
-from ppo_cli.trainer import build_scheduler, check_finite
+from ppo_cli.trainer import build_scheduler, check_finite, optimizer_step
 
 
 @dataclass
@@ -316,7 +316,7 @@ class PPOTrainer:
                         self.policy_params + self.value_params, self.train_cfg.max_grad_norm
                     )
                     check_finite(norm, "the gradient norm", self.step + 1, self.run)
-                self.optimizer.step()
+                optimizer_step(self.optimizer, self.step + 1, self.run)
                 self.optimizer.zero_grad(set_to_none=True)
         self.roles.eval()
         result = {k: sum(v) / len(v) for k, v in stats.items()}

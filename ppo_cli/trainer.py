@@ -64,14 +64,30 @@ def total_optimizer_steps(n_examples: int, train_cfg: DictConfig, world_size: in
     return max(1, int(math.ceil(train_cfg.num_epochs * n_examples / per_step)))
 
 
+def diverged(what: str, step: int, run: StageRun) -> TrainingDiverged:
+    """The error that stops a run whose numbers blew up: names the step and the last good checkpoint."""
+    last = ckpt.latest_checkpoint(run.output_dir)
+    where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+    return TrainingDiverged(
+        f"{what} at step {step}; the run stopped and {where}. Lower train.lr, "
+        "check the data for empty or extreme rows, or use model.dtype=float32."
+    )
+
+
 def check_finite(value: torch.Tensor | float, what: str, step: int, run: StageRun) -> None:
     if not math.isfinite(float(value)):
-        last = ckpt.latest_checkpoint(run.output_dir)
-        where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-        raise TrainingDiverged(
-            f"{what} became {float(value)} at step {step}; the run stopped and {where}. Lower train.lr, "
-            "check the data for empty or extreme rows, or use model.dtype=float32."
-        )
+        raise diverged(f"{what} became {float(value)}", step, run)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, step: int, run: StageRun) -> None:
+    """optimizer.step(); an update too large for the weights' dtype (torch: "value cannot be converted to
+    type float without overflow", e.g. train.lr=1e38) stops the run like a NaN loss does."""
+    try:
+        optimizer.step()
+    except RuntimeError as exc:
+        if "overflow" not in str(exc):
+            raise
+        raise diverged(f"the optimizer update overflowed ({exc})", step, run) from exc
 
 
 @dataclass
@@ -170,7 +186,7 @@ class SupervisedTrainer:
             norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.train_cfg.max_grad_norm)
             check_finite(norm, "the gradient norm", self.step + 1, self.run)
             window["grad_norm"].append(float(norm))
-        self.optimizer.step()
+        optimizer_step(self.optimizer, self.step + 1, self.run)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
