@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -245,7 +246,15 @@ def load_checkpoint(path: Path) -> Checkpoint:
     if problem is not None:
         raise UserError(f"checkpoint {path} cannot be resumed: {problem}.")
     state = json.loads((path / TRAINER_STATE).read_text())
-    objects = torch.load(path / STATE, map_location="cpu", weights_only=True)
+    try:
+        # weights_only: tensors and plain containers only, so a checkpoint can never run code on load.
+        objects = torch.load(path / STATE, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError) as exc:
+        raise UserError(
+            f"checkpoint {path}: {STATE} was refused by torch.load(weights_only=True), which loads only "
+            "tensors and plain containers and never runs code from a checkpoint; ppo-cli does not write "
+            "such files, so this checkpoint was not written by ppo-cli or was tampered with."
+        ) from exc
     trainable = load_file(path / TRAINABLE)
     return Checkpoint(path=path, step=int(state["step"]), trainable=trainable, objects=objects, state=state)
 
@@ -311,10 +320,25 @@ def resolve_resume(output_dir: Path, resume: str, stage: str) -> Path | None:
         return None
     if resume == "auto":
         return latest_checkpoint(output_dir)
-    path = Path(resume)
-    if not path.is_dir():
-        raise UserError(f"resume={resume}: no such checkpoint directory.")
+    forms = "resume takes auto, never, or a checkpoint directory OUTPUT_DIR/checkpoints/step-NNNNNN"
+    path = Path(resume).expanduser()
+    if not resume or not path.is_dir():
+        raise UserError(f"resume={resume}: no such checkpoint directory ({forms}).")
+    if not _STEP_DIR.match(path.name) and not (path / MANIFEST).is_file():
+        if (path / CHECKPOINTS).is_dir() or (path / RUN_MARKER).is_file():
+            hint = f"it is a run directory: continue it with output_dir={path} resume=auto"
+        elif path.name == "final":
+            hint = (
+                "a stage's final/ feeds the next stage (sft_checkpoint=, reward_checkpoint=) and cannot "
+                "be resumed"
+            )
+        else:
+            hint = forms
+        raise UserError(f"resume={resume} is not a checkpoint; {hint}.")
     problem = verify_checkpoint(path)
     if problem is not None:
         raise UserError(f"resume={resume}: the checkpoint is not usable: {problem}.")
+    owner = run_stage_of(path.parent.parent) if path.parent.name == CHECKPOINTS else None
+    if owner is not None and owner != stage:
+        raise UserError(f"resume={resume} is a checkpoint of a {owner} run, not of a {stage} run.")
     return path
