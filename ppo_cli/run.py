@@ -166,16 +166,24 @@ class StageRun:
             return
         tmp = self.output_dir / f".{FINAL}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, safe_serialization=True, **(save_kwargs or {}))
-        tokenizer.save_pretrained(tmp)
-        if extra_save is not None:
-            extra_save(tmp)
-        write_product_info(
-            tmp, self.stage, self.cfg.model.name_or_path, lora=bool(self.cfg.lora.enabled), **info
-        )
-        if self.final_dir.exists():
-            shutil.rmtree(self.final_dir)
-        os.replace(tmp, self.final_dir)
+        try:
+            model.save_pretrained(tmp, safe_serialization=True, **(save_kwargs or {}))
+            tokenizer.save_pretrained(tmp)
+            if extra_save is not None:
+                extra_save(tmp)
+            write_product_info(
+                tmp, self.stage, self.cfg.model.name_or_path, lora=bool(self.cfg.lora.enabled), **info
+            )
+            if self.final_dir.exists():
+                shutil.rmtree(self.final_dir)
+            os.replace(tmp, self.final_dir)
+        except OSError as exc:  # e.g. disk full: the last checkpoint holds the finished weights
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(
+                f"could not write {self.final_dir} ({exc.strerror or exc}); the run's last checkpoint in "
+                f"{self.output_dir / ckpt.CHECKPOINTS} is intact. Free disk space, then rerun with "
+                "resume=auto to write final/ from it."
+            ) from exc
 
     def finish(self) -> None:
         self.stop.uninstall()
