@@ -441,7 +441,7 @@ class PPOTrainer:
                 if stop:
                     logger.close_progress()
                     logger.print(f"[bold]{run.stopped_message(self.step)}[/]")
-                    raise SystemExit(130)
+                    raise SystemExit(run.stop.exit_code)
             self.save(episode)
         finally:
             logger.close_progress()

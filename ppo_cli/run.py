@@ -32,6 +32,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.requested = False
+        self.exit_code = 130  # 128 + the signal's number, as shells report it
         self._previous: dict[int, object] = {}
 
     def install(self) -> None:
@@ -49,6 +50,7 @@ class StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        self.exit_code = 128 + signum
         print(
             f"\n{signal.Signals(signum).name} received: finishing this step and writing a checkpoint "
             "(send it again to stop at once).",

@@ -252,7 +252,7 @@ class SupervisedTrainer:
                 if stop:
                     logger.close_progress()
                     logger.print(f"[bold]{run.stopped_message(self.step)}[/]")
-                    raise SystemExit(130)
+                    raise SystemExit(run.stop.exit_code)
             last_eval = self.evaluate()
             if last_eval:
                 logger.log(self.step, last_eval)

@@ -393,7 +393,7 @@ def test_sigkill_then_resume_equals_uninterrupted(runs, interrupted):
 
 def test_sigterm_checkpoints_and_prints_the_resume_hint(runs, interrupted):
     termed = interrupted["termed"]
-    assert termed["returncode"] == 130, termed["output"]
+    assert termed["returncode"] == 128 + signal.SIGTERM, termed["output"]
     output = " ".join(termed["output"].split())
     assert "SIGTERM received" in output
     stopped = termed["checkpoints"][-1]
