@@ -18,7 +18,7 @@ Every row of /work/shared/PPO_CHECKLIST.md has a test; where it lives:
 | 12 whitening over valid tokens | test_rlhf.py::test_masked_whiten_mean0_std1_over_mask_and_zero_at_pads, ::test_masked_var |
 | 13 clipped losses | test_rlhf.py::test_policy_loss_hand_computed_with_clipping, ::test_value_loss_with_one_clipped_entry, ::test_policy_loss_garbage_at_pads_gives_finite_grads |
 | 14 epochs x reshuffled minibatches | test_row14_epochs_over_reshuffled_minibatches (here) |
-| 15 ratio 1 before the first update | test_row14_... (first_ratio, in-process); test_row15_16_lr0_run_never_moves (CLI, lr=0); test_first_ratio_is_one_with_minibatches (CLI, normal lr); test_rlhf.py::test_policy_loss_new_equals_old |
+| 15 ratio 1 before the first update | test_row14_epochs_over_reshuffled_minibatches (first_ratio, in-process); test_row15_16_lr0_run_never_moves (CLI, lr=0); test_first_ratio_is_one_with_minibatches (CLI, normal lr); test_rlhf.py::test_policy_loss_new_equals_old |
 | 16 reference = SFT, KL 0 at step 1 | test_row15_16_lr0_run_never_moves; test_first_ratio_is_one_with_minibatches; test_ppo_roles.py::test_reference_is_the_sft_adapter_and_policy_starts_there |
 | 17 reward scale fixed on SFT samples | test_first_ratio_is_one_with_minibatches (objective/scores_normalized at step 1); test_rlhf.py::test_normalize_scores |
 | 18 per-rank seeds, shared data order | test_row18_rank_seeds_differ_data_order_shared (here) |
