@@ -69,6 +69,11 @@ def autocast(device: torch.device, mixed_precision: str) -> contextlib.AbstractC
 # Tokenizer
 
 
+def looks_local(name_or_path: str) -> bool:
+    """True for what can only be a local path (a Hub id is `name` or `owner/name`)."""
+    return str(name_or_path).startswith(("/", ".", "~")) or str(name_or_path).count("/") > 1
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None):
     """Load a tokenizer and make sure it has a pad token distinct from EOS.
 
@@ -78,6 +83,8 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision:
     """
     from transformers import AutoTokenizer
 
+    if looks_local(name_or_path) and not Path(name_or_path).expanduser().is_dir():
+        raise UserError(f"cannot load the tokenizer of '{name_or_path}': no such directory.")
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             name_or_path, trust_remote_code=trust_remote_code, revision=revision
