@@ -23,6 +23,7 @@ from ppo_cli.models import (
     is_adapter_dir,
     load_causal_lm,
     load_tokenizer,
+    looks_local,
     read_product_info,
 )
 from ppo_cli.ppo_trainer import PPOTrainer, validate_ppo
@@ -47,6 +48,9 @@ def check_reward_source(cfg: DictConfig) -> None:
         )
     if cfg.reward_fn:
         load_reward_function(cfg.reward_fn)  # a typo in the spec fails here, before any model loads
+    checkpoint = cfg.reward_checkpoint
+    if checkpoint and looks_local(checkpoint) and not Path(checkpoint).expanduser().is_dir():
+        raise UserError(f"reward_checkpoint={checkpoint}: no such directory.")
     if not cfg.lora.enabled:
         raise UserError(
             "train-ppo trains LoRA adapters on one shared base; lora.enabled=false is not supported "
@@ -112,8 +116,14 @@ def main(cfg: DictConfig) -> None:
     if report.describe(cfg.data.max_length):
         print(f"data.train: {report.describe(cfg.data.max_length)}")
     if len(prompts) < cfg.train.batch_size * run.dist.world_size:
+        dropped = (
+            f" ({report.dropped} of {report.total} longer than data.max_length={cfg.data.max_length} were "
+            "dropped: raise data.max_length or use data.overflow=truncate)"
+            if report.dropped
+            else ""
+        )
         raise UserError(
-            f"data.train has {len(prompts)} usable prompts, fewer than one rollout batch "
+            f"data.train has {len(prompts)} usable prompts{dropped}, fewer than one rollout batch "
             f"(train.batch_size={cfg.train.batch_size} x {run.dist.world_size} ranks)."
         )
     shared_rm = bool(cfg.reward_checkpoint) and rm_shares_base(cfg.reward_checkpoint, cfg.model.name_or_path)
