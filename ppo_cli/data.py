@@ -269,11 +269,13 @@ def _generation_mask(tokenizer, messages: list[dict[str, Any]], full: list[int])
 
 @dataclass
 class LengthReport:
-    """How many examples were truncated or dropped for being longer than data.max_length."""
+    """How many examples were truncated or dropped for being longer than data.max_length, or dropped for
+    having no token to learn (`empty`)."""
 
     total: int = 0
     truncated: int = 0
     dropped: int = 0
+    empty: int = 0
     examples: list[str] = field(default_factory=list)
 
     def note(self, what: str, where: str) -> None:
@@ -282,12 +284,19 @@ class LengthReport:
             self.examples.append(where)
 
     def describe(self, max_length: int) -> str | None:
-        if not (self.truncated or self.dropped):
+        parts = []
+        if self.truncated or self.dropped:
+            parts.append(
+                f"{self.truncated} of {self.total} examples truncated and {self.dropped} dropped at "
+                f"data.max_length={max_length}"
+            )
+        if self.empty:
+            parts.append(
+                f"{self.empty} of {self.total} examples dropped for having no token to learn (empty)"
+            )
+        if not parts:
             return None
-        return (
-            f"{self.truncated} of {self.total} examples truncated and {self.dropped} dropped at "
-            f"data.max_length={max_length} (e.g. {', '.join(self.examples)})"
-        )
+        return f"{'; '.join(parts)} (e.g. {', '.join(self.examples)})"
 
 
 def sft_format(row: Row) -> str:
@@ -350,6 +359,11 @@ def build_sft_examples(
     for row in rows:
         report.total += 1
         ids, labels = encode_sft_row(tokenizer, row)
+        if all(label == IGNORE_INDEX for label in labels[1:]):
+            # Token t predicts t+1, so the first label never counts: {"text": ""} (EOS alone) has no target,
+            # and a micro-batch of only such rows would make the loss 0/0 = NaN.
+            report.note("empty", row.where())
+            continue
         if len(ids) > max_length:
             if overflow == "drop":
                 report.note("dropped", row.where())

@@ -60,8 +60,8 @@ def load_examples(cfg: DictConfig, tokenizer, logger_print) -> tuple[list[dict],
             logger_print(f"[yellow]{name}: {message}[/]")
     if not train:
         raise UserError(
-            f"data.train={data_cfg.train}: no example is left after applying data.max_length="
-            f"{data_cfg.max_length}; raise it or use shorter examples."
+            f"data.train={data_cfg.train}: no example is left: {report.describe(data_cfg.max_length)}; "
+            "raise data.max_length or use shorter examples, and drop empty ones."
         )
     return train, evals
 
