@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ppo_cli.errors import UserError
@@ -180,14 +181,31 @@ def save_checkpoint(
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
-    except OSError as exc:
+    except WRITE_ERRORS as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(
-            f"could not write checkpoint {final} ({exc.strerror or exc}); the previous checkpoints are "
-            "intact. Free disk space or choose another output_dir, then resume with resume=auto."
+            f"could not write checkpoint {final} ({describe_write_error(exc, root)}); the previous "
+            "checkpoints are intact. Free disk space or choose another output_dir, then resume with "
+            "resume=auto."
         ) from exc
     prune_checkpoints(output_dir, keep_last)
     return final
+
+
+# What a full or failing disk raises: OSError from Python's own writes, SafetensorError from safetensors
+# ("I/O error: No space left on device (os error 28)"), RuntimeError from torch.save's zip writer
+# ("[enforce fail at inline_container.cc] . unexpected pos ...").
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+
+
+def describe_write_error(exc: BaseException, where: Path) -> str:
+    """A short reason for a failed write, with the free space left where it was writing."""
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[0]
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return reason
+    return f"{reason}; {free / 2**20:.1f} MiB free there"
 
 
 def _json_default(value: Any) -> Any:

@@ -179,10 +179,11 @@ class StageRun:
             if self.final_dir.exists():
                 shutil.rmtree(self.final_dir)
             os.replace(tmp, self.final_dir)
-        except OSError as exc:  # e.g. disk full: the last checkpoint holds the finished weights
+        except ckpt.WRITE_ERRORS as exc:  # e.g. disk full: the last checkpoint holds the finished weights
             shutil.rmtree(tmp, ignore_errors=True)
             raise UserError(
-                f"could not write {self.final_dir} ({exc.strerror or exc}); the run's last checkpoint in "
+                f"could not write {self.final_dir} ({ckpt.describe_write_error(exc, self.output_dir)}); "
+                f"the run's last checkpoint in "
                 f"{self.output_dir / ckpt.CHECKPOINTS} is intact. Free disk space, then rerun with "
                 "resume=auto to write final/ from it."
             ) from exc
