@@ -9,6 +9,7 @@ are caught around `run`.
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 from collections.abc import Callable
@@ -175,6 +176,15 @@ def hydra_app(
                 run(cfg)
             except UserError as exc:
                 fail(str(exc), command)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                # metrics.jsonl, config.yaml, ...: checkpoints and final/ report their own write errors.
+                fail(
+                    f"{exc.strerror} while writing {exc.filename or 'the run'}: free disk space, then rerun "
+                    "with resume=auto (complete checkpoints are never damaged by a failed write).",
+                    command,
+                )
             except KeyboardInterrupt:
                 print(f"\nppo-cli {command}: interrupted.", file=sys.stderr)
                 sys.exit(130)
