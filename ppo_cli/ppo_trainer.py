@@ -145,6 +145,7 @@ class PPOTrainer:
         self.scale = RewardScale(self.ppo_cfg.reward_normalization, rm_stats)
         self.step = 0
         self.negative_kl_streak = 0
+        self._pad_index = torch.tensor([tokenizer.pad_token_id])
         self.generation_config = self._generation_config()
 
     # -- generation -----------------------------------------------------------------------------
@@ -162,6 +163,7 @@ class PPOTrainer:
             repetition_penalty=1.0,
             max_new_tokens=self.gen_cfg.max_new_tokens,
             pad_token_id=self.tokenizer.pad_token_id,
+            suppress_tokens=[self.tokenizer.pad_token_id],
             eos_token_id=self.eos_ids,
             use_cache=True,
         )
@@ -187,6 +189,8 @@ class PPOTrainer:
         """Logprobs of `responses` under `role`; the one code path for old, new and reference (row 15)."""
         with self.roles.role(role), autocast(self.device, self.train_cfg.mixed_precision):
             logits = self.roles.response_logits(qr, mask, responses.shape[1])
+        # The pad token is never sampled (suppressed in generation), so it has no probability here either.
+        logits = logits.index_fill(-1, self._pad_index.to(logits.device), float("-inf"))
         return rlhf.logprobs_from_logits(logits, responses, self.gen_cfg.temperature)
 
     def value_estimates(self, qr: torch.Tensor, mask: torch.Tensor, length: int) -> torch.Tensor:

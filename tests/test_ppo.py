@@ -128,7 +128,12 @@ def test_row8_generation_and_scoring_agree(trainer_factory):
         )
     responses, mask = rlhf.truncate_after_eos(out.sequences[:, input_ids.shape[1] :], trainer.eos_ids, pad)
     processed = torch.stack(out.scores, dim=1)  # what generate sampled from, after its logits processors
-    assert torch.isfinite(processed[mask]).all(), "a top-k/top-p filter removed tokens"
+    # Only the pad token is suppressed (it must never be sampled); no top-k/top-p filter removed others.
+    assert gc.suppress_tokens == [pad]
+    assert torch.isinf(processed[..., pad]).all()
+    others = torch.ones(processed.shape[-1], dtype=torch.bool)
+    others[pad] = False
+    assert torch.isfinite(processed[mask][:, others]).all(), "a top-k/top-p filter removed tokens"
     sampled_lp = torch.log_softmax(processed.float(), -1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)
 
     qr = torch.cat([input_ids, responses], 1)
@@ -137,6 +142,7 @@ def test_row8_generation_and_scoring_agree(trainer_factory):
         old = trainer.policy_logprobs(qr, full_mask, responses, POLICY)
         with trainer.roles.role(POLICY):
             logits = trainer.roles.response_logits(qr, full_mask, responses.shape[1])
+    logits[..., pad] = float("-inf")
     by_hand = torch.log_softmax(logits.float() / 0.7, -1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(old[mask], by_hand[mask], atol=1e-6, rtol=0)
     torch.testing.assert_close(old[mask], sampled_lp[mask], atol=1e-5, rtol=0)
