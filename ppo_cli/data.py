@@ -194,9 +194,16 @@ def _render_chat(tokenizer, messages: list[dict[str, Any]], add_generation_promp
             f"{where}: conversational data needs a tokenizer with a chat template, and this tokenizer has none; "
             "use prompt/completion or text rows."
         )
-    return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt
-    )
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except Exception as exc:  # noqa: BLE001 - jinja/transformers raise many types for a conversation it cannot render
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"{where}: the chat template cannot render these messages ({type(exc).__name__}: {reason}); "
+            "a conversation is a non-empty list of {role, content} objects with string values."
+        ) from exc
 
 
 def _encode(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
