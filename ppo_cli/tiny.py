@@ -6,11 +6,13 @@ negative words, so a policy improves by using more positive and fewer negative w
 lists uniformly (the model learns the *format*, not the preference); preference pairs rank two such sentences by
 the gold metric, so a reward model can learn it and PPO can then push the policy towards it.
 
-Everything (tokenizer, random-init models of several architectures, JSONL data) is built offline in seconds.
+Everything (tokenizer, models of several architectures, JSONL data) is built offline: random-init models in
+seconds; with ``pretrain_steps`` (the demo's base model) a short full-parameter pretraining on the task's text
+first makes the model a base that speaks the task's language, in well under a minute on 2 CPU cores.
 
 Usage::
 
-    python -m ppo_cli.tiny OUT_DIR [--arch llama] [--hidden-size 64] [--layers 2]
+    python -m ppo_cli.tiny OUT_DIR [--arch llama] [--hidden-size 64] [--layers 2] [--pretrain-steps 300]
 """
 
 from __future__ import annotations
@@ -304,6 +306,99 @@ def _model_config(
     raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
 
 
+def embedding_rows(n_tokens: int, multiple: int | None) -> int:
+    """Rows of the embedding matrix for a tokenizer of `n_tokens`: exactly `n_tokens` when `multiple` is None,
+    else rounded up to a multiple of `multiple` leaving at least one spare row (like Qwen or Pythia, whose
+    matrices are larger than their tokenizers: a pad token added by the loader then needs no resize)."""
+    if multiple is None:
+        return n_tokens
+    if multiple < 1:
+        raise ValueError(f"vocab_multiple must be positive, got {multiple}")
+    return -(-(n_tokens + 1) // multiple) * multiple
+
+
+def pretraining_texts(tokenizer: PreTrainedTokenizerFast, n: int, seed: int = 0) -> list[list[int]]:
+    """`n` token sequences of the task's "language", each ending with EOS: a plain prompt followed by a mixed
+    completion (3 in 4), or the same exchange in the chat format (1 in 4). The sentiment is uniform, so the
+    pretrained base has no preference for positive words: that is left for PPO to learn."""
+    rng = random.Random(f"pretrain-{seed}")
+    prompts = all_prompts()
+    eos = tokenizer.eos_token_id
+    sequences = []
+    for _ in range(n):
+        prompt, completion = rng.choice(prompts), sample_completion(rng)
+        if rng.random() < 0.75:
+            ids = tokenizer(prompt + completion, add_special_tokens=False)["input_ids"]
+        else:
+            messages = [
+                {"role": "user", "content": prompt},
+                {"role": "assistant", "content": completion.strip()},
+            ]
+            ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+        sequences.append([*ids, eos])
+    return sequences
+
+
+def pretrain(
+    model,
+    tokenizer: PreTrainedTokenizerFast,
+    steps: int,
+    seed: int = 0,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+) -> list[float]:
+    """Full-parameter next-token training of `model` on `pretraining_texts` (AdamW, warmup + cosine decay).
+
+    A few hundred steps turn the random-init model into a base that "speaks" the task: it continues a prompt
+    with task words and ends with EOS, like a small pretrained LM. Returns the loss of every step.
+    """
+    import math
+
+    import torch
+
+    sequences = pretraining_texts(tokenizer, steps * batch_size, seed)
+    eos = tokenizer.eos_token_id
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warmup = max(1, steps // 10)
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    model.train()
+    losses = []
+    # One thread: the matrices are too small to gain from more, a busy machine makes extra threads much
+    # slower, and the result does not depend on the machine's core count.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for step in range(steps):
+            losses.append(_pretrain_step(model, sequences[step * batch_size : (step + 1) * batch_size], eos))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
+    return losses
+
+
+def _pretrain_step(model, batch: list[list[int]], eos: int) -> float:
+    """Forward + backward of one right-padded batch (pads masked out of attention and loss); returns the loss."""
+    import torch
+
+    width = max(len(s) for s in batch)
+    input_ids = torch.tensor([s + [eos] * (width - len(s)) for s in batch])
+    attention_mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in batch])
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    return loss.detach().item()
+
+
 def build_tiny_model(
     out_dir: str | Path,
     arch: str = "llama",
@@ -312,8 +407,14 @@ def build_tiny_model(
     num_heads: int = 4,
     seed: int = 0,
     tokenizer: PreTrainedTokenizerFast | None = None,
+    pretrain_steps: int = 0,
+    vocab_multiple: int | None = None,
 ) -> Path:
-    """Build a random-init causal LM of `arch` and save it, with its tokenizer, to `out_dir`.
+    """Build a causal LM of `arch` and save it, with its tokenizer, to `out_dir`.
+
+    `pretrain_steps` > 0 pretrains the random-init weights on the task's text (see `pretrain`): a base model
+    that LoRA SFT can adapt and PPO can steer. `vocab_multiple` (e.g. 64) gives the embedding matrix spare rows
+    (see `embedding_rows`); None keeps it exactly the tokenizer's size, so loaders must resize it for a pad token.
 
     The directory loads with AutoModelForCausalLM, AutoModelForSequenceClassification(num_labels=1) and
     AutoTokenizer. Same arguments and seed -> identical weights.
@@ -330,7 +431,7 @@ def build_tiny_model(
 
     config = _model_config(
         arch,
-        vocab_size=len(tokenizer),
+        vocab_size=embedding_rows(len(tokenizer), vocab_multiple),
         hidden_size=hidden_size,
         num_layers=num_layers,
         num_heads=num_heads,
@@ -339,6 +440,9 @@ def build_tiny_model(
     )
     torch.manual_seed(seed)  # weight init draws from torch's global RNG
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if pretrain_steps > 0:
+        torch.manual_seed(seed)
+        pretrain(model, tokenizer, pretrain_steps, seed=seed)
     model.generation_config.pad_token_id = None  # same reason as config.pad_token_id: the loader picks one
     model.save_pretrained(str(out_dir), safe_serialization=True)
     save_tokenizer(tokenizer, out_dir)
@@ -456,7 +560,7 @@ def build_all(out_dir: str | Path, arch: str = "llama", **model_kwargs: Any) -> 
 
     Returns {"root", "model", "data", and one key per data file (see write_task_data)}. If out_dir holds a
     finished build with the same arguments, nothing is rebuilt. `model_kwargs` go to build_tiny_model
-    (hidden_size, num_layers, num_heads, seed).
+    (hidden_size, num_layers, num_heads, seed, pretrain_steps, vocab_multiple).
     """
     if "tokenizer" in model_kwargs:
         raise TypeError("build_all builds its own tokenizer; do not pass one")
@@ -499,7 +603,16 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--pretrain-steps", type=int, default=0, help="full-parameter pretraining steps on the task's text"
+    )
+    parser.add_argument(
+        "--vocab-multiple", type=int, default=None, help="round the embedding rows up to a multiple of this"
+    )
     ns = parser.parse_args(argv)
+    from ppo_cli.app import quiet_libraries
+
+    quiet_libraries()  # no "Writing model shards" bars from save_pretrained
     paths = build_all(
         ns.out_dir,
         arch=ns.arch,
@@ -507,6 +620,8 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
         num_layers=ns.layers,
         num_heads=ns.heads,
         seed=ns.seed,
+        pretrain_steps=ns.pretrain_steps,
+        vocab_multiple=ns.vocab_multiple,
     )
     print(json.dumps({name: str(path) for name, path in paths.items()}, indent=2))
     return paths

@@ -353,3 +353,62 @@ def test_cli(tmp_path, capsys):
     assert (
         config["model_type"] == "qwen2" and config["hidden_size"] == 32 and config["num_hidden_layers"] == 1
     )
+
+
+# ------------------------------------------------------------------------------------ pretraining + spare rows
+
+
+def test_embedding_rows():
+    assert tiny.embedding_rows(512, None) == 512  # exact: a pad token needs a resize (GPT-2's case)
+    assert tiny.embedding_rows(512, 64) == 576  # at least one spare row, like Qwen or Pythia
+    assert tiny.embedding_rows(500, 64) == 512
+    with pytest.raises(ValueError):
+        tiny.embedding_rows(512, 0)
+
+
+def test_pretraining_texts_are_task_text_ending_with_eos(tokenizer):
+    sequences = tiny.pretraining_texts(tokenizer, 40, seed=0)
+    assert len(sequences) == 40 and all(s[-1] == tokenizer.eos_token_id for s in sequences)
+    texts = [tokenizer.decode(s) for s in sequences]
+    assert any(t.startswith(tiny.IM_START) for t in texts)  # some chat-format exchanges
+    assert any(t.split(" ")[0] in {p.split(" ")[0] for p in tiny.all_prompts()} for t in texts)
+    assert tiny.pretraining_texts(tokenizer, 40, seed=0) == sequences
+
+
+def test_pretraining_lowers_the_task_loss(tokenizer):
+    """A few dozen full-parameter steps already take the random-init model far below the uniform loss."""
+    config = tiny._model_config("llama", 576, 64, 2, 4, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    threads = torch.get_num_threads()
+    losses = tiny.pretrain(model, tokenizer, steps=40, batch_size=16)
+    assert torch.get_num_threads() == threads  # restored after the single-threaded loop
+    assert len(losses) == 40 and losses[0] > 6.0  # ~ln(576) at random init
+    assert sum(losses[-5:]) / 5 < 0.6 * losses[0]
+    assert not model.training
+
+
+def test_builder_pretrains_when_asked(tokenizer, tmp_path):
+    plain = load_file(tiny.build_tiny_model(tmp_path / "a", tokenizer=tokenizer) / "model.safetensors")
+    trained = load_file(
+        tiny.build_tiny_model(tmp_path / "b", tokenizer=tokenizer, pretrain_steps=2) / "model.safetensors"
+    )
+    assert plain.keys() == trained.keys()
+    assert any(not torch.equal(plain[k], trained[k]) for k in plain)
+
+
+def test_spare_rows_mean_no_resize_for_the_pad_token(tokenizer, tmp_path):
+    """With spare rows the loader's new pad token fits in the matrix; an exact vocab gets resized."""
+    from omegaconf import OmegaConf
+
+    from ppo_cli.config import ModelConfig
+    from ppo_cli.models import load_causal_lm, load_tokenizer
+
+    spare = tiny.build_tiny_model(tmp_path / "spare", tokenizer=tokenizer, vocab_multiple=64)
+    exact = tiny.build_tiny_model(tmp_path / "exact", arch="gpt2", tokenizer=tokenizer, num_layers=1)
+    cfg = OmegaConf.structured(ModelConfig(name_or_path=str(spare), dtype="float32"))
+    for path, rows in ((spare, 576), (exact, 513)):
+        loaded_tok = load_tokenizer(str(path))
+        assert loaded_tok.pad_token_id == 512  # a new <|pad|> after the 512 tokens
+        model = load_causal_lm(cfg, loaded_tok, torch.device("cpu"), name_or_path=str(path))
+        assert model.get_input_embeddings().weight.shape[0] == rows
