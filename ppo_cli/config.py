@@ -207,9 +207,114 @@ class PPOStageConfig(StageConfig):
     sample_every: int = 10
 
 
+# ---------------------------------------------------------------------------------------------
+# generate, export, pipeline
+
+
+@dataclass
+class CheckpointModelConfig(ModelConfig):
+    # Base model under an adapter checkpoint; null = the base the adapter was trained on (its ppo_cli.json
+    # or adapter_config.json). Ignored for a full model directory or a base model id.
+    name_or_path: str | None = None
+
+
+@dataclass
+class PromptsConfig:
+    # Prompts: a .jsonl/.json/.parquet/.csv file of {"prompt"} or {"messages"} rows, a list of them, or a Hub id.
+    prompts: Any = MISSING
+    # Split to read from a Hub dataset.
+    split: str = "train"
+    # Prompt tokens; longer prompts keep their last max_length tokens (truncate) or are skipped (drop).
+    max_length: int = 512
+    # truncate or drop.
+    overflow: str = "truncate"
+    # Use only the first N prompts (null = all).
+    limit: int | None = None
+
+
+@dataclass
+class SamplingConfig(GenerationConfig):
+    # Nucleus sampling threshold (1.0 = plain sampling at `temperature`; temperature 0 = greedy decoding).
+    top_p: float = 1.0
+
+
+@dataclass
+class GenerateConfig:
+    # What to sample from: a stage's final/ (SFT or PPO adapter), a full model directory, or a base model id.
+    checkpoint: str = MISSING
+    # JSONL file to write: one {"prompt", "completion"} row per prompt, plus "reward" with a reward source.
+    output: str = MISSING
+    # Replace `output` if it exists (otherwise an existing file is an error).
+    overwrite: bool = False
+    model: CheckpointModelConfig = field(default_factory=CheckpointModelConfig)
+    data: PromptsConfig = field(default_factory=PromptsConfig)
+    generation: SamplingConfig = field(default_factory=SamplingConfig)
+    # Score completions with this reward model: an RM stage's final/ or a sequence-classification model.
+    reward_checkpoint: str | None = None
+    # Or with a `package.module:function` scoring (prompts, completions) -> list[float].
+    reward_fn: str | None = None
+    # Prompts per generation batch (left-padded, KV cache).
+    batch_size: int = 16
+    # Sampling seed.
+    seed: int = 0
+    # auto (cuda when available), cpu, cuda, cuda:1, ...
+    device: str = "auto"
+    # Rows shown in the preview table (0 = none).
+    preview_rows: int = 5
+
+
+@dataclass
+class ExportConfig:
+    # A stage's final/: an SFT or PPO adapter (-> causal LM) or an RM adapter (-> sequence classifier).
+    checkpoint: str = MISSING
+    # Directory to write the merged model + tokenizer to; it must not exist or be empty.
+    output: str = MISSING
+    # model.name_or_path: the base (null = the adapter's own); model.dtype: the saved dtype (auto = the
+    # base's stored dtype). The merge itself always runs in float32.
+    model: CheckpointModelConfig = field(default_factory=CheckpointModelConfig)
+    # Device the merge runs on (cpu needs no GPU memory; auto = cuda when available).
+    device: str = "cpu"
+    # Largest weight file before sharding (transformers' max_shard_size).
+    max_shard_size: str = "5GB"
+
+
+def _open_dict() -> Any:
+    """An empty config node that accepts any key (Hydra closes every other node): the per-stage overrides."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({}, flags={"struct": False})
+
+
+@dataclass
+class PipelineConfig:
+    # Recipe name: a folder of recipes/ (./recipes/NAME first, then the recipes shipped with ppo-cli).
+    recipe: str = MISSING
+    # Run directory holding sft/, rm/, ppo/; null = outputs/pipeline/<recipe>-<timestamp>. Pass an
+    # existing one to continue it: complete stages are skipped, an interrupted stage resumes.
+    output_dir: str | None = None
+    # auto (skip complete stages, resume interrupted ones) or never (refuse an output_dir that holds runs).
+    resume: str = "auto"
+    # Stages to run, in order; a stage left out must already be complete in output_dir (or be replaced
+    # with e.g. ppo.sft_checkpoint=DIR).
+    stages: list[str] = field(default_factory=lambda: ["sft", "rm", "ppo"])
+    # Compose and check the three stage configs, print them, and exit without training.
+    dry_run: bool = False
+    # Overrides of one stage, e.g. sft.train.max_steps=10, ppo.generation.temperature=0.9, sft.lora=all-linear.
+    sft: Any = field(default_factory=_open_dict)
+    rm: Any = field(default_factory=_open_dict)
+    ppo: Any = field(default_factory=_open_dict)
+    # Overrides of every stage (before the per-stage ones), e.g. all.train.device=cpu.
+    all: Any = field(default_factory=_open_dict)
+    # Arguments of the recipe's setup hook (recipes/NAME/recipe.yaml), e.g. setup.pretrain_steps=100.
+    setup: Any = field(default_factory=_open_dict)
+
+
 def register_configs() -> None:
     """Register the schemas that conf/<stage>.yaml extend (idempotent)."""
     cs = ConfigStore.instance()
     cs.store(name="schema_train_sft", node=SFTConfig)
     cs.store(name="schema_train_rm", node=RMConfig)
     cs.store(name="schema_train_ppo", node=PPOStageConfig)
+    cs.store(name="schema_pipeline", node=PipelineConfig)
+    cs.store(name="schema_generate", node=GenerateConfig)
+    cs.store(name="schema_export", node=ExportConfig)

@@ -1,0 +1,469 @@
+"""`ppo-cli generate`: sample completions for a prompts file into JSONL, optionally scored.
+
+    ppo-cli generate checkpoint=outputs/ppo/RUN/final data.prompts=prompts.jsonl output=samples.jsonl \
+        [generation.max_new_tokens=64 generation.temperature=0.7] [reward_checkpoint=RM_FINAL | reward_fn=m:f]
+
+`checkpoint` is any stage's final/ (an SFT or PPO adapter on its base), a full model directory, or a base
+model (Hub id or directory). Prompts use PPO's formats ({"prompt"} text or {"messages"} ending before the
+assistant's turn). Each output row is {"prompt", "completion"} (+ "reward"), in TRL's conventions: a
+conversational prompt gets a conversational completion ([{"role": "assistant", "content": ...}]), so the
+file is valid SFT data as it is.
+
+Generation is batched, left-padded, with the KV cache; prompts are grouped by length to waste little on
+padding, and the rows come out in the input order. The building blocks (`load_policy`, `sample`,
+`sequence_logprobs`, `RewardScorer`) are shared with the pipeline's before/after report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from ppo_cli.app import hydra_app
+from ppo_cli.data import encode_prompt, load_rows, pad_left, pad_right, prompt_of, prompt_text
+from ppo_cli.errors import UserError
+from ppo_cli.models import (
+    adapter_base_model,
+    is_adapter_dir,
+    load_causal_lm,
+    load_tokenizer,
+    read_product_info,
+    resolve_device,
+)
+from ppo_cli.rlhf import logprobs_from_logits, position_ids_from_mask, truncate_after_eos
+
+# ---------------------------------------------------------------------------------------------
+# The policy to sample from
+
+
+@dataclass
+class Policy:
+    """A causal LM ready to sample: model (eval, no grad), its tokenizer (left padding), EOS ids."""
+
+    model: Any
+    tokenizer: Any
+    device: torch.device
+    eos_ids: list[int]
+    # One line for the console: what was loaded.
+    description: str
+
+
+def adapter_task_type(path: str | Path) -> str | None:
+    config = Path(path) / "adapter_config.json"
+    if not config.is_file():
+        return None
+    return json.loads(config.read_text()).get("task_type")
+
+
+def checkpoint_base(checkpoint: str, model_cfg: DictConfig, key: str = "checkpoint") -> str:
+    """The base model under the adapter `checkpoint`: model.name_or_path if set, else the adapter's own."""
+    if model_cfg.name_or_path:
+        return str(model_cfg.name_or_path)
+    info = read_product_info(checkpoint, key)
+    base = info.get("base_model") or adapter_base_model(checkpoint)
+    if not base:
+        raise UserError(
+            f"{key}={checkpoint}: the adapter does not name its base model; set model.name_or_path=BASE."
+        )
+    return str(base)
+
+
+def eos_token_ids(tokenizer, model) -> list[int]:
+    """The tokenizer's EOS plus the model's generation EOS ids (chat models also stop at end-of-turn)."""
+    ids = [tokenizer.eos_token_id]
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in extra if isinstance(extra, list) else [extra]:
+        if value is not None and value not in ids and value != tokenizer.pad_token_id:
+            ids.append(int(value))
+    return ids
+
+
+def load_policy(
+    checkpoint: str, model_cfg: DictConfig, device: torch.device, key: str = "checkpoint"
+) -> Policy:
+    """Load a causal LM to sample from: an adapter on its base, a full model directory, or a base model."""
+    path = Path(checkpoint).expanduser()
+    if path.is_dir() and is_adapter_dir(path):
+        task = adapter_task_type(path)
+        if task not in (None, "CAUSAL_LM"):
+            raise UserError(
+                f"{key}={checkpoint} is a {task} adapter (a reward model?), not a causal LM policy to sample from."
+            )
+        from peft import PeftModel
+
+        base = checkpoint_base(str(path), model_cfg, key)
+        tokenizer = load_tokenizer(str(path), model_cfg.trust_remote_code)
+        model = load_causal_lm(model_cfg, tokenizer, device, name_or_path=base)
+        model = PeftModel.from_pretrained(model, str(path)).to(device)
+        description = f"adapter {path} on {base}"
+    else:
+        if path.exists() and not (path / "config.json").is_file():
+            raise UserError(
+                f"{key}={checkpoint} holds neither a peft adapter (adapter_config.json) nor a model (config.json)."
+            )
+        name = str(path) if path.exists() else checkpoint
+        tokenizer = load_tokenizer(name, model_cfg.trust_remote_code, model_cfg.revision)
+        model = load_causal_lm(model_cfg, tokenizer, device, name_or_path=name)
+        description = f"model {name}"
+    model.eval().requires_grad_(False)
+    tokenizer.padding_side = "left"
+    return Policy(model, tokenizer, device, eos_token_ids(tokenizer, model), description)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+
+
+@dataclass
+class Samples:
+    """Sampled responses, in the order of the prompts."""
+
+    prompt_ids: list[list[int]]
+    # Response ids up to and including the first EOS (no padding).
+    response_ids: list[list[int]]
+    # Decoded responses, special tokens removed.
+    texts: list[str]
+    # Whether each response ended with an EOS (False: it hit max_new_tokens).
+    finished: list[bool]
+    seconds: float = 0.0
+    new_tokens: int = field(default=0)
+
+
+def _length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (less padding), longest first."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+def generation_config(policy: Policy, max_new_tokens: int, temperature: float, top_p: float = 1.0):
+    from transformers import GenerationConfig
+
+    sampling = temperature > 0
+    return GenerationConfig(
+        do_sample=sampling,
+        temperature=temperature if sampling else None,
+        top_k=0 if sampling else None,
+        top_p=top_p if sampling else None,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=policy.tokenizer.pad_token_id,
+        eos_token_id=policy.eos_ids,
+        use_cache=True,
+    )
+
+
+@torch.inference_mode()
+def sample(
+    policy: Policy,
+    prompt_ids: list[list[int]],
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float = 1.0,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress=None,
+) -> Samples:
+    """Sample one response per prompt (temperature 0 = greedy). `progress(n_done)` is called per batch."""
+    gen_config = generation_config(policy, max_new_tokens, temperature, top_p)
+    pad = policy.tokenizer.pad_token_id
+    responses: list[list[int]] = [[] for _ in prompt_ids]
+    finished = [False] * len(prompt_ids)
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    done = 0
+    for batch in _length_batches([len(p) for p in prompt_ids], batch_size):
+        ids = [prompt_ids[i] for i in batch]
+        input_ids = pad_left(ids, pad).to(policy.device)
+        attention_mask = pad_left([[1] * len(p) for p in ids], 0).to(policy.device)
+        out = policy.model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_config
+        )
+        generated, mask = truncate_after_eos(out[:, input_ids.shape[1] :], policy.eos_ids, pad)
+        for row, i in enumerate(batch):
+            kept = generated[row][mask[row]].tolist()
+            responses[i] = kept
+            finished[i] = bool(kept) and kept[-1] in policy.eos_ids
+        done += len(batch)
+        if progress is not None:
+            progress(done)
+    texts = policy.tokenizer.batch_decode(responses, skip_special_tokens=True)
+    return Samples(
+        prompt_ids=[list(p) for p in prompt_ids],
+        response_ids=responses,
+        texts=texts,
+        finished=finished,
+        seconds=time.perf_counter() - start,
+        new_tokens=sum(len(r) for r in responses),
+    )
+
+
+@torch.inference_mode()
+def sequence_logprobs(
+    policy: Policy,
+    prompt_ids: list[list[int]],
+    response_ids: list[list[int]],
+    temperature: float = 1.0,
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """Sum over each response's tokens of log pi(token | prefix), at `temperature` (B,) float32 on CPU.
+
+    The difference of two policies' values on one policy's own samples estimates KL(pi || pi_other), the
+    quantity PPO reports as objective/kl.
+    """
+    pad = policy.tokenizer.pad_token_id
+    totals = []
+    for s in range(0, len(prompt_ids), batch_size):
+        prompts, responses = prompt_ids[s : s + batch_size], response_ids[s : s + batch_size]
+        width = max(1, max(len(r) for r in responses))
+        query = pad_left(prompts, pad)
+        resp = pad_right([r + [pad] * (width - len(r)) for r in responses], pad)
+        resp_mask = pad_right([[1] * len(r) + [0] * (width - len(r)) for r in responses], 0)
+        input_ids = torch.cat([query, resp], dim=1).to(policy.device)
+        attention_mask = torch.cat([pad_left([[1] * len(p) for p in prompts], 0), resp_mask], dim=1).to(
+            policy.device
+        )
+        logits = policy.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+        ).logits
+        # logits at column t predict token t + 1: the response's predictions start one before it.
+        logits = logits[:, query.shape[1] - 1 : -1]
+        logp = logprobs_from_logits(logits, resp.to(policy.device), temperature if temperature > 0 else 1.0)
+        totals.append((logp * resp_mask.to(logp.device)).sum(-1).float().cpu())
+    return torch.cat(totals) if totals else torch.zeros(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rewards
+
+
+class RewardScorer:
+    """Scores (prompt, response) pairs with a reward model or a reward function.
+
+    A reward model that shares the policy's tokenizer scores the sampled token ids themselves (prompt +
+    response through EOS, the sequence PPO scores); one with another tokenizer gets the texts (prompt +
+    completion + its EOS), re-tokenized. A reward function gets the prompt texts and the completions.
+    """
+
+    def __init__(
+        self,
+        reward_checkpoint: str | None,
+        reward_fn: str | None,
+        model_cfg: DictConfig,
+        device: torch.device,
+        batch_size: int,
+        policy_tokenizer=None,
+    ):
+        from ppo_cli.rewards import SeparateRewardModel, load_reward_function
+
+        if reward_checkpoint and reward_fn:
+            raise UserError(
+                "give at most one reward source: reward_checkpoint=DIR or reward_fn=module:function."
+            )
+        self.reward_fn_spec = reward_fn
+        self.func = load_reward_function(reward_fn) if reward_fn else None
+        self.rm = None
+        self.same_tokenizer = False
+        self.batch_size = batch_size
+        if reward_checkpoint:
+            path = Path(reward_checkpoint).expanduser()
+            if path.is_dir() and is_adapter_dir(path) and adapter_task_type(path) == "CAUSAL_LM":
+                raise UserError(
+                    f"reward_checkpoint={reward_checkpoint} is a causal LM adapter (a policy), not a reward model."
+                )
+            # The RM's base comes from its own checkpoint; model_cfg gives dtype and loading options.
+            self.rm = SeparateRewardModel(str(reward_checkpoint), model_cfg, device, batch_size)
+            self.same_tokenizer = (
+                policy_tokenizer is not None and self.rm.tokenizer.get_vocab() == policy_tokenizer.get_vocab()
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self.func is not None or self.rm is not None
+
+    @torch.inference_mode()
+    def score(
+        self, prompts: list[str], completions: list[str], sequences: list[list[int]] | None = None
+    ) -> list[float]:
+        from ppo_cli.rewards import call_reward_function
+
+        if self.func is not None:
+            return call_reward_function(self.func, self.reward_fn_spec, prompts, completions).tolist()
+        if self.rm is None:
+            raise RuntimeError("no reward source")
+        if sequences is None or not self.same_tokenizer:
+            return self.rm.score(prompts, completions).tolist()
+        model, pad = self.rm.model, self.rm.tokenizer.pad_token_id
+        scores: list[float] = []
+        for s in range(0, len(sequences), self.batch_size):
+            chunk = sequences[s : s + self.batch_size]
+            input_ids = pad_right(chunk, pad).to(self.rm.device)
+            attention_mask = pad_right([[1] * len(x) for x in chunk], 0).to(self.rm.device)
+            logits = model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask),
+            ).logits
+            scores.extend(logits[:, 0].float().cpu().tolist())
+        return scores
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def validate(cfg: DictConfig) -> None:
+    if cfg.reward_checkpoint and cfg.reward_fn:
+        raise UserError(
+            "give at most one reward source: reward_checkpoint=DIR or reward_fn=package.module:function."
+        )
+    if cfg.batch_size < 1:
+        raise UserError(f"batch_size={cfg.batch_size} must be at least 1.")
+    if cfg.generation.max_new_tokens < 1:
+        raise UserError(f"generation.max_new_tokens={cfg.generation.max_new_tokens} must be at least 1.")
+    if not (cfg.generation.temperature >= 0 and math.isfinite(cfg.generation.temperature)):
+        raise UserError(f"generation.temperature={cfg.generation.temperature} must be >= 0 (0 = greedy).")
+    if not 0 < cfg.generation.top_p <= 1:
+        raise UserError(f"generation.top_p={cfg.generation.top_p} must be in (0, 1].")
+    if cfg.data.overflow not in ("truncate", "drop"):
+        raise UserError(f"data.overflow={cfg.data.overflow} is not one of truncate, drop.")
+    if cfg.data.limit is not None and cfg.data.limit < 1:
+        raise UserError(f"data.limit={cfg.data.limit} must be at least 1 (or null for all prompts).")
+    output = Path(cfg.output)
+    if output.is_dir():
+        raise UserError(f"output={cfg.output} is a directory; give a .jsonl file path.")
+    if output.exists() and not cfg.overwrite:
+        raise UserError(f"output={cfg.output} already exists; pass overwrite=true to replace it.")
+    if not Path(cfg.checkpoint).expanduser().exists() and cfg.checkpoint.startswith((".", "/", "~")):
+        raise UserError(f"checkpoint={cfg.checkpoint}: no such directory.")
+
+
+def read_prompts(cfg: DictConfig, tokenizer) -> tuple[list[Any], list[list[int]], int]:
+    """(original prompts, their token ids, how many were truncated); dropped prompts are left out."""
+    rows = load_rows(cfg.data.prompts, "data.prompts", cfg.data.split)
+    if cfg.data.limit is not None:
+        rows = rows[: cfg.data.limit]
+    prompts, ids, truncated = [], [], 0
+    for row in rows:
+        prompt = prompt_of(row)
+        encoded = encode_prompt(tokenizer, prompt, row.where())
+        if not encoded:
+            raise UserError(f"{row.where()}: the prompt is empty.")
+        if len(encoded) > cfg.data.max_length:
+            if cfg.data.overflow == "drop":
+                continue
+            encoded, truncated = encoded[-cfg.data.max_length :], truncated + 1
+        prompts.append(prompt)
+        ids.append(encoded)
+    if not prompts:
+        raise UserError(
+            f"data.prompts={cfg.data.prompts}: no prompt is left after data.max_length={cfg.data.max_length}."
+        )
+    return prompts, ids, truncated
+
+
+def output_row(prompt: Any, completion: str, reward: float | None) -> dict[str, Any]:
+    """TRL's conventions: a conversational prompt gets a conversational completion."""
+    row: dict[str, Any] = {
+        "prompt": prompt,
+        "completion": completion
+        if isinstance(prompt, str)
+        else [{"role": "assistant", "content": completion}],
+    }
+    if reward is not None:
+        row["reward"] = reward
+    return row
+
+
+def write_jsonl_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def preview(rows: list[dict[str, Any]], n: int, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    if n <= 0 or not rows:
+        return
+    table = Table(title=title, show_lines=True)
+    table.add_column("#", justify="right")
+    table.add_column("prompt", overflow="fold", max_width=60)
+    table.add_column("completion", overflow="fold", max_width=80)
+    with_reward = "reward" in rows[0]
+    if with_reward:
+        table.add_column("reward", justify="right")
+    for i, row in enumerate(rows[:n]):
+        prompt = prompt_text(row["prompt"])
+        completion = (
+            row["completion"] if isinstance(row["completion"], str) else row["completion"][0]["content"]
+        )
+        cells = [str(i), _clip(prompt, 300), _clip(completion, 400)]
+        if with_reward:
+            cells.append(f"{row['reward']:.4g}")
+        table.add_row(*cells)
+    Console(highlight=False).print(table)
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def run(cfg: DictConfig) -> list[dict[str, Any]]:
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    validate(cfg)
+    device = resolve_device(cfg.device)
+    policy = load_policy(cfg.checkpoint, cfg.model, device)
+    prompts, prompt_ids, truncated = read_prompts(cfg, policy.tokenizer)
+    scorer = RewardScorer(
+        cfg.reward_checkpoint, cfg.reward_fn, cfg.model, device, cfg.batch_size, policy.tokenizer
+    )
+    console.print(
+        f"[bold]ppo-cli generate[/]: {len(prompts)} prompts from {cfg.data.prompts}"
+        + (f" ({truncated} truncated to {cfg.data.max_length} tokens)" if truncated else "")
+        + f"; sampling from {policy.description} on {device}"
+    )
+    gen = cfg.generation
+    samples = sample(
+        policy, prompt_ids, gen.max_new_tokens, gen.temperature, gen.top_p, cfg.batch_size, cfg.seed
+    )
+    rewards: list[float | None] = [None] * len(prompts)
+    if scorer.enabled:
+        texts = [prompt_text(p) for p in prompts]
+        sequences = [p + r for p, r in zip(samples.prompt_ids, samples.response_ids)]
+        rewards = scorer.score(texts, samples.texts, sequences)
+    rows = [output_row(p, c, r) for p, c, r in zip(prompts, samples.texts, rewards)]
+    output = Path(cfg.output)
+    write_jsonl_atomic(output, rows)
+    preview(rows, cfg.preview_rows, f"first {min(cfg.preview_rows, len(rows))} of {len(rows)} rows")
+    finished = sum(samples.finished) / len(rows)
+    speed = samples.new_tokens / max(samples.seconds, 1e-9)
+    summary = f"wrote {len(rows)} rows to {output}; {finished:.0%} ended with EOS, {speed:.0f} new tokens/s"
+    if scorer.enabled:
+        mean = sum(rewards) / len(rewards)
+        summary += f"; mean reward {mean:.4g}"
+    console.print(summary)
+    return rows
+
+
+@hydra_app("generate", "generate")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
