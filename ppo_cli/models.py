@@ -83,8 +83,16 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision:
     """
     from transformers import AutoTokenizer
 
-    if looks_local(name_or_path) and not Path(name_or_path).expanduser().is_dir():
+    local = Path(name_or_path).expanduser()
+    if looks_local(name_or_path) and not local.is_dir():
         raise UserError(f"cannot load the tokenizer of '{name_or_path}': no such directory.")
+    if local.is_dir() and not any(
+        (local / name).is_file() for name in ("config.json", "tokenizer_config.json", "tokenizer.json")
+    ):
+        raise UserError(
+            f"cannot load the tokenizer of '{name_or_path}': the directory holds no Hugging Face model or "
+            "tokenizer (no config.json, tokenizer_config.json or tokenizer.json)."
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             name_or_path, trust_remote_code=trust_remote_code, revision=revision
