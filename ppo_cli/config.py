@@ -114,7 +114,7 @@ class TrainConfig:
     eval_every: int = 100
     # Keep the newest N checkpoints (older ones are deleted).
     keep_last: int = 2
-    # Autocast on GPU: auto (bf16 if supported, else fp16), bf16, fp16, or no.
+    # Autocast: auto (bf16 on a bf16-capable GPU, else fp16; none on CPU), bf16 (also on CPU), fp16, or no.
     mixed_precision: str = "auto"
     # Device: auto (cuda when available), cpu, cuda, cuda:1, ...
     device: str = "auto"
