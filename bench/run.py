@@ -60,8 +60,16 @@ def build_rm_adapter(base_dir: str, out_dir: Path) -> Path:
     return out_dir
 
 
-def run_ppo_cli(base_dir: str, rm_dir: Path, prompts_file: Path, work: Path, steps: int, device: str) -> dict:
-    out = work / "ppo-cli-run"
+def run_ppo_cli(
+    base_dir: str,
+    rm_dir: Path,
+    prompts_file: Path,
+    work: Path,
+    steps: int,
+    device: str,
+    precision: str = "auto",
+) -> dict:
+    out = work / f"ppo-cli-run-{precision}"
     cmd = [
         sys.executable,
         "-m",
@@ -86,6 +94,7 @@ def run_ppo_cli(base_dir: str, rm_dir: Path, prompts_file: Path, work: Path, ste
         "sample_every=0",
         "logger.progress=false",
         "ppo.reward_normalization=none",
+        f"train.mixed_precision={precision}",
     ]
     result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if result.returncode != 0:
@@ -148,6 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
+    from ppo_cli.models import cpu_has_native_bf16
+
     baseline = _trl_baseline()
     model_dir = baseline.build_bench_model(Path(args.cache) / "llama-30m", seed=0)
     with tempfile.TemporaryDirectory(prefix="ppo-bench-") as tmp:
@@ -158,10 +169,13 @@ def main(argv: list[str] | None = None) -> dict:
         prompts_file = work / "prompts.jsonl"
         prompts_file.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
         rm_dir = build_rm_adapter(model_dir, Path(args.cache) / "llama-30m-rm")
-        ours_metrics = run_ppo_cli(
-            model_dir, rm_dir, prompts_file, work, args.steps + args.warmup, args.device
-        )
-        ours = summarise(ours_metrics, args.warmup)
+        steps = args.steps + args.warmup
+        ours = summarise(run_ppo_cli(model_dir, rm_dir, prompts_file, work, steps, args.device), args.warmup)
+        ours_bf16 = None
+        if args.device == "cpu" and cpu_has_native_bf16():
+            # This CPU has bf16 matrix units (AMX/AVX512-BF16): also measure train.mixed_precision=bf16.
+            metrics = run_ppo_cli(model_dir, rm_dir, prompts_file, work, steps, "cpu", "bf16")
+            ours_bf16 = summarise(metrics, args.warmup)
         trl = None if args.skip_trl else run_trl(model_dir, args.steps, args.warmup, args.device, work)
 
     spec = json.loads((Path(model_dir) / "bench_model_spec.json").read_text())
@@ -180,10 +194,13 @@ def main(argv: list[str] | None = None) -> dict:
             "warmup": args.warmup,
         },
         "ppo_cli": ours,
+        "ppo_cli_bf16": ours_bf16,
         "trl": trl,
     }
     if trl:
         result["speedup_vs_trl"] = trl["median_step_s"] / ours["median_step_s"]
+        if ours_bf16:
+            result["speedup_vs_trl_bf16"] = trl["median_step_s"] / ours_bf16["median_step_s"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
 
@@ -192,14 +209,19 @@ def main(argv: list[str] | None = None) -> dict:
         f"tokens, {EPOCHS} epochs, {args.device} ({result['machine']})"
     )
     print(f"{'':12}{'s/step':>9}{'generate':>10}{'score':>8}{'train':>8}{'tok/s':>8}{'peak MB':>9}")
-    print(
-        f"{'ppo-cli':12}{ours['median_step_s']:9.2f}{ours['median_generate_s']:10.2f}{ours['median_score_s']:8.2f}"
-        f"{ours['median_train_s']:8.2f}{ours['rollout_tokens_per_s']:8.0f}{ours['peak_mb']:9.0f}"
-    )
+    for label, row in (("ppo-cli", ours), ("ppo-cli bf16", ours_bf16)):
+        if row:
+            print(
+                f"{label:12}{row['median_step_s']:9.2f}{row['median_generate_s']:10.2f}{row['median_score_s']:8.2f}"
+                f"{row['median_train_s']:8.2f}{row['rollout_tokens_per_s']:8.0f}{row['peak_mb']:9.0f}"
+            )
     if trl:
         peak = trl.get("peak_cuda_mb") or trl.get("peak_rss_mb") or float("nan")
         print(f"{'trl 1.12.0':12}{trl['median_step_s']:9.2f}{'':34}{peak:9.0f}")
-        print(f"ppo-cli is {result['speedup_vs_trl']:.2f}x faster per PPO step (median of {args.steps}).")
+        bf16 = f" (bf16 autocast: {result['speedup_vs_trl_bf16']:.2f}x)" if ours_bf16 else ""
+        print(
+            f"TRL s/step divided by ppo-cli s/step: {result['speedup_vs_trl']:.2f}x{bf16}, medians of {args.steps}."
+        )
     else:
         print("TRL 1.12.0 not installed or --skip-trl: ppo-cli only.")
     print(f"written to {args.out}")
