@@ -8,13 +8,14 @@ TORCH_SPEC ?= torch==2.13.0
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
-	@$(PYTHON) -c "import ppo_cli, pytest, ruff" 2>/dev/null && $(PIP) show ppo-cli >/dev/null 2>&1 || $(PIP) install -e ".[dev]"
+	@$(PYTHON) -c "import ppo_cli, pytest, xdist, ruff, hypothesis" 2>/dev/null && $(PIP) show ppo-cli >/dev/null 2>&1 || $(PIP) install -e ".[dev]"
 
+# Two workers: most test time is single-threaded start-up (imports) of the CLI runs under test.
 test: install
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n 2
 
 test-fast: install
-	$(PYTHON) -m pytest -q -m "not slow"
+	$(PYTHON) -m pytest -q -n 2 -m "not slow"
 
 demo: install
 	$(PYTHON) -m ppo_cli pipeline recipe=tiny
