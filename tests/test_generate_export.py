@@ -143,13 +143,25 @@ def test_export_refuses_a_non_empty_output(adapters, tmp_path):
     assert (tmp_path / "empty" / "config.json").is_file()
 
 
-def test_export_cli_refuses_overwrite_and_non_adapters(cli, tiny, adapters, tmp_path):
+def run_cli_in_process(*args: str) -> int:
+    """`ppo-cli ARGS` through the real dispatcher and Hydra app, in this process; returns the exit code."""
+    from ppo_cli import cli
+
+    try:
+        cli.main(list(args))
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 0
+    return 0
+
+
+def test_export_cli_refuses_overwrite_and_non_adapters(tiny, adapters, tmp_path, capsys):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x").write_text("x")
-    result = cli("export", f"checkpoint={adapters['sft']}", f"output={tmp_path / 'taken'}")
-    assert result.returncode == 2 and "not empty" in result.stderr
-    with pytest.raises(UserError, match="no peft adapter"):
-        export.run(config("export", [f"checkpoint={tiny['model']}", f"output={tmp_path / 'x'}"]))
+    code = run_cli_in_process("export", f"checkpoint={adapters['sft']}", f"output={tmp_path / 'taken'}")
+    assert code == 2 and "not empty" in capsys.readouterr().err
+    code = run_cli_in_process("export", f"checkpoint={tiny['model']}", f"output={tmp_path / 'x'}")
+    assert code == 2 and "no peft adapter" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 # -------------------------------------------------------------------------------------------------- generate
@@ -202,7 +214,7 @@ def test_generate_rows_without_reward_and_with_a_reward_model(tiny, adapters, tm
     assert len({round(r["reward"], 6) for r in scored}) > 1
 
 
-def test_generate_greedy_is_deterministic_and_respects_overwrite(tiny, adapters, tmp_path):
+def test_generate_greedy_is_deterministic_and_respects_overwrite(tiny, adapters, tmp_path, capsys):
     out = tmp_path / "g.jsonl"
     args = [
         f"checkpoint={adapters['sft']}",
@@ -214,8 +226,8 @@ def test_generate_greedy_is_deterministic_and_respects_overwrite(tiny, adapters,
         "batch_size=3",
     ]
     first = generate.run(config("generate", args))
-    with pytest.raises(UserError, match="already exists"):
-        generate.run(config("generate", args))
+    assert run_cli_in_process("generate", *args) == 2  # the file exists now
+    assert "overwrite=true" in capsys.readouterr().err
     second = generate.run(config("generate", [*args, "overwrite=true", "batch_size=7"]))
     # greedy: batching and left padding do not change the completions
     assert [r["completion"] for r in first] == [r["completion"] for r in second]
