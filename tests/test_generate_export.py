@@ -145,12 +145,17 @@ def test_export_refuses_a_non_empty_output(adapters, tmp_path):
 
 def run_cli_in_process(*args: str) -> int:
     """`ppo-cli ARGS` through the real dispatcher and Hydra app, in this process; returns the exit code."""
+    import sys
+
     from ppo_cli import cli
 
+    argv = sys.argv[:]  # the dispatcher hands its arguments to Hydra through sys.argv
     try:
         cli.main(list(args))
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 0
+    finally:
+        sys.argv = argv
     return 0
 
 

@@ -107,9 +107,10 @@ def test_pipeline_resumes_after_a_kill_and_skips_finished_stages(cli, tmp_path):
     assert (run / "rm" / "final" / "adapter_model.safetensors").stat().st_mtime_ns == rm_final
 
 
-def test_unknown_recipe_exits_2_listing_the_recipes(capsys):
+def test_unknown_recipe_exits_2_listing_the_recipes(capsys, monkeypatch):
     from ppo_cli import cli
 
+    monkeypatch.setattr(sys, "argv", sys.argv[:])  # the dispatcher hands its arguments to Hydra via sys.argv
     with pytest.raises(SystemExit) as exc:
         cli.main(["pipeline", "recipe=nope"])
     assert exc.value.code == 2
