@@ -74,8 +74,36 @@ DEFAULT_CACHE_ROOT = os.environ.get(
 
 _SYLLABLES = [
     c + v
-    for c in ["", "b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "z",
-              "st", "tr", "ch", "sh", "th", "pl", "gr", "br", "kl"]
+    for c in [
+        "",
+        "b",
+        "c",
+        "d",
+        "f",
+        "g",
+        "h",
+        "j",
+        "k",
+        "l",
+        "m",
+        "n",
+        "p",
+        "r",
+        "s",
+        "t",
+        "v",
+        "w",
+        "z",
+        "st",
+        "tr",
+        "ch",
+        "sh",
+        "th",
+        "pl",
+        "gr",
+        "br",
+        "kl",
+    ]
     for v in ["a", "e", "i", "o", "u", "ai", "ou", "ee"]
 ]
 _PUNCT = [".", ",", "?", "!", ";", ":"]
@@ -197,8 +225,10 @@ def build_bench_model(out_dir: str | os.PathLike, seed: int = 0) -> str:
         model.save_pretrained(tmp)
         n_params = sum(p.numel() for p in model.parameters())
         (tmp / SPEC_FILE).write_text(
-            json.dumps({"spec": MODEL_SPEC, "seed": seed, "model_params": n_params,
-                        "tokenizer_len": len(hf_tok)}, indent=2)
+            json.dumps(
+                {"spec": MODEL_SPEC, "seed": seed, "model_params": n_params, "tokenizer_len": len(hf_tok)},
+                indent=2,
+            )
         )
         os.chmod(tmp, 0o755)
         if out.exists():
@@ -263,21 +293,31 @@ def main(argv=None) -> dict:
     ap.add_argument("--warmup", type=int, default=1, help="warmup PPO steps, not in the median (default 1)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave as is)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
-                    help="auto = fp32 on cpu, bf16 on cuda (weights in bf16 + PPOConfig(bf16=True))")
-    ap.add_argument("--model-dir", default=None,
-                    help=f"base model cache dir (default {DEFAULT_CACHE_ROOT}/llama30m-s<seed>)")
+    ap.add_argument(
+        "--dtype",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="auto = fp32 on cpu, bf16 on cuda (weights in bf16 + PPOConfig(bf16=True))",
+    )
+    ap.add_argument(
+        "--model-dir",
+        default=None,
+        help=f"base model cache dir (default {DEFAULT_CACHE_ROOT}/llama30m-s<seed>)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--prompts", type=int, default=16, help="prompts per rollout = dataset size (default 16)")
     ap.add_argument("--response-length", type=int, default=24)
     ap.add_argument("--ppo-epochs", type=int, default=4)
     ap.add_argument("--out", default=None, help="write the JSON result here")
-    ap.add_argument("--build-only", action="store_true", help="only build/reuse the base model dir, print its path")
+    ap.add_argument(
+        "--build-only", action="store_true", help="only build/reuse the base model dir, print its path"
+    )
     args = ap.parse_args(argv)
 
     if args.build_only:
-        path = build_bench_model(args.model_dir or os.path.join(DEFAULT_CACHE_ROOT, f"llama30m-s{args.seed}"),
-                                 seed=args.seed)
+        path = build_bench_model(
+            args.model_dir or os.path.join(DEFAULT_CACHE_ROOT, f"llama30m-s{args.seed}"), seed=args.seed
+        )
         print(path)
         return {"model_dir": path}
 
@@ -321,9 +361,13 @@ def main(argv=None) -> dict:
     policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
     model_params = sum(p.numel() for p in policy.parameters())
     torch.manual_seed(args.seed + 1)
-    value_model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, dtype=torch_dtype)
+    value_model = AutoModelForSequenceClassification.from_pretrained(
+        model_path, num_labels=1, dtype=torch_dtype
+    )
     torch.manual_seed(args.seed + 2)
-    reward_model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, dtype=torch_dtype)
+    reward_model = AutoModelForSequenceClassification.from_pretrained(
+        model_path, num_labels=1, dtype=torch_dtype
+    )
     reward_model.eval()
 
     peft_config = LoraConfig(
@@ -392,8 +436,11 @@ def main(argv=None) -> dict:
             dc = self.cpu_stamps[-1] - self.cpu_stamps[-2]
             i = len(self.stamps) - 1
             tag = "warmup" if i <= args.warmup else "step"
-            print(f"[trl-baseline] {tag} {i}/{total_steps}: {dt:.3f} s wall, {dc:.3f} s cpu "
-                  f"(loadavg {os.getloadavg()[0]:.2f})", flush=True)
+            print(
+                f"[trl-baseline] {tag} {i}/{total_steps}: {dt:.3f} s wall, {dc:.3f} s cpu "
+                f"(loadavg {os.getloadavg()[0]:.2f})",
+                flush=True,
+            )
 
     timer = StepTimer()
     t_init = time.perf_counter()
@@ -412,7 +459,9 @@ def main(argv=None) -> dict:
     unwrapped_policy = trainer.accelerator.unwrap_model(trainer.model).policy
     lora_trainable = sum(p.numel() for p in unwrapped_policy.parameters() if p.requires_grad)
     value_trainable = sum(
-        p.numel() for p in trainer.accelerator.unwrap_model(trainer.model).value_model.parameters() if p.requires_grad
+        p.numel()
+        for p in trainer.accelerator.unwrap_model(trainer.model).value_model.parameters()
+        if p.requires_grad
     )
     lora_targets = sorted(next(iter(unwrapped_policy.peft_config.values())).target_modules)
     device = str(trainer.accelerator.device)
@@ -435,8 +484,8 @@ def main(argv=None) -> dict:
     all_steps = [b - a for a, b in zip(timer.stamps, timer.stamps[1:])]
     if len(all_steps) != total_steps:
         raise RuntimeError(f"expected {total_steps} on_step_end calls, got {len(all_steps)}")
-    warm, measured = all_steps[: args.warmup], all_steps[args.warmup:]
-    cpu_measured = [b - a for a, b in zip(timer.cpu_stamps, timer.cpu_stamps[1:])][args.warmup:]
+    warm, measured = all_steps[: args.warmup], all_steps[args.warmup :]
+    cpu_measured = [b - a for a, b in zip(timer.cpu_stamps, timer.cpu_stamps[1:])][args.warmup :]
 
     result = {
         "impl": f"trl-{trl.__version__}",
@@ -478,18 +527,32 @@ def main(argv=None) -> dict:
         "model_dir": model_path,
         "model_sha256": _sha256(Path(model_path) / "model.safetensors"),
         "tokenizer_sha256": _sha256(Path(model_path) / "tokenizer.json"),
-        "model_config": {k: getattr(policy.config, k) for k in (
-            "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-            "intermediate_size", "vocab_size", "tie_word_embeddings")},
-        "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": lora_targets,
-                 "trainable_params": lora_trainable},
+        "model_config": {
+            k: getattr(policy.config, k)
+            for k in (
+                "hidden_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "intermediate_size",
+                "vocab_size",
+                "tie_word_embeddings",
+            )
+        },
+        "lora": {
+            "r": 16,
+            "alpha": 32,
+            "dropout": 0.0,
+            "target_modules": lora_targets,
+            "trainable_params": lora_trainable,
+        },
         "value_model_trainable_params": value_trainable,
         "gradient_checkpointing_active": bool(getattr(unwrapped_policy, "is_gradient_checkpointing", False)),
         "prompt_token_lengths": prompt_lens,
         "num_mini_batches": 1,
         "temperature": 0.7,
         "timing_method": "TrainerCallback: on_train_begin + per-step on_step_end perf_counter stamps "
-                         "(PPOTrainer.train calls on_step_end once per PPO update)",
+        "(PPOTrainer.train calls on_step_end once per PPO update)",
     }
     print(json.dumps(result, indent=2))
     if args.out:
