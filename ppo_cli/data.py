@@ -146,6 +146,14 @@ def _read_hub(spec: str, key: str, split: str) -> list[Row]:
     return [Row(dict(r), f"{spec}[{split}]", i + 1) for i, r in enumerate(ds)]
 
 
+def load_train_eval_rows(data_cfg, seed: int) -> tuple[list[Row], list[Row]]:
+    """data.train's rows and the eval rows: data.eval when given, else a held-out data.eval_fraction."""
+    rows = load_rows(data_cfg.train, "data.train", data_cfg.split)
+    if data_cfg.eval:
+        return rows, load_rows(data_cfg.eval, "data.eval", data_cfg.split)
+    return split_eval(rows, data_cfg.eval_fraction, seed)
+
+
 def split_eval(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row], list[Row]]:
     """Hold out `fraction` of the rows (at least one, when fraction > 0 and there are 2+ rows)."""
     if fraction <= 0 or len(rows) < 2:

@@ -32,6 +32,7 @@ from ppo_cli.data import encode_prompt, load_rows, pad_left, pad_right, prompt_o
 from ppo_cli.errors import UserError
 from ppo_cli.models import (
     adapter_base_model,
+    eos_token_ids,
     is_adapter_dir,
     load_causal_lm,
     load_tokenizer,
@@ -74,16 +75,6 @@ def checkpoint_base(checkpoint: str, model_cfg: DictConfig, key: str = "checkpoi
             f"{key}={checkpoint}: the adapter does not name its base model; set model.name_or_path=BASE."
         )
     return str(base)
-
-
-def eos_token_ids(tokenizer, model) -> list[int]:
-    """The tokenizer's EOS plus the model's generation EOS ids (chat models also stop at end-of-turn)."""
-    ids = [tokenizer.eos_token_id]
-    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in extra if isinstance(extra, list) else [extra]:
-        if value is not None and value not in ids and value != tokenizer.pad_token_id:
-            ids.append(int(value))
-    return ids
 
 
 def load_policy(

@@ -262,6 +262,16 @@ def enable_gradient_checkpointing(model) -> None:
     model.config.use_cache = False
 
 
+def eos_token_ids(tokenizer, model) -> list[int]:
+    """The tokenizer's EOS plus the model's generation EOS ids (chat models also stop at end-of-turn)."""
+    ids = [tokenizer.eos_token_id]
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in extra if isinstance(extra, list) else [extra]:
+        if value is not None and value not in ids and value != tokenizer.pad_token_id:
+            ids.append(int(value))
+    return ids
+
+
 def count_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

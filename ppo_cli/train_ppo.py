@@ -19,6 +19,7 @@ from ppo_cli.errors import UserError
 from ppo_cli.models import (
     count_parameters,
     enable_gradient_checkpointing,
+    eos_token_ids,
     fill_base_model,
     is_adapter_dir,
     load_causal_lm,
@@ -56,16 +57,6 @@ def check_reward_source(cfg: DictConfig) -> None:
             "train-ppo trains LoRA adapters on one shared base; lora.enabled=false is not supported "
             "(the SFT stage may still be full fine-tuning: its final/ then becomes the base)."
         )
-
-
-def eos_token_ids(tokenizer, model) -> list[int]:
-    """EOS of the tokenizer plus the model's generation EOS ids (chat models stop at end-of-turn)."""
-    ids = [tokenizer.eos_token_id]
-    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in extra if isinstance(extra, list) else [extra]:
-        if value is not None and value not in ids and value != tokenizer.pad_token_id:
-            ids.append(int(value))
-    return ids
 
 
 def build_reward(cfg: DictConfig, roles: Roles, shared_rm: bool, device: torch.device):

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, ListConfig
 
 from ppo_cli import checkpoint as ckpt
 from ppo_cli.app import hydra_app
-from ppo_cli.data import load_rows, split_eval
+from ppo_cli.data import load_train_eval_rows
 from ppo_cli.errors import UserError
 from ppo_cli.models import (
     apply_lora,
@@ -120,11 +120,7 @@ def validate(cfg: DictConfig) -> None:
 
 def load_examples(cfg: DictConfig, tokenizer, say) -> tuple[list[dict], list[dict]]:
     data_cfg = cfg.data
-    rows = load_rows(data_cfg.train, "data.train", data_cfg.split)
-    if data_cfg.eval:
-        train_rows, eval_rows = rows, load_rows(data_cfg.eval, "data.eval", data_cfg.split)
-    else:
-        train_rows, eval_rows = split_eval(rows, data_cfg.eval_fraction, cfg.train.seed)
+    train_rows, eval_rows = load_train_eval_rows(data_cfg, cfg.train.seed)
     train, report = build_pair_examples(tokenizer, train_rows, data_cfg.max_length, data_cfg.overflow)
     evals, eval_report = build_pair_examples(tokenizer, eval_rows, data_cfg.max_length, data_cfg.overflow)
     for name, rep in (("data.train", report), ("eval", eval_report)):
