@@ -4,8 +4,9 @@ One step, commented where the PPO_CHECKLIST.md rows apply:
   1. sample train.batch_size prompts (data order shared by all ranks, each rank takes its slice);
   2. generate with the policy adapter, KV cache, temperature T, no top-k/top-p (row 8);
   3. truncate after the first EOS, keep it, pad the rest (row 3);
-  4. old logprobs (policy), reference logprobs, values, scores — in micro-batches of the same size
-     as the update's, so the first update sees exactly the same numbers (row 15);
+  4. reference logprobs and scores; old logprobs (policy) and values in micro-batches of the same
+     size as the update's, so the first update sees exactly the same numbers (row 15) — or, when an
+     update is a single micro-batch, taken from the first update pass itself (`fuse_first_pass`);
   5. missing-EOS penalty (row 5), scores on a fixed scale (row 17), per-token KL penalty with the
      score at the last real token (rows 4, 6);
   6. GAE with gamma, lambda; returns before whitening; advantages whitened over real tokens (11, 12);
@@ -44,9 +45,9 @@ class Rollout:
     attention_mask: torch.Tensor  # (B, P+R)
     responses: torch.Tensor  # (B, R)
     response_mask: torch.Tensor  # (B, R) bool: real response tokens, up to and including EOS
-    logprobs: torch.Tensor  # (B, R) policy logprobs at sampling time ("old")
-    ref_logprobs: torch.Tensor  # (B, R)
-    values: torch.Tensor  # (B, R)
+    logprobs: torch.Tensor | None  # (B, R) policy logprobs at sampling time ("old"); None until the
+    ref_logprobs: torch.Tensor  # (B, R)                  first update pass fills it (fuse_first_pass)
+    values: torch.Tensor | None  # (B, R) likewise
     raw_scores: torch.Tensor  # (B,) reward source's scores, after the missing-EOS penalty
     scores: torch.Tensor  # (B,) on the fixed scale used in the rewards
     prompts: list[str]
@@ -122,6 +123,12 @@ class PPOTrainer:
         self.local_batch = self.train_cfg.batch_size
         self.minibatch = self.local_batch // self.ppo_cfg.num_minibatches
         self.micro = self.minibatch // self.train_cfg.grad_accum_steps
+        # When the whole rollout batch is one micro-batch, the first update pass runs on the unchanged
+        # policy and value weights over every row: its logprobs and values ARE the old ones. Taking
+        # them from there (detached) saves two of the four scoring passes and makes row 15 exact by
+        # construction. With several micro-batches the old values must exist for every row before
+        # the first loss (advantages are whitened over the batch), so they get their own pass.
+        self.fuse_first_pass = self.micro == self.local_batch
         self.batches = EpochBatches(len(prompts), self.train_cfg.batch_size * world, self.train_cfg.seed)
         self.policy_params = roles.policy_parameters()
         self.value_params = roles.value_parameters()
@@ -213,9 +220,10 @@ class PPOTrainer:
         logprobs, ref_logprobs, values = [], [], []
         for s in range(0, qr.shape[0], self.micro):
             chunk = slice(s, s + self.micro)
-            logprobs.append(self.policy_logprobs(qr[chunk], mask[chunk], responses[chunk], POLICY))
             ref_logprobs.append(self.policy_logprobs(qr[chunk], mask[chunk], responses[chunk], REFERENCE))
-            values.append(self.value_estimates(qr[chunk], mask[chunk], length))
+            if not self.fuse_first_pass:
+                logprobs.append(self.policy_logprobs(qr[chunk], mask[chunk], responses[chunk], POLICY))
+                values.append(self.value_estimates(qr[chunk], mask[chunk], length))
         prompts = [p["prompt"] for p in batch_prompts]
         completions = self.tokenizer.batch_decode(
             responses.masked_fill(~response_mask, self.tokenizer.pad_token_id), skip_special_tokens=True
@@ -232,9 +240,9 @@ class PPOTrainer:
             mask,
             responses,
             response_mask,
-            torch.cat(logprobs),
+            torch.cat(logprobs) if logprobs else None,
             torch.cat(ref_logprobs),
-            torch.cat(values),
+            torch.cat(values) if values else None,
             raw,
             scores,
             prompts,
@@ -274,24 +282,42 @@ class PPOTrainer:
             tdist.all_reduce(p.grad)
             p.grad /= world
 
-    def update(self, ro: Rollout, adv: torch.Tensor, returns: torch.Tensor) -> dict[str, float]:
+    def forward_micro(self, ro: Rollout, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Policy logprobs and values of rows `idx`, with gradients (one update micro-batch)."""
+        qr, mask = ro.query_responses[idx], ro.attention_mask[idx]
+        new_lp = self.policy_logprobs(qr, mask, ro.responses[idx], POLICY)
+        return new_lp, self.value_estimates(qr, mask, ro.responses.shape[1])
+
+    def update(self, ro: Rollout) -> tuple[dict[str, float], torch.Tensor]:
+        """Advantages, then ppo.epochs of clipped updates. Returns (stats, per-token non-score reward).
+
+        A rollout without old logprobs/values (fuse_first_pass) gets them from the first update pass.
+        """
         stats: dict[str, list[float]] = defaultdict(list)
         B = ro.responses.shape[0]
-        length = ro.responses.shape[1]
         self.roles.train(self.cfg.model.gradient_checkpointing)  # dropout is off either way (row 9)
-        for _epoch in range(self.ppo_cfg.epochs):
-            order = torch.randperm(B)  # reshuffled every epoch (row 14); torch RNG is checkpointed
+        first = None
+        if ro.logprobs is None:
+            order = torch.randperm(B)  # epoch 0's order, drawn where the epoch loop would draw it
+            new_lp, vpred = self.forward_micro(ro, order)
+            ro.logprobs = torch.empty_like(new_lp).index_copy_(0, order, new_lp.detach())
+            ro.values = torch.empty_like(vpred).index_copy_(0, order, vpred.detach())
+            first = (order, new_lp, vpred)
+        _, non_score, adv, returns = self.advantages(ro)
+        for epoch in range(self.ppo_cfg.epochs):
+            # Reshuffled every epoch (row 14); the torch RNG is checkpointed.
+            order = first[0] if first is not None and epoch == 0 else torch.randperm(B)
             for mb_start in range(0, B, self.minibatch):
                 mb = order[mb_start : mb_start + self.minibatch]
                 for mi_start in range(0, len(mb), self.micro):
                     idx = mb[mi_start : mi_start + self.micro]
-                    new_lp = self.policy_logprobs(
-                        ro.query_responses[idx], ro.attention_mask[idx], ro.responses[idx], POLICY
-                    )
+                    if first is not None and epoch == 0:
+                        new_lp, vpred = first[1], first[2]
+                    else:
+                        new_lp, vpred = self.forward_micro(ro, idx)
                     pg = rlhf.policy_loss(
                         new_lp, ro.logprobs[idx], adv[idx], ro.response_mask[idx], self.ppo_cfg.clip_range
                     )
-                    vpred = self.value_estimates(ro.query_responses[idx], ro.attention_mask[idx], length)
                     vf = rlhf.value_loss(
                         vpred,
                         ro.values[idx],
@@ -326,7 +352,7 @@ class PPOTrainer:
         result = {k: sum(v) / len(v) for k, v in stats.items()}
         # The very first minibatch, before any update: ratio must be exactly 1 there (row 15).
         result["policy/first_ratio"] = stats["val/ratio"][0]
-        return result
+        return result, non_score
 
     def step_metrics(
         self, ro: Rollout, non_score: torch.Tensor, timings: dict[str, float]
@@ -414,8 +440,7 @@ class PPOTrainer:
                 step_start = time.perf_counter()
                 ro, timings = self.rollout(batch_prompts)
                 start = time.perf_counter()
-                _, non_score, adv, returns = self.advantages(ro)
-                update_stats = self.update(ro, adv, returns)
+                update_stats, non_score = self.update(ro)
                 self.scheduler.step()
                 timings["time/train"] = time.perf_counter() - start
                 timings["time/step"] = time.perf_counter() - step_start

@@ -150,15 +150,48 @@ def test_row8_generation_and_scoring_agree(trainer_factory):
     at_one = rlhf.logprobs_from_logits(logits, responses, 1.0)
     assert (at_one[mask] - old[mask]).abs().max() > 1e-2
 
-    # And the trainer's rollout stores exactly these old logprobs.
-    ckpt.seed_everything(0)
-    ro, _ = trainer.rollout(trainer.prompts[:4])
-    assert torch.equal(ro.responses, responses)
-    torch.testing.assert_close(ro.logprobs[mask], old[mask], atol=1e-6, rtol=0)
+    # And the trainer's rollout stores exactly these old logprobs: from its own scoring pass, or
+    # (one micro-batch per update) from the first update pass, before any optimizer step.
+    for fused in (False, True):
+        trainer.fuse_first_pass = fused
+        ckpt.seed_everything(0)
+        ro, _ = trainer.rollout(trainer.prompts[:4])
+        assert torch.equal(ro.responses, responses)
+        assert (ro.logprobs is None) == fused
+        if fused:
+            trainer.update(ro)
+        torch.testing.assert_close(ro.logprobs[mask], old[mask], atol=1e-6, rtol=0)
+
+
+def test_fused_first_pass_equals_separate_scoring_pass(trainer_factory):
+    """One micro-batch per update: old logprobs and values come from the first update pass. The
+    result — old numbers, metrics, trained weights — matches the separate no-grad scoring pass."""
+    results = []
+    for fused in (True, False):
+        trainer = trainer_factory("ppo.epochs=2", "train.lr=1e-2", "train.batch_size=4")
+        assert trainer.fuse_first_pass
+        trainer.fuse_first_pass = fused
+        ckpt.seed_everything(0)
+        ro, _ = trainer.rollout(trainer.prompts[:4])
+        before = [p.detach().clone() for p in trainer.policy_params + trainer.value_params]
+        stats, non_score = trainer.update(ro)
+        weights = [p.detach().clone() for p in trainer.policy_params + trainer.value_params]
+        assert any(not torch.equal(a, b) for a, b in zip(before, weights))  # the update did move them
+        results.append((ro, stats, non_score, weights))
+    (fused_ro, fused_stats, fused_ns, fused_w), (ro, stats, ns, w) = results
+    for a, b in ((fused_ro.logprobs, ro.logprobs), (fused_ro.values, ro.values), (fused_ns, ns)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    assert fused_stats["policy/first_ratio"] == stats["policy/first_ratio"] == 1.0
+    for key in stats:
+        assert fused_stats[key] == pytest.approx(stats[key], abs=1e-5), key
+    for a, b in zip(fused_w, w):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert stats["val/ratio"] != 1.0  # the second epoch saw the moved policy
 
 
 def test_row6_kl_and_masked_sums_count_real_tokens_only(trainer_factory):
     trainer = trainer_factory("ppo.kl_coef=0.1")
+    trainer.fuse_first_pass = False  # the rollout carries its old logprobs
     ckpt.seed_everything(0)
     ro, _ = trainer.rollout(trainer.prompts[:4])
     B, R = ro.responses.shape
@@ -209,7 +242,6 @@ def test_row14_epochs_over_reshuffled_minibatches(trainer_factory):
     )
     ckpt.seed_everything(0)
     ro, _ = trainer.rollout(trainer.prompts[:4])
-    _, _, adv, returns = trainer.advantages(ro)
 
     seen: list[int] = []
     original = trainer.policy_logprobs
@@ -226,7 +258,7 @@ def test_row14_epochs_over_reshuffled_minibatches(trainer_factory):
     optimizer_step = trainer.optimizer.step
     trainer.optimizer.step = lambda *a, **k: (steps.append(len(seen)), optimizer_step(*a, **k))[1]
     before = [p.detach().clone() for p in trainer.policy_params]
-    stats = trainer.update(ro, adv, returns)
+    stats, _ = trainer.update(ro)
 
     assert len(seen) == 3 * 4  # 3 epochs x 4 rows, one row per micro-batch (4 / 2 / 2)
     epochs = [seen[i : i + 4] for i in range(0, 12, 4)]
