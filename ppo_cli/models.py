@@ -39,11 +39,16 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """Weights dtype. auto: bf16 on a GPU that supports it (half the memory), else fp32."""
+def resolve_dtype(name: str, device: torch.device, frozen_compute: torch.dtype | None = None) -> torch.dtype:
+    """Weights dtype. auto: bf16 on a GPU that supports it (half the memory), else fp32 — except that a
+    base which never trains (`frozen_compute`: the dtype its passes compute in, e.g. train-ppo's shared
+    base under bf16 autocast) is kept in that dtype: nothing is lost to rounding in weights that never
+    update, and each pass skips casting them."""
     table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if name == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if device.type == "cpu" and frozen_compute == torch.bfloat16:
             return torch.bfloat16
         return torch.float32
     if name not in table:
@@ -62,21 +67,46 @@ def cpu_has_native_bf16() -> bool:
     return " amx_bf16" in flags or " avx512_bf16" in flags
 
 
-def autocast(device: torch.device, mixed_precision: str) -> contextlib.AbstractContextManager:
-    """Autocast for forward passes. auto: bf16 on a GPU that supports it (else fp16), fp32 on CPU (bf16 there
-    only when asked: train.mixed_precision=bf16, fast where `cpu_has_native_bf16`). Weights and optimizer
-    state stay in their own dtype."""
-    if mixed_precision == "no":
-        return contextlib.nullcontext()
+def autocast_dtype(device: torch.device, mixed_precision: str) -> torch.dtype | None:
+    """The dtype forward passes compute in under train.mixed_precision, None for plain fp32.
+
+    auto: bf16 where the hardware multiplies bf16 natively — a GPU that supports it (else fp16 there) or
+    a CPU with AMX/AVX512-BF16 (`cpu_has_native_bf16`, ~4x the fp32 matmul rate) — and fp32 elsewhere,
+    where bf16 would be emulated and slower.
+    """
+    if mixed_precision == "no" or device.type not in ("cuda", "cpu"):
+        return None
     if device.type == "cuda":
         if mixed_precision == "auto":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        else:
-            dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    if mixed_precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+    if mixed_precision == "bf16" or (mixed_precision == "auto" and cpu_has_native_bf16()):
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device, mixed_precision: str) -> contextlib.AbstractContextManager:
+    """Mixed precision for forward passes (`autocast_dtype`); weights and optimizer state keep their dtype."""
+    dtype = autocast_dtype(device, mixed_precision)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def attention_kernel(
+    device: torch.device, *compute_dtypes: torch.dtype | None
+) -> contextlib.AbstractContextManager:
+    """The attention kernel for a whole training loop.
+
+    On CPU with bf16 compute (autocast or bf16 weights), the math SDPA kernel: the CPU flash kernel's
+    bf16 backward is ~3x slower. It is chosen around the whole loop, not per pass, because the forward
+    pass, its backward, a gradient-checkpoint recomputation and PPO's no-grad scoring passes must all
+    run the same kernel (recomputation checks it; PPO's ratio 1 at the first minibatch and KL 0 against
+    an identical reference need the same numbers: checklist rows 15 and 16).
+    """
+    if device.type != "cpu" or torch.bfloat16 not in compute_dtypes:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,10 +210,17 @@ def fit_embeddings(model, tokenizer) -> None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
-def load_causal_lm(model_cfg: DictConfig, tokenizer, device: torch.device, name_or_path: str | None = None):
+def load_causal_lm(
+    model_cfg: DictConfig,
+    tokenizer,
+    device: torch.device,
+    name_or_path: str | None = None,
+    frozen_compute: torch.dtype | None = None,
+):
+    """A causal LM on `device`; `frozen_compute`: see `resolve_dtype` (a base that never trains)."""
     from transformers import AutoModelForCausalLM
 
-    dtype = resolve_dtype(model_cfg.dtype, device)
+    dtype = resolve_dtype(model_cfg.dtype, device, frozen_compute)
     model = _from_pretrained(AutoModelForCausalLM, name_or_path or model_cfg.name_or_path, model_cfg, dtype)
     fit_embeddings(model, tokenizer)
     return model.to(device)

@@ -31,7 +31,7 @@ from ppo_cli import rlhf
 from ppo_cli.data import EpochBatches, pad_left
 from ppo_cli.dist import all_reduce_mean, any_flag, broadcast_parameters
 from ppo_cli.errors import UserError
-from ppo_cli.models import autocast
+from ppo_cli.models import attention_kernel, autocast, autocast_dtype
 from ppo_cli.roles import POLICY, REFERENCE, Roles
 from ppo_cli.run import StageRun
 from ppo_cli.trainer import build_scheduler, check_finite, optimizer_step
@@ -153,6 +153,7 @@ class PPOTrainer:
         self.step = 0
         self.negative_kl_streak = 0
         self._pad_index = torch.tensor([tokenizer.pad_token_id])
+        self.base_dtype = roles.model.get_input_embeddings().weight.dtype
         self.generation_config = self._generation_config()
 
     # -- generation -----------------------------------------------------------------------------
@@ -181,7 +182,7 @@ class PPOTrainer:
         input_ids = pad_left(prompt_ids, pad).to(self.device)
         prompt_mask = pad_left([[1] * len(p) for p in prompt_ids], 0).to(self.device)
         self.roles.eval()
-        with self.roles.role(POLICY), autocast(self.device, self.train_cfg.mixed_precision):
+        with self.roles.role(POLICY), self.precision():
             out = self.roles.model.generate(
                 input_ids=input_ids, attention_mask=prompt_mask, generation_config=self.generation_config
             )
@@ -190,18 +191,22 @@ class PPOTrainer:
         return input_ids, prompt_mask, responses, response_mask
 
     # -- scoring passes -------------------------------------------------------------------------
+    def precision(self):
+        """Mixed precision for one pass (models.autocast); bf16 on CPUs and GPUs that do it natively."""
+        return autocast(self.device, self.train_cfg.mixed_precision)
+
     def policy_logprobs(
         self, qr: torch.Tensor, mask: torch.Tensor, responses: torch.Tensor, role: str
     ) -> torch.Tensor:
         """Logprobs of `responses` under `role`; the one code path for old, new and reference (row 15)."""
-        with self.roles.role(role), autocast(self.device, self.train_cfg.mixed_precision):
+        with self.roles.role(role), self.precision():
             logits = self.roles.response_logits(qr, mask, responses.shape[1])
         # The pad token is never sampled (suppressed in generation), so it has no probability here either.
         logits = logits.index_fill(-1, self._pad_index.to(logits.device), float("-inf"))
         return rlhf.logprobs_from_logits(logits, responses, self.gen_cfg.temperature)
 
     def value_estimates(self, qr: torch.Tensor, mask: torch.Tensor, length: int) -> torch.Tensor:
-        with autocast(self.device, self.train_cfg.mixed_precision):
+        with self.precision():
             return self.roles.values(qr, mask, length).float()
 
     @torch.no_grad()
@@ -433,47 +438,52 @@ class PPOTrainer:
         rank, world = run.dist.rank, run.dist.world_size
         metrics: dict[str, float] = {}
         self.roles.eval()
-        try:
-            while self.step < self.total_steps:
-                indices = self.batches.next()[rank::world]
-                batch_prompts = [self.prompts[i] for i in indices]
-                step_start = time.perf_counter()
-                ro, timings = self.rollout(batch_prompts)
-                start = time.perf_counter()
-                update_stats, non_score = self.update(ro)
-                self.scheduler.step()
-                timings["time/train"] = time.perf_counter() - start
-                timings["time/step"] = time.perf_counter() - step_start
-                timings["memory/peak_mb"] = peak_memory_mb(self.device)
-                self.step += 1
-                episode += self.train_cfg.batch_size * world
-                metrics = {**self.step_metrics(ro, non_score, timings), **update_stats}
-                metrics = all_reduce_mean(metrics, run.dist)
-                # KL controller sees the batch-mean KL; n_steps counts episodes, as in Ziegler et al.
-                self.kl_ctl.update(metrics["objective/kl"], self.train_cfg.batch_size * world)
-                metrics.update(
-                    {
-                        "objective/kl_coef": self.kl_ctl.value,
-                        "lr": self.scheduler.get_last_lr()[0],
-                        "episode": episode,
-                    }
-                )
-                self.guards(metrics)
-                logger.advance(self.step)
-                if self.step % self.train_cfg.log_every == 0 or self.step == self.total_steps:
-                    logger.log(self.step, metrics)
-                if self.cfg.sample_every > 0 and (self.step % self.cfg.sample_every == 0 or self.step == 1):
-                    self.show_samples(ro)
-                stop = any_flag(run.stop.requested, run.dist)
-                if (self.train_cfg.save_every > 0 and self.step % self.train_cfg.save_every == 0) or stop:
-                    self.save(episode)
-                if stop:
-                    logger.close_progress()
-                    logger.print(f"[bold]{run.stopped_message(self.step)}[/]")
-                    raise SystemExit(run.stop.exit_code)
-            self.save(episode)
-        finally:
-            logger.close_progress()
+        compute = autocast_dtype(self.device, self.train_cfg.mixed_precision)
+        kernel = attention_kernel(self.device, compute, self.base_dtype)
+        with kernel:  # for the whole loop, backward passes included: see attention_kernel
+            try:
+                while self.step < self.total_steps:
+                    indices = self.batches.next()[rank::world]
+                    batch_prompts = [self.prompts[i] for i in indices]
+                    step_start = time.perf_counter()
+                    ro, timings = self.rollout(batch_prompts)
+                    start = time.perf_counter()
+                    update_stats, non_score = self.update(ro)
+                    self.scheduler.step()
+                    timings["time/train"] = time.perf_counter() - start
+                    timings["time/step"] = time.perf_counter() - step_start
+                    timings["memory/peak_mb"] = peak_memory_mb(self.device)
+                    self.step += 1
+                    episode += self.train_cfg.batch_size * world
+                    metrics = {**self.step_metrics(ro, non_score, timings), **update_stats}
+                    metrics = all_reduce_mean(metrics, run.dist)
+                    # KL controller sees the batch-mean KL; n_steps counts episodes, as in Ziegler et al.
+                    self.kl_ctl.update(metrics["objective/kl"], self.train_cfg.batch_size * world)
+                    metrics.update(
+                        {
+                            "objective/kl_coef": self.kl_ctl.value,
+                            "lr": self.scheduler.get_last_lr()[0],
+                            "episode": episode,
+                        }
+                    )
+                    self.guards(metrics)
+                    logger.advance(self.step)
+                    if self.step % self.train_cfg.log_every == 0 or self.step == self.total_steps:
+                        logger.log(self.step, metrics)
+                    if self.cfg.sample_every > 0 and (
+                        self.step % self.cfg.sample_every == 0 or self.step == 1
+                    ):
+                        self.show_samples(ro)
+                    stop = any_flag(run.stop.requested, run.dist)
+                    if (self.train_cfg.save_every > 0 and self.step % self.train_cfg.save_every == 0) or stop:
+                        self.save(episode)
+                    if stop:
+                        logger.close_progress()
+                        logger.print(f"[bold]{run.stopped_message(self.step)}[/]")
+                        raise SystemExit(run.stop.exit_code)
+                self.save(episode)
+            finally:
+                logger.close_progress()
         return metrics
 
     def show_samples(self, ro: Rollout, n: int = 4) -> None:

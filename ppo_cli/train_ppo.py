@@ -17,6 +17,7 @@ from ppo_cli.app import hydra_app
 from ppo_cli.data import build_prompts, load_rows
 from ppo_cli.errors import UserError
 from ppo_cli.models import (
+    autocast_dtype,
     count_parameters,
     enable_gradient_checkpointing,
     eos_token_ids,
@@ -124,7 +125,10 @@ def main(cfg: DictConfig) -> None:
             "(its final/ppo_cli.json holds reward_mean/reward_std)."
         )
 
-    base = load_causal_lm(cfg.model, tokenizer, run.device)
+    # The shared base never trains: under bf16 autocast it is held in bf16 (model.dtype=auto).
+    base = load_causal_lm(
+        cfg.model, tokenizer, run.device, frozen_compute=autocast_dtype(run.device, cfg.train.mixed_precision)
+    )
     sft_adapter = cfg.sft_checkpoint if cfg.sft_checkpoint and is_adapter_dir(cfg.sft_checkpoint) else None
     hidden = base.get_input_embeddings().weight.shape[1]
     hidden = getattr(base.config, "hidden_size", hidden)

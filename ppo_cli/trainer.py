@@ -22,7 +22,7 @@ from ppo_cli import checkpoint as ckpt
 from ppo_cli.data import EpochBatches
 from ppo_cli.dist import all_reduce_mean, any_flag
 from ppo_cli.logger import Throughput
-from ppo_cli.models import autocast
+from ppo_cli.models import attention_kernel, autocast, autocast_dtype
 from ppo_cli.run import StageRun, TrainingDiverged
 
 # loss_fn(model, batch) -> (loss, metrics to average over the logging window, tokens in the batch)
@@ -229,36 +229,45 @@ class SupervisedTrainer:
         throughput = Throughput()
         last_eval: dict[str, float] = {}
         cfg = self.train_cfg
-        try:
-            while self.step < self.total_steps:
-                loss = self.train_step(window, throughput)
-                window["loss"].append(loss)
-                logger.advance(self.step)
-                metrics: dict[str, float] = {}
-                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                    metrics = {k: sum(v) / len(v) for k, v in window.items()}
-                    metrics["tokens_per_second"] = throughput.rate()
-                    metrics = all_reduce_mean(metrics, run.dist)
-                    metrics["lr"] = self.scheduler.get_last_lr()[0]
-                    window.clear()
-                if cfg.eval_every > 0 and self.step % cfg.eval_every == 0 and self.step != self.total_steps:
-                    last_eval = self.evaluate()
-                    metrics.update(last_eval)
-                if metrics:
-                    logger.log(self.step, metrics)
-                stop = any_flag(run.stop.requested, run.dist)
-                if (cfg.save_every > 0 and self.step % cfg.save_every == 0) or stop:
-                    self.save()
-                if stop:
-                    logger.close_progress()
-                    logger.print(f"[bold]{run.stopped_message(self.step)}[/]")
-                    raise SystemExit(run.stop.exit_code)
-            last_eval = self.evaluate()
-            if last_eval:
-                logger.log(self.step, last_eval)
-            self.save()
-            if run.is_main:
-                self.task.save_final()
-        finally:
-            logger.close_progress()
+        weights = next(self.model.parameters()).dtype
+        kernel = attention_kernel(
+            self.run.device, autocast_dtype(self.run.device, cfg.mixed_precision), weights
+        )
+        with kernel:  # for the whole loop, backward passes included: see attention_kernel
+            try:
+                while self.step < self.total_steps:
+                    loss = self.train_step(window, throughput)
+                    window["loss"].append(loss)
+                    logger.advance(self.step)
+                    metrics: dict[str, float] = {}
+                    if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                        metrics = {k: sum(v) / len(v) for k, v in window.items()}
+                        metrics["tokens_per_second"] = throughput.rate()
+                        metrics = all_reduce_mean(metrics, run.dist)
+                        metrics["lr"] = self.scheduler.get_last_lr()[0]
+                        window.clear()
+                    if (
+                        cfg.eval_every > 0
+                        and self.step % cfg.eval_every == 0
+                        and self.step != self.total_steps
+                    ):
+                        last_eval = self.evaluate()
+                        metrics.update(last_eval)
+                    if metrics:
+                        logger.log(self.step, metrics)
+                    stop = any_flag(run.stop.requested, run.dist)
+                    if (cfg.save_every > 0 and self.step % cfg.save_every == 0) or stop:
+                        self.save()
+                    if stop:
+                        logger.close_progress()
+                        logger.print(f"[bold]{run.stopped_message(self.step)}[/]")
+                        raise SystemExit(run.stop.exit_code)
+                last_eval = self.evaluate()
+                if last_eval:
+                    logger.log(self.step, last_eval)
+                self.save()
+                if run.is_main:
+                    self.task.save_final()
+            finally:
+                logger.close_progress()
         return last_eval

@@ -52,6 +52,7 @@ from ppo_helpers import (
     start_cli,
     tiny_adapters,
 )
+from safetensors.torch import load_file
 
 from ppo_cli import checkpoint as ckpt
 from ppo_cli import rlhf
@@ -108,7 +109,10 @@ def trainer_factory(tiny, adapters, tmp_path):
 def test_row8_generation_and_scoring_agree(trainer_factory):
     """Rollouts sample from softmax(logits / T) with no top-k/top-p, and the old logprobs are exactly
     that distribution's: generate's own processed scores give the same numbers."""
-    trainer = trainer_factory("generation.temperature=0.7", "generation.max_new_tokens=6")
+    # fp32: the agreement asserted is exact to 1e-5 (under bf16 it holds to bf16 rounding only).
+    trainer = trainer_factory(
+        "generation.temperature=0.7", "generation.max_new_tokens=6", "train.mixed_precision=no"
+    )
     gc = trainer.generation_config
     assert gc.do_sample and gc.temperature == 0.7 and gc.top_k == 0 and gc.top_p == 1.0
     assert gc.repetition_penalty == 1.0 and not gc.min_p
@@ -367,8 +371,10 @@ def assert_clean_exit_2(result, *needles: str) -> None:
         assert needle in text, text
 
 
-def test_row15_16_lr0_run_never_moves(tiny, adapters, tmp_path, cli):
-    """train.lr=0: the policy never moves, so every step sees ratio 1 and KL 0 exactly (rows 15, 16);
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_row15_16_lr0_run_never_moves(tiny, adapters, tmp_path, cli, precision):
+    """train.lr=0: the policy never moves, so every step sees ratio 1 and KL 0 exactly (rows 15, 16),
+    in fp32 and under bf16 (where the shared base is held in bf16 and the trained weights stay fp32);
     the run writes the contract's output tree and metric names."""
     out = tmp_path / "lr0"
     result = cli(
@@ -381,12 +387,15 @@ def test_row15_16_lr0_run_never_moves(tiny, adapters, tmp_path, cli):
             "train.max_steps=3",
             "ppo.num_minibatches=2",
             "train.save_every=2",
+            f"train.mixed_precision={precision}",
         ),
         env=cli_env(),
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [1, 2, 3]
+    saved = load_file(out / "final" / "adapter_model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.float32}
     for m in metrics:
         assert set(CONTRACT_METRICS) <= m.keys(), set(CONTRACT_METRICS) - m.keys()
         assert m["objective/kl"] == 0.0, m
@@ -589,7 +598,6 @@ def test_resume_after_sigkill_is_identical(resume_runs):
     assert killed.returncode == -signal.SIGKILL
     (_, a), (result_b, b) = resume_runs["A"], resume_runs["B"]
     assert "resumed at" in result_b.stdout and "step 2" in result_b.stdout
-    from safetensors.torch import load_file
 
     for rel in (
         "adapter_model.safetensors",
@@ -626,7 +634,6 @@ def test_final_loads_with_plain_transformers_and_peft(tiny, adapters, resume_run
     """final/ is the policy for plain transformers + peft: the same response logits as the run's policy
     (its last checkpoint loaded into the roles); final/value/ holds the critic."""
     from peft import PeftModel
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     run_dir = resume_runs["A"][1]
