@@ -11,7 +11,9 @@ model is a LoRA adapter + head there); TRL keeps separate reward and value model
 
 The TRL side runs only when `trl==1.12.0` is importable (install it with a constraint that keeps your
 torch, e.g. `pip install trl==1.12.0 -c <(echo torch==$(python -c 'import torch;print(torch.__version__)'))`).
-Each side runs in its own process; medians exclude the warmup steps.
+Each side runs in its own process; medians exclude the warmup steps. Rows: each side with its defaults
+(ppo-cli's train.mixed_precision=auto is bf16 on a bf16 GPU or a CPU with AMX/AVX512-BF16; TRL runs
+fp32 unless bf16=True), then both sides in fp32 and — where the hardware has native bf16 — both in bf16.
 """
 
 from __future__ import annotations
@@ -102,10 +104,12 @@ def run_ppo_cli(
     return {int(m["step"]): m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
 
 
-def run_trl(model_dir: str, steps: int, warmup: int, device: str, work: Path) -> dict | None:
+def run_trl(
+    model_dir: str, steps: int, warmup: int, device: str, work: Path, dtype: str = "auto"
+) -> dict | None:
     if importlib.util.find_spec("trl") is None:
         return None
-    out = work / "trl.json"
+    out = work / f"trl-{dtype}.json"
     cmd = [
         sys.executable,
         str(HERE / "trl_baseline.py"),
@@ -117,6 +121,8 @@ def run_trl(model_dir: str, steps: int, warmup: int, device: str, work: Path) ->
         device,
         "--model-dir",
         model_dir,
+        "--dtype",
+        dtype,
         "--out",
         str(out),
     ]
@@ -170,15 +176,30 @@ def main(argv: list[str] | None = None) -> dict:
         prompts_file.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
         rm_dir = build_rm_adapter(model_dir, Path(args.cache) / "llama-30m-rm")
         steps = args.steps + args.warmup
-        ours = summarise(run_ppo_cli(model_dir, rm_dir, prompts_file, work, steps, args.device), args.warmup)
-        ours_bf16 = None
-        if args.device == "cpu" and cpu_has_native_bf16():
-            # This CPU has bf16 matrix units (AMX/AVX512-BF16): also measure train.mixed_precision=bf16.
-            metrics = run_ppo_cli(model_dir, rm_dir, prompts_file, work, steps, "cpu", "bf16")
-            ours_bf16 = summarise(metrics, args.warmup)
-        trl = None if args.skip_trl else run_trl(model_dir, args.steps, args.warmup, args.device, work)
+
+        def ours(precision: str) -> dict:
+            metrics = run_ppo_cli(model_dir, rm_dir, prompts_file, work, steps, args.device, precision)
+            return summarise(metrics, args.warmup)
+
+        # Each side with its defaults (ppo-cli: train.mixed_precision=auto, bf16 on a bf16 GPU or a CPU
+        # with AMX/AVX512-BF16; TRL: fp32 unless bf16=True), then both in fp32 and both in bf16.
+        rows = {"ppo-cli (default)": ours("auto"), "ppo-cli fp32": ours("no")}
+        native_bf16 = args.device == "cuda" or cpu_has_native_bf16()
+        if native_bf16:
+            rows["ppo-cli bf16"] = ours("bf16")
+        trl = {}
+        if not args.skip_trl:
+            for dtype in ("fp32", "bf16") if native_bf16 else ("fp32",):
+                trl[dtype] = run_trl(model_dir, args.steps, args.warmup, args.device, work, dtype)
 
     spec = json.loads((Path(model_dir) / "bench_model_spec.json").read_text())
+    trl_default = "bf16" if args.device == "cuda" else "fp32"  # what TRL's PPOConfig does unless told
+    ratios = {}
+    if trl.get(trl_default):
+        ratios["default"] = trl[trl_default]["median_step_s"] / rows["ppo-cli (default)"]["median_step_s"]
+    for dtype in ("fp32", "bf16"):
+        if trl.get(dtype) and f"ppo-cli {dtype}" in rows:
+            ratios[dtype] = trl[dtype]["median_step_s"] / rows[f"ppo-cli {dtype}"]["median_step_s"]
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
         + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
@@ -193,34 +214,33 @@ def main(argv: list[str] | None = None) -> dict:
             "measured_steps": args.steps,
             "warmup": args.warmup,
         },
-        "ppo_cli": ours,
-        "ppo_cli_bf16": ours_bf16,
+        "ppo_cli": rows,
         "trl": trl,
+        "speedup_vs_trl": ratios,
     }
-    if trl:
-        result["speedup_vs_trl"] = trl["median_step_s"] / ours["median_step_s"]
-        if ours_bf16:
-            result["speedup_vs_trl_bf16"] = trl["median_step_s"] / ours_bf16["median_step_s"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
 
     print(
         f"PPO step on a {spec['model_params'] / 1e6:.1f}M-parameter Llama, {PROMPTS} prompts x {RESPONSE_LENGTH} "
-        f"tokens, {EPOCHS} epochs, {args.device} ({result['machine']})"
+        f"tokens, {EPOCHS} epochs, {args.device} ({result['machine']}), medians of {args.steps} steps"
     )
-    print(f"{'':12}{'s/step':>9}{'generate':>10}{'score':>8}{'train':>8}{'tok/s':>8}{'peak MB':>9}")
-    for label, row in (("ppo-cli", ours), ("ppo-cli bf16", ours_bf16)):
-        if row:
-            print(
-                f"{label:12}{row['median_step_s']:9.2f}{row['median_generate_s']:10.2f}{row['median_score_s']:8.2f}"
-                f"{row['median_train_s']:8.2f}{row['rollout_tokens_per_s']:8.0f}{row['peak_mb']:9.0f}"
-            )
-    if trl:
-        peak = trl.get("peak_cuda_mb") or trl.get("peak_rss_mb") or float("nan")
-        print(f"{'trl 1.12.0':12}{trl['median_step_s']:9.2f}{'':34}{peak:9.0f}")
-        bf16 = f" (bf16 autocast: {result['speedup_vs_trl_bf16']:.2f}x)" if ours_bf16 else ""
+    print(f"{'':20}{'s/step':>9}{'generate':>10}{'score':>8}{'train':>8}{'tok/s':>8}{'peak MB':>9}")
+    for label, row in rows.items():
         print(
-            f"TRL s/step divided by ppo-cli s/step: {result['speedup_vs_trl']:.2f}x{bf16}, medians of {args.steps}."
+            f"{label:20}{row['median_step_s']:9.2f}{row['median_generate_s']:10.2f}{row['median_score_s']:8.2f}"
+            f"{row['median_train_s']:8.2f}{row['rollout_tokens_per_s']:8.0f}{row['peak_mb']:9.0f}"
+        )
+    for dtype, row in trl.items():
+        if row:
+            peak = row.get("peak_cuda_mb") or row.get("peak_rss_mb") or float("nan")
+            label = f"trl 1.12.0 {dtype}" + (" (default)" if dtype == trl_default else "")
+            print(f"{label:20}{row['median_step_s']:9.2f}{'':34}{peak:9.0f}")
+    if ratios:
+        print(
+            "TRL s/step divided by ppo-cli s/step: "
+            + ", ".join(f"{name} {value:.2f}x" for name, value in ratios.items())
+            + " (default = each side's defaults)"
         )
     else:
         print("TRL 1.12.0 not installed or --skip-trl: ppo-cli only.")

@@ -154,6 +154,10 @@ class PPOTrainer:
         self.negative_kl_streak = 0
         self._pad_index = torch.tensor([tokenizer.pad_token_id])
         self.base_dtype = roles.model.get_input_embeddings().weight.dtype
+        if autocast_dtype(self.device, self.train_cfg.mixed_precision) is not None:
+            # Under autocast every matmul casts its own operands; peft's cast of each LoRA input to the
+            # adapter's fp32 dtype would only add two full-size copies per LoRA layer and pass.
+            roles.keep_lora_input_dtype()
         self.generation_config = self._generation_config()
 
     # -- generation -----------------------------------------------------------------------------
@@ -233,7 +237,8 @@ class PPOTrainer:
         completions = self.tokenizer.batch_decode(
             responses.masked_fill(~response_mask, self.tokenizer.pad_token_id), skip_special_tokens=True
         )
-        raw = self.reward(qr, mask, prompts, completions).to(self.device).float()
+        with self.precision():
+            raw = self.reward(qr, mask, prompts, completions).to(self.device).float()
         eos_present = rlhf.has_eos(responses, response_mask, self.eos_ids)
         raw = rlhf.apply_missing_eos_penalty(raw, eos_present, self.ppo_cfg.missing_eos_penalty)
         scores = self.scale(raw, self.run.dist)

@@ -152,6 +152,11 @@ class Roles(torch.nn.Module):
             for layer, prev in zip(self._lora_layers, previous):
                 layer._active_adapter = prev
 
+    def keep_lora_input_dtype(self) -> None:
+        """Stop peft casting LoRA inputs to the adapter weights' dtype (for passes under autocast)."""
+        for layer in self._lora_layers:
+            layer.cast_input_dtype_enabled = False
+
     # -- forward passes ---------------------------------------------------------------------------
     def response_logits(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_length: int
