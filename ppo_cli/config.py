@@ -20,7 +20,8 @@ from omegaconf import MISSING
 class ModelConfig:
     # Base model: a Hugging Face Hub id or a local directory in Hugging Face format.
     name_or_path: str = MISSING
-    # Weights dtype: auto (bf16 on a GPU that supports it, else fp32), float32, bfloat16, float16.
+    # Weights dtype: auto (bf16 on a GPU that supports it, else fp32; train-ppo's frozen shared base
+    # takes the autocast dtype), float32, bfloat16, float16.
     dtype: str = "auto"
     # Allow custom modelling code shipped with the model (off: it runs arbitrary code).
     trust_remote_code: bool = False
@@ -114,7 +115,8 @@ class TrainConfig:
     eval_every: int = 100
     # Keep the newest N checkpoints (older ones are deleted).
     keep_last: int = 2
-    # Autocast: auto (bf16 on a bf16-capable GPU, else fp16; none on CPU), bf16 (also on CPU), fp16, or no.
+    # Autocast: auto (bf16 on a bf16-capable GPU, else fp16; on CPU bf16 with AMX/AVX512-BF16, else none),
+    # bf16 (also on any CPU), fp16, or no (plain fp32).
     mixed_precision: str = "auto"
     # Device: auto (cuda when available), cpu, cuda, cuda:1, ...
     device: str = "auto"
