@@ -92,7 +92,7 @@ def autocast(device: torch.device, mixed_precision: str) -> contextlib.AbstractC
 
 
 def attention_kernel(
-    device: torch.device, *compute_dtypes: torch.dtype | None
+    device: torch.device, mixed_precision: str, weights_dtype: torch.dtype
 ) -> contextlib.AbstractContextManager:
     """The attention kernel for a whole training loop.
 
@@ -102,6 +102,7 @@ def attention_kernel(
     run the same kernel (recomputation checks it; PPO's ratio 1 at the first minibatch and KL 0 against
     an identical reference need the same numbers: checklist rows 15 and 16).
     """
+    compute_dtypes = (autocast_dtype(device, mixed_precision), weights_dtype)
     if device.type != "cpu" or torch.bfloat16 not in compute_dtypes:
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel

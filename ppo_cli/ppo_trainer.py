@@ -45,9 +45,11 @@ class Rollout:
     attention_mask: torch.Tensor  # (B, P+R)
     responses: torch.Tensor  # (B, R)
     response_mask: torch.Tensor  # (B, R) bool: real response tokens, up to and including EOS
-    logprobs: torch.Tensor | None  # (B, R) policy logprobs at sampling time ("old"); None until the
-    ref_logprobs: torch.Tensor  # (B, R)                  first update pass fills it (fuse_first_pass)
-    values: torch.Tensor | None  # (B, R) likewise
+    # (B, R) policy logprobs at sampling time ("old") and values; None until the first update pass
+    # fills them in (fuse_first_pass).
+    logprobs: torch.Tensor | None
+    ref_logprobs: torch.Tensor  # (B, R)
+    values: torch.Tensor | None
     raw_scores: torch.Tensor  # (B,) reward source's scores, after the missing-EOS penalty
     scores: torch.Tensor  # (B,) on the fixed scale used in the rewards
     prompts: list[str]
@@ -314,15 +316,16 @@ class PPOTrainer:
             ro.values = torch.empty_like(vpred).index_copy_(0, order, vpred.detach())
             first = (order, new_lp, vpred)
         _, non_score, adv, returns = self.advantages(ro)
-        for epoch in range(self.ppo_cfg.epochs):
+        for _epoch in range(self.ppo_cfg.epochs):
             # Reshuffled every epoch (row 14); the torch RNG is checkpointed.
-            order = first[0] if first is not None and epoch == 0 else torch.randperm(B)
+            order = first[0] if first is not None else torch.randperm(B)
             for mb_start in range(0, B, self.minibatch):
                 mb = order[mb_start : mb_start + self.minibatch]
                 for mi_start in range(0, len(mb), self.micro):
                     idx = mb[mi_start : mi_start + self.micro]
-                    if first is not None and epoch == 0:
-                        new_lp, vpred = first[1], first[2]
+                    if first is not None:  # epoch 0's one micro-batch: already forwarded
+                        _, new_lp, vpred = first
+                        first = None
                     else:
                         new_lp, vpred = self.forward_micro(ro, idx)
                     pg = rlhf.policy_loss(
@@ -443,8 +446,7 @@ class PPOTrainer:
         rank, world = run.dist.rank, run.dist.world_size
         metrics: dict[str, float] = {}
         self.roles.eval()
-        compute = autocast_dtype(self.device, self.train_cfg.mixed_precision)
-        kernel = attention_kernel(self.device, compute, self.base_dtype)
+        kernel = attention_kernel(self.device, self.train_cfg.mixed_precision, self.base_dtype)
         with kernel:  # for the whole loop, backward passes included: see attention_kernel
             try:
                 while self.step < self.total_steps:

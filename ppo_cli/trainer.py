@@ -22,7 +22,7 @@ from ppo_cli import checkpoint as ckpt
 from ppo_cli.data import EpochBatches
 from ppo_cli.dist import all_reduce_mean, any_flag
 from ppo_cli.logger import Throughput
-from ppo_cli.models import attention_kernel, autocast, autocast_dtype
+from ppo_cli.models import attention_kernel, autocast
 from ppo_cli.run import StageRun, TrainingDiverged
 
 # loss_fn(model, batch) -> (loss, metrics to average over the logging window, tokens in the batch)
@@ -230,9 +230,7 @@ class SupervisedTrainer:
         last_eval: dict[str, float] = {}
         cfg = self.train_cfg
         weights = next(self.model.parameters()).dtype
-        kernel = attention_kernel(
-            self.run.device, autocast_dtype(self.run.device, cfg.mixed_precision), weights
-        )
+        kernel = attention_kernel(self.run.device, cfg.mixed_precision, weights)
         with kernel:  # for the whole loop, backward passes included: see attention_kernel
             try:
                 while self.step < self.total_steps:

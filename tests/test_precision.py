@@ -48,13 +48,14 @@ def test_attention_kernel_is_the_math_kernel_for_cpu_bf16_only():
 
     with sdpa_kernel([SDPBackend.MATH]):
         math_grad = _attention_grads(torch.bfloat16)
-    with models.attention_kernel(CPU, None, torch.bfloat16):
+    with models.attention_kernel(CPU, "no", torch.bfloat16):
         ours = _attention_grads(torch.bfloat16)
     assert torch.equal(ours, math_grad)
     # Outside it (or for fp32) the flash kernel may be picked: the context is a no-op there.
     assert isinstance(
-        models.attention_kernel(CPU, None, torch.float32), type(models.contextlib.nullcontext())
+        models.attention_kernel(CPU, "no", torch.float32), type(models.contextlib.nullcontext())
     )
     assert isinstance(
-        models.attention_kernel(torch.device("meta"), torch.bfloat16), type(models.contextlib.nullcontext())
+        models.attention_kernel(torch.device("meta"), "bf16", torch.bfloat16),
+        type(models.contextlib.nullcontext()),
     )
