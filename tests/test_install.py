@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,37 @@ def shipped(folder: Path) -> list[str]:
     )
 
 
+def make_child_venv(venv: Path) -> Path:
+    """A fresh venv that sees the packages of the interpreter running the tests, whether that is a system
+    Python or itself a venv (`--system-site-packages` would inherit the *base* interpreter's packages, which
+    inside a virtualenv lack the project's dependencies). Returns its bin/ folder."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    child_python = venv / "bin" / "python"
+    child_site = subprocess.run(
+        [str(child_python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    # addsitedir (unlike a bare path line) also runs the parent's .pth files, as a system site dir would;
+    # it appends, so the child's own site-packages still wins for what is installed there.
+    parents = [p for p in site.getsitepackages() if Path(p).is_dir()]
+    lines = "".join(f"import site; site.addsitedir({p!r})\n" for p in parents)
+    (Path(child_site) / "_parent_env.pth").write_text(lines)
+    return venv / "bin"
+
+
+def test_child_venv_sees_this_interpreters_packages(tmp_path):
+    bin_dir = make_child_venv(tmp_path / "venv")
+    probe = subprocess.run(
+        [str(bin_dir / "python"), "-c", "import omegaconf, torch, sys; print(sys.prefix)"],
+        capture_output=True,
+        text=True,
+    )
+    assert probe.returncode == 0, probe.stderr
+    assert Path(probe.stdout.strip()) == tmp_path / "venv"
+
+
 def test_wheel_install_finds_conf_and_recipes(tmp_path):
     # Build from a copy holding only the project's files, as a fresh clone would (no empty folders, no outputs).
     src = tmp_path / "src"
@@ -49,8 +81,7 @@ def test_wheel_install_finds_conf_and_recipes(tmp_path):
         shutil.copy2(REPO / name, src / name)
 
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
-    bin_dir = venv / "bin"
+    bin_dir = make_child_venv(venv)
     pip = [
         str(bin_dir / "python"),
         "-m",
