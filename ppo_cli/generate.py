@@ -31,12 +31,12 @@ from ppo_cli.app import hydra_app
 from ppo_cli.data import encode_prompt, load_rows, pad_left, pad_right, prompt_of, prompt_text
 from ppo_cli.errors import UserError
 from ppo_cli.models import (
-    adapter_base_model,
     eos_token_ids,
     is_adapter_dir,
     load_causal_lm,
     load_tokenizer,
     read_product_info,
+    recorded_base_model,
     resolve_device,
 )
 from ppo_cli.rlhf import logprobs_from_logits, position_ids_from_mask, truncate_after_eos
@@ -68,13 +68,8 @@ def checkpoint_base(checkpoint: str, model_cfg: DictConfig, key: str = "checkpoi
     """The base model under the adapter `checkpoint`: model.name_or_path if set, else the adapter's own."""
     if model_cfg.name_or_path:
         return str(model_cfg.name_or_path)
-    info = read_product_info(checkpoint, key)
-    base = info.get("base_model") or adapter_base_model(checkpoint)
-    if not base:
-        raise UserError(
-            f"{key}={checkpoint}: the adapter does not name its base model; set model.name_or_path=BASE."
-        )
-    return str(base)
+    read_product_info(checkpoint, key)  # names a missing directory
+    return recorded_base_model(checkpoint, key)
 
 
 def load_policy(

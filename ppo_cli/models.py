@@ -321,7 +321,8 @@ def count_parameters(model) -> tuple[int, int]:
 
 
 def write_product_info(final_dir: Path, stage: str, base_model: str, **extra: Any) -> None:
-    info = {"stage": stage, "base_model": base_model, **extra}
+    # A local base is stored as an absolute path, so the product works from any working directory.
+    info = {"stage": stage, "base_model": local_or_hub(base_model), **extra}
     (Path(final_dir) / PRODUCT_FILE).write_text(json.dumps(info, indent=1))
 
 
@@ -350,6 +351,22 @@ def adapter_base_model(path: str | Path) -> str | None:
     return json.loads(config.read_text()).get("base_model_name_or_path")
 
 
+def recorded_base_model(path: str | Path, key: str) -> str:
+    """The base model an adapter directory was trained on: ppo_cli.json's record, else peft's
+    adapter_config.json. A recorded local path that no longer exists is an error at once — without it the
+    name would be tried as a Hub id (slow retries, then an unrelated message)."""
+    base = read_product_info(path, key).get("base_model") or adapter_base_model(path)
+    if not base:
+        raise UserError(f"{key}={path}: the adapter does not name its base model; set model.name_or_path=BASE.")
+    base = str(base)
+    if looks_local(base) and not Path(base).expanduser().is_dir():
+        raise UserError(
+            f"{key}={path} was trained on the local base model '{base}', which does not exist any more "
+            "(moved or deleted?); set model.name_or_path=BASE to the model's new location."
+        )
+    return base
+
+
 def base_model_of_checkpoint(path: str | Path, key: str, expected_stage: str) -> str:
     """The base model a stage product was trained on; checks that the product is of `expected_stage`."""
     info = read_product_info(path, key)
@@ -359,7 +376,7 @@ def base_model_of_checkpoint(path: str | Path, key: str, expected_stage: str) ->
             f"{key}={path} is the product of the {stage} stage, not of the {expected_stage} stage."
         )
     if is_adapter_dir(path):
-        return info.get("base_model") or adapter_base_model(path)
+        return recorded_base_model(path, key)
     if (Path(path) / "config.json").is_file():  # a full model (full fine-tuning): it is its own base
         return str(path)
     raise UserError(

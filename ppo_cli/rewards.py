@@ -64,14 +64,13 @@ class SeparateRewardModel:
     """A sequence classifier with its own tokenizer: scores `prompt + completion` texts."""
 
     def __init__(self, path: str, model_cfg, device: torch.device, batch_size: int):
-        from ppo_cli.models import is_adapter_dir, load_sequence_classifier, load_tokenizer, read_product_info
+        from ppo_cli.models import is_adapter_dir, load_sequence_classifier, load_tokenizer
 
         self.device, self.batch_size = device, batch_size
         if is_adapter_dir(path):
             from peft import PeftModel
 
-            info = read_product_info(path, "reward_checkpoint")
-            base = info.get("base_model") or _adapter_base(path)
+            base = _adapter_base(path)
             self.tokenizer = load_tokenizer(path, model_cfg.trust_remote_code)
             base_model = load_sequence_classifier(model_cfg, self.tokenizer, device, name_or_path=base)
             self.model = PeftModel.from_pretrained(base_model, path).to(device)
@@ -102,12 +101,9 @@ class SeparateRewardModel:
 
 
 def _adapter_base(path: str) -> str:
-    from ppo_cli.models import adapter_base_model
+    from ppo_cli.models import recorded_base_model
 
-    base = adapter_base_model(path)
-    if not base:
-        raise UserError(f"reward_checkpoint={path}: the adapter does not name its base model.")
-    return base
+    return recorded_base_model(path, "reward_checkpoint")
 
 
 def rm_shares_base(reward_checkpoint: str, base_model: str) -> bool:
@@ -122,5 +118,5 @@ def rm_shares_base(reward_checkpoint: str, base_model: str) -> bool:
             f"reward_checkpoint={reward_checkpoint} is the product of the {info['stage']} stage, "
             "not a reward model."
         )
-    base = info.get("base_model") or _adapter_base(reward_checkpoint)
+    base = _adapter_base(reward_checkpoint)
     return _same_model(base, base_model) and Path(reward_checkpoint, "adapter_config.json").is_file()
