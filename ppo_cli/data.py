@@ -419,6 +419,7 @@ def prompt_of(row: Row) -> Any:
     """The prompt of a PPO/generate row: a string, or a conversation ending before the assistant's turn."""
     if "prompt" in row.data:
         _check_text_or_conversation(row, "prompt")
+        _check_ends_before_assistant(row, "prompt")
         return row.data["prompt"]
     if "messages" in row.data:
         messages = row.data["messages"]
@@ -426,12 +427,24 @@ def prompt_of(row: Row) -> Any:
             raise UserError(
                 f"{row.where()}: field 'messages' must be a non-empty list of {{role, content}} objects."
             )
-        if messages[-1]["role"] == "assistant":
-            messages = messages[:-1]  # the reference answer, if present, is not part of the prompt
+        _check_ends_before_assistant(row, "messages")
         return messages
     raise UserError(
         f"{row.where()}: missing field 'prompt' (or 'messages') (have: {', '.join(row.data) or 'nothing'})."
     )
+
+
+def _check_ends_before_assistant(row: Row, name: str) -> None:
+    """A prompt conversation is what the policy answers: ending on an assistant turn it would be an SFT row
+    (the answer already given) or a prefill, and silently dropping or continuing that turn would train on
+    something other than what the file says."""
+    value = row.data[name]
+    if isinstance(value, list) and value and value[-1].get("role") == "assistant":
+        raise UserError(
+            f"{row.where()}: field '{name}' ends with an assistant turn; a prompt must end before the "
+            "assistant's turn (the policy writes it). Remove the last message (e.g. a reference answer) "
+            "from every such row."
+        )
 
 
 def prompt_text(prompt: Any) -> str:

@@ -15,6 +15,7 @@ from ppo_cli.data import (
     build_sft_examples,
     encode_sft_row,
     load_rows,
+    prompt_of,
 )
 from ppo_cli.errors import UserError
 from ppo_cli.tiny import EOS_TOKEN, IM_END
@@ -295,3 +296,18 @@ def test_sft_row_missing_fields_name_file_row_and_field(tmp_path, tok):
         build_sft_examples(tok, rows[:2], 512, "truncate")
     with pytest.raises(UserError, match=rf"{path}, row 3: missing field.*'prompt'.*'messages'.*'text'"):
         build_sft_examples(tok, rows[2:], 512, "truncate")
+
+
+@pytest.mark.parametrize("field", ["prompt", "messages"])
+def test_a_prompt_conversation_ending_with_an_assistant_turn_is_an_error(field):
+    conversation = [
+        {"role": "user", "content": "Describe the river:"},
+        {"role": "assistant", "content": "calm."},
+    ]
+    row = Row({field: conversation}, "prompts.jsonl", 3)
+    with pytest.raises(
+        UserError, match=rf"prompts.jsonl, row 3: field '{field}' ends with an assistant turn"
+    ):
+        prompt_of(row)
+    row.data[field] = conversation[:1]
+    assert prompt_of(row) == conversation[:1]

