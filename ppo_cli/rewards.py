@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +26,9 @@ def load_reward_function(spec: str) -> Callable[[list[str], list[str]], list[flo
     if ":" not in spec:
         raise UserError(f"reward_fn={spec}: expected the form package.module:function.")
     module_name, func_name = spec.split(":", 1)
+    # Like `python -m`, a module in the current directory is found (console scripts do not put it on the path).
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 - any import failure is the user's module
