@@ -63,7 +63,25 @@ def restore_rng(state: dict[str, Any]) -> None:
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # One state per device; a machine with fewer devices than the one that saved restores its own.
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
+
+
+# The RNG states that are tensors (torch's, and one per CUDA device) go to state.pt; the rest to JSON.
+_RNG_TENSORS = ("torch", "cuda")
+
+
+def split_rng(rng: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A `capture_rng()` dict as (its JSON part for trainer_state.json, its tensors for state.pt under
+    `rng_<name>`)."""
+    plain = {k: v for k, v in rng.items() if k not in _RNG_TENSORS}
+    return plain, {f"rng_{k}": rng[k] for k in _RNG_TENSORS}
+
+
+def join_rng(plain: dict[str, Any], objects: dict[str, Any]) -> dict[str, Any]:
+    """The `capture_rng()` dict back from a checkpoint's two parts (`split_rng`). A checkpoint written
+    without the CUDA states (by an older ppo-cli) restores the others."""
+    return {**plain, "torch": objects["rng_torch"], "cuda": objects.get("rng_cuda", [])}
 
 
 def _to_jsonable(value: Any) -> Any:

@@ -1,6 +1,6 @@
 """Reading data files and turning rows into token ids, for every stage.
 
-Rows follow TRL's column conventions (CONTRACT.md):
+Rows follow TRL's column conventions (the README's Data table):
 - SFT: {"prompt", "completion"} (loss on the completion), {"messages"} (loss on assistant turns), {"text"}.
 - RM: {"prompt", "chosen", "rejected"} or {"chosen", "rejected"}, as text or conversations; optional "margin".
 - PPO and generate: {"prompt"} as a string, or {"messages"} ending before the assistant's turn.
@@ -14,6 +14,7 @@ import json
 import math
 import random
 import re
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -222,6 +223,55 @@ def _with_eos(ids: list[int], eos_id: int) -> list[int]:
     return ids if ids and ids[-1] == eos_id else [*ids, eos_id]
 
 
+_PROBE_ANSWER = "Probe answer 7."
+# tokenizer -> (what the answer depends on, turn-end id): encoding a data set asks once per row.
+_TURN_ENDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def turn_end_id(tokenizer) -> int | None:
+    """The special token the chat template closes an assistant turn with (<|im_end|>, <|eot_id|>, EOS...),
+    or None without a template or when only plain text follows the answer.
+
+    A chat policy ends its answer with this token, so generation stops at it and the reward model is
+    trained to score at it; what the template writes after it (ChatML's newline) is never sampled."""
+    key = (str(getattr(tokenizer, "chat_template", None)), tokenizer.eos_token, len(tokenizer))
+    cached = _TURN_ENDS.get(tokenizer)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    found = _find_turn_end(tokenizer)
+    _TURN_ENDS[tokenizer] = (key, found)
+    return found
+
+
+def _find_turn_end(tokenizer) -> int | None:
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    probe = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": _PROBE_ANSWER}]
+    try:
+        text = tokenizer.apply_chat_template(probe, tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that cannot render the probe: fall back to EOS
+        return None
+    if not isinstance(text, str) or _PROBE_ANSWER not in text:
+        return None
+    after_answer = text[text.rindex(_PROBE_ANSWER) + len(_PROBE_ANSWER) :]
+    tail = _encode(tokenizer, after_answer, add_special_tokens=False)
+    # Templates' turn tokens are special in the vocabulary, though not always named special tokens
+    # (Llama 3's <|eot_id|>).
+    special = set(tokenizer.all_special_ids) | {
+        i for i, token in tokenizer.added_tokens_decoder.items() if token.special
+    }
+    return next((t for t in tail if t in special), None)
+
+
+def end_conversation(tokenizer, ids: list[int]) -> list[int]:
+    """A rendered conversation that ends with an assistant turn, cut where a policy's answer stops: after
+    the template's turn-end token, or with EOS appended when the template has none."""
+    turn_end = turn_end_id(tokenizer)
+    if turn_end is not None and turn_end in ids:
+        return ids[: len(ids) - ids[::-1].index(turn_end)]
+    return _with_eos(ids, tokenizer.eos_token_id)
+
+
 def encode_prompt(tokenizer, prompt: Any, where: str) -> list[int]:
     """Token ids of a prompt: plain text as is, a conversation through the chat template."""
     if isinstance(prompt, str):
@@ -256,6 +306,10 @@ def _encode_messages_with_mask(
     generated = _generation_mask(tokenizer, messages, full)
     if generated is not None:  # drop template glue inside the turn span (e.g. the newline after <|im_end|>)
         mask = [m and g for m, g in zip(mask, generated)]
+    if messages[-1]["role"] == "assistant" and turn_end_id(tokenizer) is None:
+        # No token of the template ends the answer: the policy must learn to stop with EOS, where
+        # generation stops and the reward model scores.
+        full, mask = [*full, tokenizer.eos_token_id], [*mask, True]
     return full, mask
 
 
@@ -473,7 +527,9 @@ def build_prompts(
                 continue
             ids = ids[-max_length:]
             report.note("truncated", row.where())
-        prompts.append({"input_ids": ids, "prompt": prompt_text(prompt)})
+        # "prompt": text for logs and reward functions; "original": the row's own string or conversation,
+        # which a reward model with its own chat template renders itself.
+        prompts.append({"input_ids": ids, "prompt": prompt_text(prompt), "original": prompt})
     return prompts, report
 
 
@@ -485,13 +541,19 @@ class EpochBatches:
     """Shuffled batches of indices, reshuffled each epoch with (seed, epoch); resumable from (epoch, offset).
 
     The state is just two integers, so a resumed run sees exactly the batches the uninterrupted run
-    would have seen.
+    would have seen. An epoch's last batch is short, dropped (drop_last), or topped up to full size from
+    the start of the same epoch's order (pad_last, as torch's DistributedSampler pads). Training pads:
+    each rank takes a slice of one global batch, and a short one would give ranks unequal or empty
+    slices, so their collectives would no longer match.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, drop_last: bool = False):
+    def __init__(self, n: int, batch_size: int, seed: int, drop_last: bool = False, pad_last: bool = False):
         if n <= 0:
             raise ValueError("no examples")
-        self.n, self.batch_size, self.seed, self.drop_last = n, batch_size, seed, drop_last
+        if drop_last and pad_last:
+            raise ValueError("drop_last and pad_last exclude each other")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.drop_last, self.pad_last = drop_last, pad_last
         self.epoch, self.offset = 0, 0
 
     def batches_per_epoch(self) -> int:
@@ -508,7 +570,13 @@ class EpochBatches:
             self.epoch, self.offset = self.epoch + 1, 0
         start = self.offset * self.batch_size
         self.offset += 1
-        return self._order(self.epoch)[start : start + self.batch_size]
+        order = self._order(self.epoch)
+        batch = order[start : start + self.batch_size]
+        if self.pad_last and len(batch) < self.batch_size:
+            # The order's head is disjoint from its tail while n >= batch_size: no index twice in a batch.
+            missing = self.batch_size - len(batch)
+            batch += (order * math.ceil(missing / self.n))[:missing]
+        return batch
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "offset": self.offset}

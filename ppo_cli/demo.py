@@ -125,7 +125,7 @@ def evaluate(run_dir: str | Path, configs: dict[str, DictConfig], **args: Any) -
         s = sample(policy, prompt_ids, max_new, temperature, batch_size=64, seed=int(ppo_cfg.train.seed))
         samples[stage] = s
         gold = [tiny.gold_score(t) for t in s.texts]
-        rewards = scorer.score(texts, s.texts, [p + r for p, r in zip(s.prompt_ids, s.response_ids)])
+        rewards = scorer.score(prompts, s.texts, [p + r for p, r in zip(s.prompt_ids, s.response_ids)])
         own = sequence_logprobs(policy, s.prompt_ids, s.response_ids, temperature, 64)
         ref = sequence_logprobs(policies["sft"], s.prompt_ids, s.response_ids, temperature, 64)
         words = [len(tiny._words(t)) for t in s.texts]

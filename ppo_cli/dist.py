@@ -1,20 +1,22 @@
 """torch.distributed in one place: one process per GPU (or CPU rank) launched by torchrun.
 
 Single-process runs never touch torch.distributed. Under torchrun (WORLD_SIZE > 1) every rank joins a
-process group (nccl on GPU, gloo on CPU); rank 0 alone writes files and prints.
+process group (nccl on GPU, gloo on CPU); rank 0 alone writes files and prints. The rest of the package
+talks to the group only through the helpers here, which send tensors on the device the backend serves
+(DistInfo.device) whatever device the caller's tensors are on.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as tdist
 
 # Per-rank seeds are seed + rank * SEED_STRIDE (a large prime): ranks sample differently while the
-# data order, seeded with the plain seed, is shared (PPO_CHECKLIST row 18).
+# data order, seeded with the plain seed, is shared (docs/ppo-details.md, detail 18).
 SEED_STRIDE = 1_000_003
 
 
@@ -23,6 +25,9 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    # Where the backend takes tensors: nccl serves only CUDA tensors (a CPU one fails with "No backend
+    # type associated with device type cpu"), gloo the CPU's. Every collective below sends tensors here.
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def is_main(self) -> bool:
@@ -40,11 +45,20 @@ def init_distributed(device_name: str) -> DistInfo:
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and device_name != "cpu"
+    if use_cuda:
+        # Before the group exists: nccl's object collectives and barrier run on the current device, which
+        # would otherwise be GPU 0 for every rank.
+        torch.cuda.set_device(local_rank)
     if not tdist.is_initialized():
-        if use_cuda:
-            torch.cuda.set_device(local_rank)
         tdist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return DistInfo(rank=rank, world_size=world, local_rank=local_rank)
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=backend_device(local_rank))
+
+
+def backend_device(local_rank: int) -> torch.device:
+    """The device whose tensors the running process group's backend takes."""
+    if tdist.get_backend() == "nccl":
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
 
 
 def broadcast_object(value: Any, info: DistInfo) -> Any:
@@ -61,29 +75,59 @@ def all_reduce_mean(values: dict[str, float], info: DistInfo) -> dict[str, float
     if not info.enabled or not values:
         return values
     keys = sorted(values)
-    tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=info.device)
     tdist.all_reduce(tensor)
     tensor /= info.world_size
     return dict(zip(keys, tensor.tolist()))
+
+
+def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Elementwise sum over ranks, on `tensor`'s device (e.g. sums and counts for global statistics)."""
+    if not info.enabled:
+        return tensor
+    total = tensor.to(info.device, copy=True)
+    tdist.all_reduce(total)
+    return total.to(tensor.device)
+
+
+def all_gather_cat(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Every rank's `tensor` (same shape on all ranks) concatenated in rank order, on `tensor`'s device."""
+    if not info.enabled:
+        return tensor
+    local = tensor.to(info.device).contiguous()
+    gathered = [torch.empty_like(local) for _ in range(info.world_size)]
+    tdist.all_gather(gathered, local)
+    return torch.cat(gathered).to(tensor.device)
 
 
 def any_flag(flag: bool, info: DistInfo) -> bool:
     """True on every rank when any rank raised the flag (e.g. a stop request)."""
     if not info.enabled:
         return flag
-    tensor = torch.tensor([1 if flag else 0])
+    tensor = torch.tensor([1 if flag else 0], device=info.device)
     tdist.all_reduce(tensor, op=tdist.ReduceOp.MAX)
     return bool(tensor.item())
 
 
 def barrier(info: DistInfo) -> None:
     if info.enabled:
-        tdist.barrier()
+        # nccl's barrier is a collective on a device: name this rank's rather than let it guess.
+        tdist.barrier(device_ids=[info.device.index] if info.device.type == "cuda" else None)
 
 
 def cleanup(info: DistInfo) -> None:
     if info.enabled and tdist.is_initialized():
         tdist.destroy_process_group()
+
+
+def _in_place(tensor: torch.Tensor, info: DistInfo, collective) -> None:
+    """Run an in-place collective on `tensor` through the backend's device, writing the result back."""
+    if tensor.device == info.device:
+        collective(tensor)
+        return
+    moved = tensor.to(info.device)
+    collective(moved)
+    tensor.copy_(moved)
 
 
 def broadcast_parameters(params: list[torch.nn.Parameter], info: DistInfo) -> None:
@@ -92,7 +136,18 @@ def broadcast_parameters(params: list[torch.nn.Parameter], info: DistInfo) -> No
         return
     with torch.no_grad():
         for p in params:
-            tdist.broadcast(p.data, src=0)
+            _in_place(p.data, info, lambda t: tdist.broadcast(t, src=0))
+
+
+def average_gradients(params: list[torch.nn.Parameter], info: DistInfo) -> None:
+    """Replace each gradient by its mean over ranks (a parameter without one counts as zeros)."""
+    if not info.enabled:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        _in_place(p.grad, info, tdist.all_reduce)
+        p.grad /= info.world_size
 
 
 def check_in_sync(params: list[torch.nn.Parameter], info: DistInfo) -> None:
@@ -102,7 +157,7 @@ def check_in_sync(params: list[torch.nn.Parameter], info: DistInfo) -> None:
     with torch.no_grad():
         fingerprint = torch.stack(
             [p.detach().double().sum() + p.detach().double().abs().sum() for p in params]
-        ).cpu()
+        ).to(info.device)
     low, high = fingerprint.clone(), fingerprint.clone()
     tdist.all_reduce(low, op=tdist.ReduceOp.MIN)
     tdist.all_reduce(high, op=tdist.ReduceOp.MAX)

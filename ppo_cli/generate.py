@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from ppo_cli import sampling
 from ppo_cli.app import hydra_app
 from ppo_cli.data import encode_prompt, load_rows, pad_left, pad_right, prompt_of, prompt_text
 from ppo_cli.errors import UserError
@@ -130,18 +131,9 @@ def _length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
 
 
 def generation_config(policy: Policy, max_new_tokens: int, temperature: float, top_p: float = 1.0):
-    from transformers import GenerationConfig
-
-    sampling = temperature > 0
-    return GenerationConfig(
-        do_sample=sampling,
-        temperature=temperature if sampling else None,
-        top_k=0 if sampling else None,
-        top_p=top_p if sampling else None,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=policy.tokenizer.pad_token_id,
-        eos_token_id=policy.eos_ids,
-        use_cache=True,
+    """Plain sampling at `temperature` (greedy at 0), whatever the model's generation_config.json says."""
+    return sampling.sampling_config(
+        max_new_tokens, temperature, policy.tokenizer.pad_token_id, policy.eos_ids, top_p=top_p
     )
 
 
@@ -168,9 +160,7 @@ def sample(
         ids = [prompt_ids[i] for i in batch]
         input_ids = pad_left(ids, pad).to(policy.device)
         attention_mask = pad_left([[1] * len(p) for p in ids], 0).to(policy.device)
-        out = policy.model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_config
-        )
+        out = sampling.generate(policy.model, gen_config, input_ids=input_ids, attention_mask=attention_mask)
         generated, mask = truncate_after_eos(out[:, input_ids.shape[1] :], policy.eos_ids, pad)
         for row, i in enumerate(batch):
             kept = generated[row][mask[row]].tolist()
@@ -235,8 +225,8 @@ class RewardScorer:
     """Scores (prompt, response) pairs with a reward model or a reward function.
 
     A reward model that shares the policy's tokenizer scores the sampled token ids themselves (prompt +
-    response through EOS, the sequence PPO scores); one with another tokenizer gets the texts (prompt +
-    completion + its EOS), re-tokenized. A reward function gets the prompt texts and the completions.
+    response through EOS, the sequence PPO scores); one with another tokenizer gets them re-tokenized
+    (`rewards.reward_model_ids`). A reward function gets the prompt texts and the completions.
     """
 
     def __init__(
@@ -277,12 +267,14 @@ class RewardScorer:
 
     @torch.inference_mode()
     def score(
-        self, prompts: list[str], completions: list[str], sequences: list[list[int]] | None = None
+        self, prompts: list[Any], completions: list[str], sequences: list[list[int]] | None = None
     ) -> list[float]:
+        """`prompts` as the rows give them (strings or conversations)."""
         from ppo_cli.rewards import call_reward_function
 
         if self.func is not None:
-            return call_reward_function(self.func, self.reward_fn_spec, prompts, completions).tolist()
+            texts = [prompt_text(p) for p in prompts]
+            return call_reward_function(self.func, self.reward_fn_spec, texts, completions).tolist()
         if self.rm is None:
             raise RuntimeError("no reward source")
         if sequences is None or not self.same_tokenizer:
@@ -429,9 +421,8 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     )
     rewards: list[float | None] = [None] * len(prompts)
     if scorer.enabled:
-        texts = [prompt_text(p) for p in prompts]
         sequences = [p + r for p, r in zip(samples.prompt_ids, samples.response_ids)]
-        rewards = scorer.score(texts, samples.texts, sequences)
+        rewards = scorer.score(prompts, samples.texts, sequences)
     rows = [output_row(p, c, r) for p, c, r in zip(prompts, samples.texts, rewards)]
     output = Path(cfg.output)
     write_jsonl_atomic(output, rows)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from ppo_cli.data import turn_end_id
 from ppo_cli.errors import UserError
 
 PAD_TOKEN = "<|pad|>"
@@ -70,16 +71,17 @@ def cpu_has_native_bf16() -> bool:
 def autocast_dtype(device: torch.device, mixed_precision: str) -> torch.dtype | None:
     """The dtype forward passes compute in under train.mixed_precision, None for plain fp32.
 
-    auto: bf16 where the hardware multiplies bf16 natively — a GPU that supports it (else fp16 there) or
-    a CPU with AMX/AVX512-BF16 (`cpu_has_native_bf16`, ~4x the fp32 matmul rate) — and fp32 elsewhere,
-    where bf16 would be emulated and slower.
+    auto: bf16 where the hardware multiplies bf16 natively — a GPU that supports it or a CPU with
+    AMX/AVX512-BF16 (`cpu_has_native_bf16`, ~4x the fp32 matmul rate) — and fp32 elsewhere, where bf16
+    would be emulated and slower. Never fp16: its narrow range needs loss scaling (a GradScaler), which
+    the training loops do not do, so small gradients would underflow to zero.
     """
     if mixed_precision == "no" or device.type not in ("cuda", "cpu"):
         return None
     if device.type == "cuda":
         if mixed_precision == "auto":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        return torch.bfloat16 if mixed_precision == "bf16" else None
     if mixed_precision == "bf16" or (mixed_precision == "auto" and cpu_has_native_bf16()):
         return torch.bfloat16
     return None
@@ -100,7 +102,7 @@ def attention_kernel(
     bf16 backward is ~3x slower. It is chosen around the whole loop, not per pass, because the forward
     pass, its backward, a gradient-checkpoint recomputation and PPO's no-grad scoring passes must all
     run the same kernel (recomputation checks it; PPO's ratio 1 at the first minibatch and KL 0 against
-    an identical reference need the same numbers: checklist rows 15 and 16).
+    an identical reference need the same numbers: details 15 and 16 of docs/ppo-details.md).
     """
     compute_dtypes = (autocast_dtype(device, mixed_precision), weights_dtype)
     if device.type != "cpu" or torch.bfloat16 not in compute_dtypes:
@@ -293,6 +295,37 @@ def apply_lora(
         ) from exc
 
 
+def keep_trainable_in_fp32(model: torch.nn.Module) -> None:
+    """Make every trainable floating-point parameter fp32, whatever dtype the model was loaded in.
+
+    An Adam step is about lr in size; in bf16 a weight near 0.03 moves in steps of ~1.2e-4, so a step of
+    5e-5 rounds to nothing and the weight never trains. peft upcasts LoRA weights itself, but not the
+    copies it trains for `modules_to_save` (the RM's score head), nor full fine-tuning's weights. A
+    module whose own weights were upcast while the rest of the model stays in low precision gets its
+    floating-point inputs cast to fp32 (without autocast, a bf16 activation cannot meet an fp32 weight).
+    """
+    upcast: list[torch.nn.Module] = []
+    for module in model.modules():
+        own = [
+            p
+            for p in module.parameters(recurse=False)
+            if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32
+        ]
+        for param in own:
+            param.data = param.data.float()
+        if own:
+            upcast.append(module)
+    low_precision_left = any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters())
+    if not low_precision_left:
+        return  # all fp32 now (e.g. full fine-tuning): every activation is fp32 already
+    for module in upcast:
+        module.register_forward_pre_hook(_inputs_to_fp32)
+
+
+def _inputs_to_fp32(module: torch.nn.Module, args: tuple) -> tuple:
+    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
 def enable_gradient_checkpointing(model) -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(model, "enable_input_require_grads"):
@@ -301,10 +334,12 @@ def enable_gradient_checkpointing(model) -> None:
 
 
 def eos_token_ids(tokenizer, model) -> list[int]:
-    """The tokenizer's EOS plus the model's generation EOS ids (chat models also stop at end-of-turn)."""
+    """The tokenizer's EOS, the model's generation EOS ids, and the chat template's end-of-turn token: a
+    chat policy ends its answer there (SFT teaches it, the RM scores at it) even when the model's
+    generation config leaves it out (a base model given a chat template)."""
     ids = [tokenizer.eos_token_id]
     extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in extra if isinstance(extra, list) else [extra]:
+    for value in [*(extra if isinstance(extra, list) else [extra]), turn_end_id(tokenizer)]:
         if value is not None and value not in ids and value != tokenizer.pad_token_id:
             ids.append(int(value))
     return ids
@@ -357,7 +392,9 @@ def recorded_base_model(path: str | Path, key: str) -> str:
     name would be tried as a Hub id (slow retries, then an unrelated message)."""
     base = read_product_info(path, key).get("base_model") or adapter_base_model(path)
     if not base:
-        raise UserError(f"{key}={path}: the adapter does not name its base model; set model.name_or_path=BASE.")
+        raise UserError(
+            f"{key}={path}: the adapter does not name its base model; set model.name_or_path=BASE."
+        )
     base = str(base)
     if looks_local(base) and not Path(base).expanduser().is_dir():
         raise UserError(

@@ -1,18 +1,18 @@
 """The PPO loop: rollout -> score -> advantages -> several epochs of clipped updates -> KL control.
 
-One step, commented where the PPO_CHECKLIST.md rows apply:
+One step; "detail N" is the numbered implementation detail of docs/ppo-details.md:
   1. sample train.batch_size prompts (data order shared by all ranks, each rank takes its slice);
-  2. generate with the policy adapter, KV cache, temperature T, no top-k/top-p (row 8);
-  3. truncate after the first EOS, keep it, pad the rest (row 3);
+  2. generate with the policy adapter, KV cache, temperature T, no top-k/top-p (detail 8);
+  3. truncate after the first EOS, keep it, pad the rest (detail 3);
   4. reference logprobs and scores; old logprobs (policy) and values in micro-batches of the same
-     size as the update's, so the first update sees exactly the same numbers (row 15) — or, when an
+     size as the update's, so the first update sees exactly the same numbers (detail 15) — or, when an
      update is a single micro-batch, taken from the first update pass itself (`fuse_first_pass`);
-  5. missing-EOS penalty (row 5), scores on a fixed scale (row 17), per-token KL penalty with the
-     score at the last real token (rows 4, 6);
+  5. missing-EOS penalty (detail 5), scores on a fixed scale (detail 17; a critic copied from the RM is
+     put on it once it is fixed), per-token KL penalty with the score at the last real token (details 4, 6);
   6. GAE with gamma, lambda; returns before whitening; advantages whitened over real tokens (11, 12);
   7. ppo.epochs epochs over reshuffled minibatches: clipped policy loss + vf_coef * clipped value
      loss (13, 14);
-  8. KL controller update (row 7), metrics with TRL's names, checkpoint.
+  8. KL controller update (detail 7), metrics with TRL's names, checkpoint.
 """
 
 from __future__ import annotations
@@ -23,13 +23,19 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as tdist
 from omegaconf import DictConfig
 
 from ppo_cli import checkpoint as ckpt
-from ppo_cli import rlhf
+from ppo_cli import rlhf, sampling
 from ppo_cli.data import EpochBatches, pad_left
-from ppo_cli.dist import all_reduce_mean, any_flag, broadcast_parameters
+from ppo_cli.dist import (
+    all_gather_cat,
+    all_reduce_mean,
+    all_reduce_sum,
+    any_flag,
+    average_gradients,
+    broadcast_parameters,
+)
 from ppo_cli.errors import UserError
 from ppo_cli.models import attention_kernel, autocast, autocast_dtype
 from ppo_cli.roles import POLICY, REFERENCE, Roles
@@ -50,14 +56,14 @@ class Rollout:
     logprobs: torch.Tensor | None
     ref_logprobs: torch.Tensor  # (B, R)
     values: torch.Tensor | None
-    raw_scores: torch.Tensor  # (B,) reward source's scores, after the missing-EOS penalty
-    scores: torch.Tensor  # (B,) on the fixed scale used in the rewards
+    raw_scores: torch.Tensor  # (B,) the reward source's own scores
+    scores: torch.Tensor  # (B,) on the fixed scale used in the rewards, missing-EOS penalty included
     prompts: list[str]
     completions: list[str]
 
 
 class RewardScale:
-    """Puts scores on a fixed scale before the KL trade-off (checklist row 17).
+    """Puts scores on a fixed scale before the KL trade-off (docs/ppo-details.md, detail 17).
 
     sft_samples: mean/std of the scores of the first rollout batch (the policy is still the SFT policy
     then), fixed for the whole run; rm_stats: the RM's stored mean/std; whiten: per batch; none.
@@ -73,9 +79,18 @@ class RewardScale:
         if self.mode == "whiten":
             mean, std = _global_mean_std(scores, dist_info)
             return (scores - mean) / (std + 1e-8)
-        if self.mean is None:  # sft_samples, first batch
+        if self.mean is None:  # sft_samples or sft_mean, first batch
             self.mean, self.std = _global_mean_std(scores, dist_info)
+            if self.mode == "sft_mean":
+                self.std = 1.0
         return rlhf.normalize_scores(scores, self.mean, self.std)
+
+    def fixed_stats(self) -> tuple[float, float] | None:
+        """(mean, std) once they are fixed for the run (rm_stats from the start, sft_samples after the
+        first batch); None while unknown, and for per-batch whitening or no normalisation."""
+        if self.mode in ("sft_samples", "sft_mean", "rm_stats") and self.mean is not None:
+            return self.mean, self.std
+        return None
 
     def state_dict(self) -> dict:
         return {"mean": self.mean, "std": self.std}
@@ -94,11 +109,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def _global_mean_std(values: torch.Tensor, dist_info) -> tuple[float, float]:
-    values = values.double()
-    if dist_info.enabled:
-        gathered = [torch.zeros_like(values) for _ in range(dist_info.world_size)]
-        tdist.all_gather(gathered, values)
-        values = torch.cat(gathered)
+    values = all_gather_cat(values.double(), dist_info)
     std = float(values.std()) if values.numel() > 1 else 1.0
     return float(values.mean()), (std if std > 1e-6 else 1.0)
 
@@ -127,11 +138,14 @@ class PPOTrainer:
         self.micro = self.minibatch // self.train_cfg.grad_accum_steps
         # When the whole rollout batch is one micro-batch, the first update pass runs on the unchanged
         # policy and value weights over every row: its logprobs and values ARE the old ones. Taking
-        # them from there (detached) saves two of the four scoring passes and makes row 15 exact by
+        # them from there (detached) saves two of the four scoring passes and makes detail 15 exact by
         # construction. With several micro-batches the old values must exist for every row before
         # the first loss (advantages are whitened over the batch), so they get their own pass.
         self.fuse_first_pass = self.micro == self.local_batch
-        self.batches = EpochBatches(len(prompts), self.train_cfg.batch_size * world, self.train_cfg.seed)
+        # Every rollout batch is full (pad_last), so every rank runs the same minibatches and collectives.
+        self.batches = EpochBatches(
+            len(prompts), self.train_cfg.batch_size * world, self.train_cfg.seed, pad_last=True
+        )
         self.policy_params = roles.policy_parameters()
         self.value_params = roles.value_parameters()
         broadcast_parameters(self.policy_params + self.value_params, run.dist)
@@ -152,6 +166,8 @@ class PPOTrainer:
             else rlhf.FixedKLController(self.ppo_cfg.kl_coef)
         )
         self.scale = RewardScale(self.ppo_cfg.reward_normalization, rm_stats)
+        self.critic_on_scale = False
+        self.put_critic_on_scale()  # rm_stats: the scale is known already
         self.step = 0
         self.negative_kl_streak = 0
         self._pad_index = torch.tensor([tokenizer.pad_token_id])
@@ -164,22 +180,15 @@ class PPOTrainer:
 
     # -- generation -----------------------------------------------------------------------------
     def _generation_config(self):
-        from transformers import GenerationConfig
-
-        # Pure sampling at temperature T: no top-k/top-p/repetition tricks, whose logprobs the
-        # scoring passes could not reproduce (checklist row 8).
-        return GenerationConfig(
-            do_sample=True,
-            temperature=self.gen_cfg.temperature,
-            top_k=0,
-            top_p=1.0,
-            min_p=None,
-            repetition_penalty=1.0,
-            max_new_tokens=self.gen_cfg.max_new_tokens,
-            pad_token_id=self.tokenizer.pad_token_id,
-            suppress_tokens=[self.tokenizer.pad_token_id],
-            eos_token_id=self.eos_ids,
-            use_cache=True,
+        # Pure sampling at temperature T: no top-k/top-p/repetition tricks (neither ours nor the
+        # model's generation_config.json), whose logprobs the scoring passes could not reproduce.
+        # The pad token is never sampled: policy_logprobs gives it no probability either.
+        return sampling.sampling_config(
+            self.gen_cfg.max_new_tokens,
+            self.gen_cfg.temperature,
+            self.tokenizer.pad_token_id,
+            self.eos_ids,
+            suppress_pad=True,
         )
 
     @torch.no_grad()
@@ -189,8 +198,8 @@ class PPOTrainer:
         prompt_mask = pad_left([[1] * len(p) for p in prompt_ids], 0).to(self.device)
         self.roles.eval()
         with self.roles.role(POLICY), self.precision():
-            out = self.roles.model.generate(
-                input_ids=input_ids, attention_mask=prompt_mask, generation_config=self.generation_config
+            out = sampling.generate(
+                self.roles.model, self.generation_config, input_ids=input_ids, attention_mask=prompt_mask
             )
         responses = out[:, input_ids.shape[1] :]
         responses, response_mask = rlhf.truncate_after_eos(responses, self.eos_ids, pad)
@@ -202,14 +211,29 @@ class PPOTrainer:
         return autocast(self.device, self.train_cfg.mixed_precision)
 
     def policy_logprobs(
-        self, qr: torch.Tensor, mask: torch.Tensor, responses: torch.Tensor, role: str
-    ) -> torch.Tensor:
-        """Logprobs of `responses` under `role`; the one code path for old, new and reference (row 15)."""
+        self,
+        qr: torch.Tensor,
+        mask: torch.Tensor,
+        responses: torch.Tensor,
+        role: str,
+        with_entropy: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logprobs of `responses` under `role`; the one code path for old, new and reference (detail 15).
+
+        with_entropy: also (no gradient) the entropy of the sampling distribution softmax(logits / T) at
+        each response position, from the same logits (B, R).
+        """
         with self.roles.role(role), self.precision():
             logits = self.roles.response_logits(qr, mask, responses.shape[1])
         # The pad token is never sampled (suppressed in generation), so it has no probability here either.
         logits = logits.index_fill(-1, self._pad_index.to(logits.device), float("-inf"))
-        return rlhf.logprobs_from_logits(logits, responses, self.gen_cfg.temperature)
+        temperature = self.gen_cfg.temperature
+        logprobs = rlhf.logprobs_from_logits(logits, responses, temperature)
+        if not with_entropy:
+            return logprobs
+        with torch.no_grad():  # row by row: the (R, V) float32 temporaries of one row at a time
+            entropy = torch.stack([rlhf.entropy_from_logits(row, temperature) for row in logits.detach()])
+        return logprobs, entropy
 
     def value_estimates(self, qr: torch.Tensor, mask: torch.Tensor, length: int) -> torch.Tensor:
         with self.precision():
@@ -228,6 +252,24 @@ class PPOTrainer:
         qr = torch.cat([prompt_ids, responses], dim=1)
         mask = torch.cat([prompt_mask, response_mask.long()], dim=1)
         length = responses.shape[1]
+        prompts = [p["prompt"] for p in batch_prompts]
+        completions = self.tokenizer.batch_decode(
+            responses.masked_fill(~response_mask, self.tokenizer.pad_token_id), skip_special_tokens=True
+        )
+        originals = [p["original"] for p in batch_prompts]  # conversations stay conversations for an RM
+        with self.precision():
+            raw = self.reward(qr, mask, originals, completions).to(self.device).float()
+        scores = self.scale(raw, self.run.dist)
+        if self.ppo_cfg.score_clip is not None:
+            scores = scores.clamp(-self.ppo_cfg.score_clip, self.ppo_cfg.score_clip)
+        # The penalty is in the units of the scores PPO uses (one std of the SFT samples' scores when
+        # normalised), so one value means the same against any reward source; the scale is fixed on
+        # the source's own scores, and no clip takes the penalty back.
+        eos_present = rlhf.has_eos(responses, response_mask, self.eos_ids)
+        scores = rlhf.apply_missing_eos_penalty(scores, eos_present, self.ppo_cfg.missing_eos_penalty)
+        # Scored first: the first batch may fix the scale, and the critic's values are read after it
+        # has been put on that scale.
+        self.put_critic_on_scale()
         logprobs, ref_logprobs, values = [], [], []
         for s in range(0, qr.shape[0], self.micro):
             chunk = slice(s, s + self.micro)
@@ -235,17 +277,6 @@ class PPOTrainer:
             if not self.fuse_first_pass:
                 logprobs.append(self.policy_logprobs(qr[chunk], mask[chunk], responses[chunk], POLICY))
                 values.append(self.value_estimates(qr[chunk], mask[chunk], length))
-        prompts = [p["prompt"] for p in batch_prompts]
-        completions = self.tokenizer.batch_decode(
-            responses.masked_fill(~response_mask, self.tokenizer.pad_token_id), skip_special_tokens=True
-        )
-        with self.precision():
-            raw = self.reward(qr, mask, prompts, completions).to(self.device).float()
-        eos_present = rlhf.has_eos(responses, response_mask, self.eos_ids)
-        raw = rlhf.apply_missing_eos_penalty(raw, eos_present, self.ppo_cfg.missing_eos_penalty)
-        scores = self.scale(raw, self.run.dist)
-        if self.ppo_cfg.score_clip is not None:
-            scores = scores.clamp(-self.ppo_cfg.score_clip, self.ppo_cfg.score_clip)
         timings["time/score"] = time.perf_counter() - start
         rollout = Rollout(
             qr,
@@ -262,6 +293,22 @@ class PPOTrainer:
         )
         return rollout, timings
 
+    def put_critic_on_scale(self) -> None:
+        """Once the score scale is fixed, rescale a critic copied from the RM head to it, once.
+
+        Its copy of the RM head predicts raw scores, while the returns it learns are built from the
+        normalised ones: left there, value clipping would take ~|mean| / clip_range_value rollouts to
+        close the gap, and meanwhile GAE would push the tokens near EOS for or against stopping by the
+        sign of the RM's mean. Per-batch whitening has no fixed scale, and without normalisation the
+        raw scale is PPO's.
+        """
+        stats = self.scale.fixed_stats()
+        if self.critic_on_scale or stats is None:
+            return
+        if self.roles.value_head_from_reward:
+            self.roles.put_value_head_on_scale(*stats)
+        self.critic_on_scale = True
+
     # -- one PPO step ---------------------------------------------------------------------------
     def advantages(self, ro: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         rewards, non_score = rlhf.shape_rewards(
@@ -277,28 +324,24 @@ class PPOTrainer:
             return rlhf.masked_whiten(adv, mask)
         # Whiten with statistics over all ranks' tokens, so every rank scales advantages alike.
         m = mask.bool()
-        stats = torch.tensor([adv[m].sum(), (adv[m] ** 2).sum(), m.sum()], dtype=torch.float64)
-        tdist.all_reduce(stats)
+        real = adv[m].double()
+        stats = all_reduce_sum(torch.stack([real.sum(), (real**2).sum(), m.sum().double()]), self.run.dist)
         n = stats[2].clamp(min=2)
         mean = stats[0] / n
         var = (stats[1] / n - mean**2) * n / (n - 1)
         return torch.where(m, (adv - mean.float()) * torch.rsqrt(var.float() + 1e-8), torch.zeros_like(adv))
 
     def _sync_grads(self) -> None:
-        if not self.run.dist.enabled:
-            return
-        world = self.run.dist.world_size
-        for p in self.policy_params + self.value_params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            tdist.all_reduce(p.grad)
-            p.grad /= world
+        average_gradients(self.policy_params + self.value_params, self.run.dist)
 
-    def forward_micro(self, ro: Rollout, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Policy logprobs and values of rows `idx`, with gradients (one update micro-batch)."""
+    def forward_micro(
+        self, ro: Rollout, idx: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Policy logprobs and values of rows `idx`, with gradients (one update micro-batch), and the
+        policy's entropy at each response position (no gradient; for policy/entropy_avg)."""
         qr, mask = ro.query_responses[idx], ro.attention_mask[idx]
-        new_lp = self.policy_logprobs(qr, mask, ro.responses[idx], POLICY)
-        return new_lp, self.value_estimates(qr, mask, ro.responses.shape[1])
+        new_lp, entropy = self.policy_logprobs(qr, mask, ro.responses[idx], POLICY, with_entropy=True)
+        return new_lp, self.value_estimates(qr, mask, ro.responses.shape[1]), entropy
 
     def update(self, ro: Rollout) -> tuple[dict[str, float], torch.Tensor]:
         """Advantages, then ppo.epochs of clipped updates. Returns (stats, per-token non-score reward).
@@ -307,27 +350,27 @@ class PPOTrainer:
         """
         stats: dict[str, list[float]] = defaultdict(list)
         B = ro.responses.shape[0]
-        self.roles.train(self.cfg.model.gradient_checkpointing)  # dropout is off either way (row 9)
+        self.roles.train(self.cfg.model.gradient_checkpointing)  # dropout is off either way (detail 9)
         first = None
         if ro.logprobs is None:
             order = torch.randperm(B)  # epoch 0's order, drawn where the epoch loop would draw it
-            new_lp, vpred = self.forward_micro(ro, order)
+            new_lp, vpred, entropy = self.forward_micro(ro, order)
             ro.logprobs = torch.empty_like(new_lp).index_copy_(0, order, new_lp.detach())
             ro.values = torch.empty_like(vpred).index_copy_(0, order, vpred.detach())
-            first = (order, new_lp, vpred)
+            first = (order, new_lp, vpred, entropy)
         _, non_score, adv, returns = self.advantages(ro)
         for _epoch in range(self.ppo_cfg.epochs):
-            # Reshuffled every epoch (row 14); the torch RNG is checkpointed.
+            # Reshuffled every epoch (detail 14); the torch RNG is checkpointed.
             order = first[0] if first is not None else torch.randperm(B)
             for mb_start in range(0, B, self.minibatch):
                 mb = order[mb_start : mb_start + self.minibatch]
                 for mi_start in range(0, len(mb), self.micro):
                     idx = mb[mi_start : mi_start + self.micro]
                     if first is not None:  # epoch 0's one micro-batch: already forwarded
-                        _, new_lp, vpred = first
+                        _, new_lp, vpred, entropy = first
                         first = None
                     else:
-                        new_lp, vpred = self.forward_micro(ro, idx)
+                        new_lp, vpred, entropy = self.forward_micro(ro, idx)
                     pg = rlhf.policy_loss(
                         new_lp, ro.logprobs[idx], adv[idx], ro.response_mask[idx], self.ppo_cfg.clip_range
                     )
@@ -350,9 +393,8 @@ class PPOTrainer:
                         ("val/ratio", pg["ratio"]),
                     ):
                         stats[key].append(float(value.detach()))
-                    with torch.no_grad():
-                        ent = rlhf.masked_mean(-new_lp, ro.response_mask[idx])
-                    stats["policy/entropy_avg"].append(float(ent))
+                    entropy_avg = rlhf.masked_mean(entropy, ro.response_mask[idx])
+                    stats["policy/entropy_avg"].append(float(entropy_avg))
                 self._sync_grads()
                 if self.train_cfg.max_grad_norm > 0:
                     norm = torch.nn.utils.clip_grad_norm_(
@@ -363,7 +405,7 @@ class PPOTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
         self.roles.eval()
         result = {k: sum(v) / len(v) for k, v in stats.items()}
-        # The very first minibatch, before any update: ratio must be exactly 1 there (row 15).
+        # The very first minibatch, before any update: ratio must be exactly 1 there (detail 15).
         result["policy/first_ratio"] = stats["val/ratio"][0]
         return result, non_score
 
@@ -371,7 +413,8 @@ class PPOTrainer:
         self, ro: Rollout, non_score: torch.Tensor, timings: dict[str, float]
     ) -> dict[str, float]:
         mask = ro.response_mask
-        kl = rlhf.masked_sum(ro.logprobs - ro.ref_logprobs, mask, dim=1)  # k1 per sequence (CONTRACT.md)
+        # k1 per sequence: TRL's objective/kl
+        kl = rlhf.masked_sum(ro.logprobs - ro.ref_logprobs, mask, dim=1)
         non_score_total = rlhf.masked_sum(non_score, mask, dim=1)
         eos_count = sum(int((ro.responses == e).logical_and(mask).sum()) for e in self.eos_ids)
         metrics = {
@@ -389,14 +432,12 @@ class PPOTrainer:
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save(self, episode: int) -> None:
+        rng, rng_tensors = ckpt.split_rng(ckpt.capture_rng())
         objects = {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng_torch": torch.get_rng_state(),
+            **rng_tensors,
         }
-        rng = ckpt.capture_rng()
-        rng.pop("torch")
-        rng.pop("cuda")
         state = {
             "data": self.batches.state_dict(),
             "rng": rng,
@@ -414,7 +455,10 @@ class PPOTrainer:
         self.batches.load_state_dict(loaded.state["data"])
         self.kl_ctl.load_state_dict(loaded.state["kl_controller"])
         self.scale.load_state_dict(loaded.state["reward_scale"])
-        ckpt.restore_rng(dict(loaded.state["rng"], torch=loaded.objects["rng_torch"], cuda=[]))
+        # Every checkpoint follows a rollout, and the rollout that fixed the scale also rescaled the
+        # critic: the restored value head is on the scale already, and must not be rescaled again.
+        self.critic_on_scale = self.scale.fixed_stats() is not None
+        ckpt.restore_rng(ckpt.join_rng(loaded.state["rng"], loaded.objects))
         self.step = loaded.step
         return int(loaded.state["episode"])
 
@@ -431,7 +475,7 @@ class PPOTrainer:
         if self.negative_kl_streak == 3:
             logger.warn(
                 "objective/kl has been negative for 3 steps: generation and scoring disagree "
-                "(check generation settings, temperature, padding) (checklist row 19)."
+                "(check generation settings, temperature, padding) (docs/ppo-details.md, detail 19)."
             )
 
     # -- the loop -------------------------------------------------------------------------------
@@ -455,6 +499,7 @@ class PPOTrainer:
                     step_start = time.perf_counter()
                     ro, timings = self.rollout(batch_prompts)
                     start = time.perf_counter()
+                    lr = self.scheduler.get_last_lr()[0]  # the rate this step's updates use
                     update_stats, non_score = self.update(ro)
                     self.scheduler.step()
                     timings["time/train"] = time.perf_counter() - start
@@ -469,7 +514,7 @@ class PPOTrainer:
                     metrics.update(
                         {
                             "objective/kl_coef": self.kl_ctl.value,
-                            "lr": self.scheduler.get_last_lr()[0],
+                            "lr": lr,
                             "episode": episode,
                         }
                     )
@@ -534,10 +579,10 @@ def validate_ppo(cfg: DictConfig, world_size: int = 1) -> None:
         raise UserError(f"generation.temperature={cfg.generation.temperature} must be positive.")
     if ppo.kl_controller not in ("fixed", "adaptive"):
         raise UserError(f"ppo.kl_controller={ppo.kl_controller} is not one of fixed, adaptive.")
-    if ppo.reward_normalization not in ("sft_samples", "rm_stats", "whiten", "none"):
+    if ppo.reward_normalization not in ("sft_samples", "sft_mean", "rm_stats", "whiten", "none"):
         raise UserError(
-            f"ppo.reward_normalization={ppo.reward_normalization} is not one of sft_samples, rm_stats, "
-            "whiten, none."
+            f"ppo.reward_normalization={ppo.reward_normalization} is not one of sft_samples, sft_mean, "
+            "rm_stats, whiten, none."
         )
     if ppo.missing_eos_penalty is not None and ppo.missing_eos_penalty < 0:
         raise UserError(

@@ -1,6 +1,6 @@
 """Preference pairs for reward-model training: row checks, tokenization, length limits, batching.
 
-Rows (TRL's column conventions, CONTRACT.md):
+Rows (TRL's column conventions, as the README's Data table):
 - explicit prompt: {"prompt", "chosen", "rejected"}: all three text, or all three conversations
   (the prompt's messages, then the chosen/rejected assistant turn(s));
 - implicit prompt: {"chosen", "rejected"}: two full texts, or two full conversations;
@@ -8,7 +8,9 @@ Rows (TRL's column conventions, CONTRACT.md):
 
 Each side becomes one token sequence that the RM scores at its last token:
 - text: the prompt tokenized with special tokens, then the completion without, then EOS if missing;
-- conversation: the prompt + answer messages rendered through the chat template, then EOS if missing.
+- conversation: the prompt + answer messages rendered through the chat template, ending with the token
+  that closes the answer's turn (<|im_end|>, <|eot_id|>...; EOS when the template has none): where a
+  policy's response stops, so where PPO reads the score.
 Sequences longer than data.max_length keep their start (data.overflow=truncate) or drop the pair
 (data.overflow=drop); the counts are reported.
 """
@@ -28,6 +30,7 @@ from ppo_cli.data import (
     _render_chat,
     _require,
     _with_eos,
+    end_conversation,
     pad_right,
 )
 from ppo_cli.errors import UserError
@@ -69,10 +72,9 @@ def margin_of(row: Row) -> float | None:
 def encode_side(
     tokenizer, prompt: Any, answer: Any, where: str, prompt_ids: list[int] | None = None
 ) -> list[int]:
-    """Token ids of prompt + answer (prompt None for implicit-prompt rows), ending with EOS.
+    """Token ids of prompt + answer (prompt None for implicit-prompt rows), ending with the stop token.
 
     `prompt_ids`, when given, are the text prompt's ids (so that a pair encodes its prompt once)."""
-    eos = tokenizer.eos_token_id
     if isinstance(answer, str):
         if prompt is None:
             ids = _encode(tokenizer, answer, add_special_tokens=True)
@@ -80,14 +82,16 @@ def encode_side(
             if prompt_ids is None:
                 prompt_ids = _encode(tokenizer, prompt, add_special_tokens=True)
             ids = prompt_ids + _encode(tokenizer, answer, add_special_tokens=False)
-    else:
-        messages = [*(prompt or []), *answer]
-        ids = _encode(
-            tokenizer,
-            _render_chat(tokenizer, messages, add_generation_prompt=False, where=where),
-            add_special_tokens=False,
-        )
-    return _with_eos(ids, eos)
+        return _with_eos(ids, tokenizer.eos_token_id)
+    messages = [*(prompt or []), *answer]
+    ids = _encode(
+        tokenizer,
+        _render_chat(tokenizer, messages, add_generation_prompt=False, where=where),
+        add_special_tokens=False,
+    )
+    # Not EOS after the whole rendering: ChatML's "<|im_end|>\n" + EOS would put the score two tokens
+    # past the <|im_end|> at which PPO's response stops.
+    return end_conversation(tokenizer, ids)
 
 
 def encode_pair(tokenizer, row: Row) -> dict[str, Any]:

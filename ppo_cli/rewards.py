@@ -4,7 +4,7 @@
   model scores the policy's own token ids (no decoding, no second model in memory).
 - `reward_checkpoint` = any other sequence-classification model (a Hub id, a full model directory, or
   our RM on a different base): a separate model with its own tokenizer; responses are decoded to text
-  and re-tokenized for it.
+  and re-tokenized for it (a conversation through its own chat template, as train-rm encodes one).
 - `reward_fn` = `package.module:function(prompts, completions) -> list[float]`.
 """
 
@@ -16,10 +16,13 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from ppo_cli.data import pad_right, prompt_text
 from ppo_cli.errors import UserError
+from ppo_cli.preferences import encode_side
 
 
 def load_reward_function(spec: str) -> Callable[[list[str], list[str]], list[float]]:
@@ -65,8 +68,26 @@ def call_reward_function(
     return torch.tensor(values, dtype=torch.float32)
 
 
+def reward_model_ids(tokenizer, prompt: Any, completion: str) -> list[int]:
+    """The token ids a reward model with its own tokenizer scores for one prompt (a string or a
+    conversation) and its completion.
+
+    A conversation, when the RM's tokenizer has a chat template, is rendered through that template with
+    the completion as the assistant's turn, exactly as train-rm encodes a conversational pair; anything
+    else is read as text: prompt + completion + EOS."""
+    if not isinstance(prompt, str) and getattr(tokenizer, "chat_template", None):
+        answer = [{"role": "assistant", "content": completion}]
+        ids = encode_side(tokenizer, prompt, answer, where="reward_checkpoint")
+    else:
+        eos = tokenizer.eos_token or ""
+        text = prompt_text(prompt) + completion + ("" if completion.endswith(eos) else eos)
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    return ids[: tokenizer.model_max_length]
+
+
 class SeparateRewardModel:
-    """A sequence classifier with its own tokenizer: scores `prompt + completion` texts."""
+    """A sequence classifier with its own tokenizer: scores prompts and completions re-tokenized for it
+    (`reward_model_ids`)."""
 
     def __init__(self, path: str, model_cfg, device: torch.device, batch_size: int):
         from ppo_cli.models import is_adapter_dir, load_sequence_classifier, load_tokenizer
@@ -86,21 +107,21 @@ class SeparateRewardModel:
         self.tokenizer.padding_side = "right"
 
     @torch.inference_mode()
-    def score(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
-        eos = self.tokenizer.eos_token or ""
-        texts = [p + c + ("" if c.endswith(eos) else eos) for p, c in zip(prompts, completions)]
-        scores = []
-        for start in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(
-                texts[start : start + self.batch_size],
-                return_tensors="pt",
-                padding=True,
-                truncation=True,
-                add_special_tokens=True,
-            ).to(self.device)
-            from ppo_cli.rlhf import position_ids_from_mask
+    def score(self, prompts: list[Any], completions: list[str]) -> torch.Tensor:
+        """One score per completion; `prompts` as the rows give them (strings or conversations)."""
+        from ppo_cli.rlhf import position_ids_from_mask
 
-            out = self.model(**enc, position_ids=position_ids_from_mask(enc["attention_mask"]))
+        sequences = [reward_model_ids(self.tokenizer, p, c) for p, c in zip(prompts, completions)]
+        scores = []
+        for start in range(0, len(sequences), self.batch_size):
+            chunk = sequences[start : start + self.batch_size]
+            input_ids = pad_right(chunk, self.tokenizer.pad_token_id).to(self.device)
+            attention_mask = pad_right([[1] * len(s) for s in chunk], 0).to(self.device)
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask),
+            )
             scores.append(out.logits[:, 0].float().cpu())
         return torch.cat(scores)
 

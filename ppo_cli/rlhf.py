@@ -202,16 +202,18 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
 
     Shapes: ``logits`` ``(B, T, V)`` -> ``(B, T)`` float32.
 
-    Formula: ``H = -sum_v p_v log p_v = logsumexp(z) - sum_v p_v z_v`` with ``z = float32(logits)/T``.
-    Computed in float32 for the same reason as :func:`logprobs_from_logits`.
+    Formula: ``H = -sum_v p_v log p_v`` (``= logsumexp(z) - sum_v p_v z_v``) with ``p = softmax(z)``,
+    ``z = float32(logits)/T``, summed as ``entr(p) = -p log p`` with ``entr(0) = 0``: a token whose logit
+    is -inf (suppressed, like PPO's pad token) adds nothing, where ``p_v z_v = 0 * -inf`` would be NaN;
+    and no two large numbers are subtracted. Computed in float32 for the same reason as
+    :func:`logprobs_from_logits`.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     z = logits.float()
     if temperature != 1.0:
         z = z / temperature
-    p = torch.softmax(z, dim=-1)
-    return torch.logsumexp(z, dim=-1) - (p * z).sum(-1)
+    return torch.special.entr(torch.softmax(z, dim=-1)).sum(-1)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""PPO's four roles on ONE frozen base model, as peft adapters (DESIGN.md, "One base model, four roles").
+"""PPO's four roles on ONE frozen base model, as peft adapters (README, "PPO: one base model, four roles").
 
 | role      | on the shared base                                   | trainable |
 |-----------|------------------------------------------------------|-----------|
@@ -8,8 +8,10 @@
 | value     | adapter "value" + value head, from the RM            | yes       |
 
 The policy adapter is called "default" so that `final/` is a plain peft adapter directory.
-Switching roles only changes which adapter the LoRA layers use; it never touches `requires_grad`
-(peft's own `set_adapter` would), so the trainable set stays exactly the policy and value weights.
+Switching roles only changes which adapter the LoRA layers use (or switches them off, for a reference
+without an adapter); it never touches `requires_grad`. peft's own `set_adapter` and `disable_adapter`
+would: both end by freezing every adapter but the active one, which would silently stop the value
+adapter training. Leaving a role also puts back the trainable set as built, whatever ran inside it.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ _DROPOUT_ATTRS = ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop"
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
-    """Dropout changes logprobs between passes, so PPO's ratio would not start at 1 (checklist row 9).
+    """Dropout changes logprobs between passes, so PPO's ratio would not start at 1 (docs/ppo-details.md, detail 9).
 
     Besides nn.Dropout modules, attention layers keep their dropout probability as a plain float read
     from the config at construction (e.g. LlamaAttention.attention_dropout, passed to SDPA as dropout_p
@@ -111,6 +113,20 @@ def split_head(
     return lora, head_tensors
 
 
+def normalize_head(
+    weight: torch.Tensor, bias: torch.Tensor | None, mean: float, std: float, eps: float = 1e-8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of a linear head whose outputs are `normalize_scores(outputs, mean, std)` of the
+    given head's: w' = w / (std + eps), b' = (b - mean) / (std + eps), a missing bias counting as 0.
+
+    The critic starts as a copy of the RM head, on the RM's raw scale, while GAE's returns are built
+    from the normalised scores; on the raw scale every value would start |mean| / std off its return.
+    """
+    if bias is None:
+        bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+    return weight / (std + eps), (bias - mean) / (std + eps)
+
+
 class Roles(torch.nn.Module):
     """The peft model with the four role adapters, plus the value and reward heads."""
 
@@ -126,11 +142,14 @@ class Roles(torch.nn.Module):
         self.value_head = value_head
         self.reward_head = reward_head
         self.has_reference_adapter = has_reference_adapter
+        # The critic on the RM's raw scale (a copy of its head) rather than at zero.
+        self.value_head_from_reward = reward_head is not None
         causal_lm = peft_model.get_base_model()
         self.trunk = getattr(causal_lm, causal_lm.base_model_prefix)
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         self._lora_layers = [m for m in peft_model.modules() if isinstance(m, BaseTunerLayer)]
+        self._requires_grad = [(p, p.requires_grad) for p in self.parameters()]
         output_head = causal_lm.get_output_embeddings()
         if output_head is not None:
             output_head.register_forward_pre_hook(_contiguous_input)
@@ -139,18 +158,27 @@ class Roles(torch.nn.Module):
     @contextlib.contextmanager
     def role(self, name: str) -> Iterator[None]:
         """Run the enclosed forward passes as `name` (POLICY, REFERENCE, REWARD, VALUE)."""
-        if name == REFERENCE and not self.has_reference_adapter:
-            with self.model.disable_adapter():
-                yield
-            return
-        previous = [layer._active_adapter for layer in self._lora_layers]
+        # Without an SFT adapter the reference is the bare base: the LoRA layers are switched off
+        # through their own flag (what peft's disable_adapter does, minus its requires_grad changes).
+        bare = name == REFERENCE and not self.has_reference_adapter
+        previous = [(layer._active_adapter, layer._disable_adapters) for layer in self._lora_layers]
         for layer in self._lora_layers:
-            layer._active_adapter = [name]
+            if not bare:
+                layer._active_adapter = [name]
+            layer._disable_adapters = bare
         try:
             yield
         finally:
-            for layer, prev in zip(self._lora_layers, previous):
-                layer._active_adapter = prev
+            for layer, (active, disabled) in zip(self._lora_layers, previous):
+                layer._active_adapter, layer._disable_adapters = active, disabled
+            self._restore_requires_grad()
+
+    def _restore_requires_grad(self) -> None:
+        """Exactly the parameters that trained at construction train, whatever a pass did to the flags
+        (any peft adapter call inside a role rewrites them)."""
+        for param, flag in self._requires_grad:
+            if param.requires_grad != flag:
+                param.requires_grad_(flag)
 
     def keep_lora_input_dtype(self) -> None:
         """Stop peft casting LoRA inputs to the adapter weights' dtype (for passes under autocast)."""
@@ -200,6 +228,13 @@ class Roles(torch.nn.Module):
         picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         return self.reward_head(picked.to(self.reward_head.weight.dtype)).squeeze(-1)
 
+    @torch.no_grad()
+    def put_value_head_on_scale(self, mean: float, std: float) -> None:
+        """Rescale the critic copied from the RM head to the normalised score scale (normalize_head)."""
+        weight, bias = normalize_head(self.value_head.weight, self.value_head.bias, mean, std)
+        self.value_head.weight.copy_(weight)
+        self.value_head.bias.copy_(bias)
+
     # -- what trains ------------------------------------------------------------------------------
     def policy_parameters(self) -> list[torch.nn.Parameter]:
         return [p for n, p in self.model.named_parameters() if f".{POLICY}." in n and p.requires_grad]
@@ -246,7 +281,7 @@ def build_roles(
     """
     from peft import get_peft_model
 
-    from ppo_cli.models import peft_lora_config
+    from ppo_cli.models import keep_trainable_in_fp32, peft_lora_config
 
     for p in base_model.parameters():
         p.requires_grad_(False)
@@ -281,12 +316,15 @@ def build_roles(
         weight = head_tensors["weight"].to(device, torch.float32)
         has_bias = "bias" in head_tensors
         reward_head = torch.nn.Linear(hidden_size, 1, bias=has_bias, device=device, dtype=torch.float32)
-        value_head = torch.nn.Linear(hidden_size, 1, bias=has_bias, device=device, dtype=torch.float32)
+        # The critic always has a bias, 0 where the RM head has none: putting it on the normalised
+        # score scale moves the RM's mean there.
+        value_head = torch.nn.Linear(hidden_size, 1, bias=True, device=device, dtype=torch.float32)
         with torch.no_grad():
+            bias = head_tensors.get("bias", torch.zeros(1)).to(device, torch.float32).reshape(1)
             for head_module in (reward_head, value_head):
                 head_module.weight.copy_(weight.reshape(1, -1))
-                if has_bias:
-                    head_module.bias.copy_(head_tensors["bias"].to(device, torch.float32).reshape(1))
+                if head_module.bias is not None:
+                    head_module.bias.copy_(bias)
         reward_head.requires_grad_(False)
     else:
         model.add_adapter(VALUE, policy_config)
@@ -297,6 +335,7 @@ def build_roles(
     for name, param in model.named_parameters():
         param.requires_grad_(f".{POLICY}." in name or f".{VALUE}." in name)
     value_head.requires_grad_(True)
+    keep_trainable_in_fp32(model)  # peft upcasts LoRA weights by default; this does not depend on it
     disable_dropout(model)
     roles = Roles(model, value_head, reward_head, has_reference_adapter=sft_tensors is not None)
     return roles

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from safetensors.torch import save_file
 
 from ppo_cli.app import hydra_app
-from ppo_cli.data import build_prompts, load_rows
+from ppo_cli.data import build_prompts, load_rows, prompt_text
 from ppo_cli.errors import UserError
 from ppo_cli.models import (
     autocast_dtype,
@@ -61,11 +61,12 @@ def check_reward_source(cfg: DictConfig) -> None:
 
 
 def build_reward(cfg: DictConfig, roles: Roles, shared_rm: bool, device: torch.device):
-    """reward(query_responses, attention_mask, prompts, completions) -> scores (B,)."""
+    """reward(query_responses, attention_mask, prompts, completions) -> scores (B,); the prompts as the
+    rows give them (strings or conversations)."""
     if cfg.reward_fn:
         func = load_reward_function(cfg.reward_fn)
         return lambda qr, mask, prompts, completions: call_reward_function(
-            func, cfg.reward_fn, prompts, completions
+            func, cfg.reward_fn, [prompt_text(p) for p in prompts], completions
         )
     if shared_rm:
         return lambda qr, mask, prompts, completions: roles.reward_scores(qr, mask)
@@ -154,7 +155,7 @@ def main(cfg: DictConfig) -> None:
             # Only the LoRA weights: the embeddings are the base's (frozen). When load_tokenizer added a
             # pad token, peft would otherwise save the resized embedding matrices, and the plain
             # `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), final)` of
-            # CONTRACT.md would fail on their shape.
+            # the README would fail on their shape.
             save_kwargs={"selected_adapters": ["default"], "save_embedding_layers": False},
             extra_save=lambda final_dir: save_value(roles, final_dir),
             reward_source=cfg.reward_checkpoint or cfg.reward_fn,

@@ -313,7 +313,7 @@ def main(cfg: DictConfig) -> None:
         # An adapter holds the LoRA weights and the head only: the embeddings are the base's (frozen). When
         # load_tokenizer added a pad token, peft would otherwise save the resized embedding matrix, and the
         # plain `PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base,
-        # num_labels=1), final)` of CONTRACT.md would fail on its shape.
+        # num_labels=1), final)` of the README would fail on its shape.
         save_kwargs = {"save_embedding_layers": False} if hasattr(model, "peft_config") else None
         run.save_final(
             model,

@@ -22,7 +22,7 @@ from ppo_cli import checkpoint as ckpt
 from ppo_cli.data import EpochBatches
 from ppo_cli.dist import all_reduce_mean, any_flag
 from ppo_cli.logger import Throughput
-from ppo_cli.models import attention_kernel, autocast
+from ppo_cli.models import attention_kernel, autocast, keep_trainable_in_fp32
 from ppo_cli.run import StageRun, TrainingDiverged
 
 # loss_fn(model, batch) -> (loss, metrics to average over the logging window, tokens in the batch)
@@ -110,16 +110,19 @@ class SupervisedTrainer:
         self.run, self.task, self.cfg = run, task, run.cfg
         self.train_cfg = run.cfg.train
         self.model = task.model
+        keep_trainable_in_fp32(self.model)  # before DDP and the optimizer see the parameters
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.ddp_model = self._wrap_ddp()
         world = run.dist.world_size
         self.total_steps = total_optimizer_steps(len(task.train_examples), self.train_cfg, world)
         # One global batch order shared by every rank (seeded with train.seed); each rank takes its slice.
+        # Full batches only (pad_last): every rank gets train.batch_size examples at every step.
         self.batches = EpochBatches(
-            len(task.train_examples), self.train_cfg.batch_size * world, self.train_cfg.seed
+            len(task.train_examples), self.train_cfg.batch_size * world, self.train_cfg.seed, pad_last=True
         )
         self.optimizer = build_optimizer(self.trainable, self.train_cfg)
         self.scheduler = build_scheduler(self.optimizer, self.train_cfg, self.total_steps)
+        self.last_lr = self.scheduler.get_last_lr()[0]
         self.step = 0
 
     def _wrap_ddp(self) -> torch.nn.Module:
@@ -131,18 +134,14 @@ class SupervisedTrainer:
         return DistributedDataParallel(self.model, device_ids=device_ids, find_unused_parameters=False)
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def _state(self) -> dict[str, Any]:
-        return {"data": self.batches.state_dict(), "rng": ckpt.capture_rng(), "total_steps": self.total_steps}
-
     def save(self) -> None:
+        rng, rng_tensors = ckpt.split_rng(ckpt.capture_rng())
         objects = {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng_torch": torch.get_rng_state(),
+            **rng_tensors,
         }
-        state = self._state()
-        state["rng"].pop("torch")
-        state["rng"].pop("cuda")
+        state = {"data": self.batches.state_dict(), "rng": rng, "total_steps": self.total_steps}
         self.run.save_checkpoint(self.step, ckpt.trainable_state(self.model), objects, state)
 
     def restore(self) -> None:
@@ -151,8 +150,7 @@ class SupervisedTrainer:
         self.optimizer.load_state_dict(loaded.objects["optimizer"])
         self.scheduler.load_state_dict(loaded.objects["scheduler"])
         self.batches.load_state_dict(loaded.state["data"])
-        rng = dict(loaded.state["rng"], torch=loaded.objects["rng_torch"], cuda=[])
-        ckpt.restore_rng(rng)
+        ckpt.restore_rng(ckpt.join_rng(loaded.state["rng"], loaded.objects))
         self.step = loaded.step
 
     # -- one optimizer step --------------------------------------------------------------------
@@ -186,6 +184,7 @@ class SupervisedTrainer:
             norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.train_cfg.max_grad_norm)
             check_finite(norm, "the gradient norm", self.step + 1, self.run)
             window["grad_norm"].append(float(norm))
+        self.last_lr = self.scheduler.get_last_lr()[0]  # the rate this update uses, for the log
         optimizer_step(self.optimizer, self.step + 1, self.run)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -242,7 +241,7 @@ class SupervisedTrainer:
                         metrics = {k: sum(v) / len(v) for k, v in window.items()}
                         metrics["tokens_per_second"] = throughput.rate()
                         metrics = all_reduce_mean(metrics, run.dist)
-                        metrics["lr"] = self.scheduler.get_last_lr()[0]
+                        metrics["lr"] = self.last_lr
                         window.clear()
                     if (
                         cfg.eval_every > 0

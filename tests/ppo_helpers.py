@@ -101,6 +101,21 @@ def make_rm_adapter(base: str | Path, out: Path, seed: int = 2, std: float = 0.3
     return out
 
 
+def shift_rm_adapter(rm: Path, out: Path, bias: float) -> Path:
+    """A copy of the RM adapter `rm` whose score head has a bias: every score moves by `bias`."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(rm, out)
+    weights = out / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    (head_weight,) = [k for k in tensors if k.endswith("score.weight")]
+    tensors[head_weight.removesuffix("weight") + "bias"] = torch.tensor([bias])
+    save_file(tensors, weights)
+    return out
+
+
 def build_tiny_roles(base: str | Path, sft: Path | None, rm: Path | None, targets=LORA_TARGETS):
     """(roles, tokenizer) exactly as train-ppo builds them (`targets` matter only without `sft`)."""
     from ppo_cli.roles import build_roles
@@ -138,7 +153,7 @@ def ppo_config(base: str | Path, data: str | Path, output_dir: Path, *overrides:
     return cfg
 
 
-def make_trainer(cfg, roles, tokenizer, reward=None, dist=None):
+def make_trainer(cfg, roles, tokenizer, reward=None, dist=None, rm_stats=None):
     """A PPOTrainer on `roles` with the tiny prompts; `reward(qr, mask, prompts, completions)`.
 
     `dist` (a DistInfo) makes the run look like one rank of several; no process group is started, so
@@ -156,7 +171,7 @@ def make_trainer(cfg, roles, tokenizer, reward=None, dist=None):
     prompts, _ = build_prompts(tokenizer, load_rows(cfg.data.train, "data.train"), 64, "truncate")
     if reward is None:
         reward = lambda qr, mask, prompts, completions: roles.reward_scores(qr, mask)  # noqa: E731
-    return PPOTrainer(run, roles, tokenizer, prompts, reward, [tokenizer.eos_token_id], None)
+    return PPOTrainer(run, roles, tokenizer, prompts, reward, [tokenizer.eos_token_id], rm_stats)
 
 
 def tiny_adapters(tiny: dict) -> dict[str, Path]:
@@ -224,3 +239,78 @@ def read_metrics(output_dir: Path) -> list[dict]:
     import json
 
     return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def hostile_generation_fields(tokenizer) -> dict:
+    """generation_config.json values that, if they reached generate, would move sampling away from
+    softmax(z / T): filters, penalties, forced/banned tokens, length and time limits, beams, CFG and
+    prompt-lookup decoding. Each would make 16 samples of one prompt identical or visibly biased."""
+    good, happy, sad = (tokenizer(w)["input_ids"][-1] for w in ("good", "happy", "sad"))
+    eos = tokenizer.eos_token_id
+    return {
+        "do_sample": False,
+        "num_beams": 2,
+        "temperature": 0.05,
+        "top_k": 1,
+        "top_p": 0.1,
+        "min_p": 0.9,
+        "typical_p": 0.2,
+        "epsilon_cutoff": 0.3,
+        "eta_cutoff": 0.3,
+        "repetition_penalty": 2.0,
+        "no_repeat_ngram_size": 2,
+        "min_length": 40,
+        "min_new_tokens": 8,
+        "bad_words_ids": [[sad]],
+        "sequence_bias": [[[good], 5.0]],
+        "forced_bos_token_id": good,
+        "forced_eos_token_id": eos,
+        "suppress_tokens": [happy],
+        "begin_suppress_tokens": [sad],
+        "exponential_decay_length_penalty": [1, 3.0],
+        "renormalize_logits": True,
+        "remove_invalid_values": True,
+        "guidance_scale": 3.0,
+        "prompt_lookup_num_tokens": 2,
+        "max_time": 0.001,
+    }
+
+
+def hostile_base(model_dir: str | Path, out: Path) -> tuple[Path, dict]:
+    """A copy of the base model whose generation_config.json holds `hostile_generation_fields`;
+    returns (its directory, the hostile fields)."""
+    import json
+    import shutil
+
+    shutil.copytree(model_dir, out)
+    fields = hostile_generation_fields(tokenizer_of(out))
+    path = out / "generation_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps({**config, **fields}, indent=2))
+    return out, fields
+
+
+def record_generation(model, monkeypatch) -> dict:
+    """Spy on the transformers model under `model` (peft unwrapped): after a generate call the dict holds
+    the merged generation config ("config") and the logits processors it built ("processors")."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    seen: dict = {}
+    prepare, processors = inner._prepare_generation_config, inner._get_logits_processor
+
+    def prepare_spy(*args, **kwargs):
+        config, model_kwargs = prepare(*args, **kwargs)
+        seen["config"] = config
+        return config, model_kwargs
+
+    def processors_spy(*args, **kwargs):
+        seen["processors"] = processors(*args, **kwargs)
+        return seen["processors"]
+
+    monkeypatch.setattr(inner, "_prepare_generation_config", prepare_spy)
+    monkeypatch.setattr(inner, "_get_logits_processor", processors_spy)
+    return seen
+
+
+def leaked_generation_fields(merged, hostile: dict) -> dict:
+    """The hostile fields whose value reached the merged generation config."""
+    return {k: getattr(merged, k, None) for k, v in hostile.items() if getattr(merged, k, None) == v}

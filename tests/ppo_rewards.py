@@ -35,3 +35,12 @@ def explode_from_third_call(prompts: list[str], completions: list[str]) -> list[
     _calls["explode_from_third_call"] += 1
     value = 1e30 if _calls["explode_from_third_call"] >= 3 else 0.0
     return [value + i for i in range(len(completions))]
+
+
+def record_rows(prompts: list[str], completions: list[str]) -> list[float]:
+    """letters(), and each call's row count appended to $PPO_TEST_ROWS_LOG.<rank> (two-rank tests)."""
+    import os
+
+    with open(f"{os.environ['PPO_TEST_ROWS_LOG']}.{os.environ.get('RANK', '0')}", "a") as log:
+        log.write(f"{len(completions)}\n")
+    return letters(prompts, completions)

@@ -198,6 +198,25 @@ def test_epoch_batches_cover_each_epoch_and_reshuffle():
     assert [i for _ in range(4) for i in other.next()] != epochs[0]
 
 
+def test_epoch_batches_pad_last_keeps_every_batch_full():
+    # 5 examples, global batch 4 (2 ranks x 2): an epoch's orders are [4, 0, 1, 3, 2] then [0, 4, 2, 3, 1].
+    batches = EpochBatches(5, 4, seed=0, pad_last=True)
+    assert batches._order(0) == [4, 0, 1, 3, 2] and batches._order(1) == [0, 4, 2, 3, 1]
+    got = [batches.next() for _ in range(4)]
+    # The epoch's last batch [2] is topped up from the start of the same order (no example twice in a
+    # batch while the data holds a full batch); the next epoch starts its own order from the top.
+    assert got == [[4, 0, 1, 3], [2, 4, 0, 1], [0, 4, 2, 3], [1, 0, 4, 2]]
+    assert all([b[0::2], b[1::2]] and len(b[0::2]) == len(b[1::2]) == 2 for b in got)  # equal rank slices
+    # Resume mid-epoch: the same batches as the uninterrupted run.
+    resumed = EpochBatches(5, 4, seed=0, pad_last=True)
+    resumed.load_state_dict({"epoch": 0, "offset": 1})
+    assert [resumed.next() for _ in range(3)] == got[1:]
+    # Fewer examples than a batch: the order repeats until the batch is full (order [2, 1, 0]).
+    assert EpochBatches(3, 8, seed=3, pad_last=True).next() == [2, 1, 0, 2, 1, 0, 2, 1]
+    with pytest.raises(ValueError):
+        EpochBatches(5, 4, seed=0, drop_last=True, pad_last=True)
+
+
 # ------------------------------------------------------------------------------------------ loading
 
 ROWS = [

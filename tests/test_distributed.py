@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -13,7 +15,9 @@ import pytest
 import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
+from ppo_helpers import cli_env
 
+from ppo_cli import dist
 from ppo_cli.dist import DistInfo, check_in_sync
 
 pytestmark = pytest.mark.slow
@@ -25,7 +29,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def torchrun(
+    *args: str, cwd: Path, env: dict | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """`ppo-cli ARGS` on two CPU ranks. On timeout (e.g. ranks stuck in unmatched collectives) the whole
+    process group goes, workers included, and the test fails."""
     cmd = [
         sys.executable,
         "-m",
@@ -41,26 +49,51 @@ def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         *args,
         "logger.progress=false",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
+    env = {**(env or os.environ), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun did not finish within {timeout}s:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def _first_rows(path: Path, n: int, dest: Path) -> Path:
+    dest.write_text("".join(path.read_text().splitlines(keepends=True)[:n]))
+    return dest
+
+
 def test_sft_two_ranks(tiny, tmp_path):
     out = tmp_path / "sft"
+    # 9 examples, 4 per rank: each epoch's second global batch has 1 example left, which a short batch
+    # would hand to rank 0 alone (rank 1's slice empty).
+    data = _first_rows(tiny["sft"], 9, tmp_path / "sft9.jsonl")
     result = torchrun(
         "train-sft",
         f"model.name_or_path={tiny['model']}",
-        f"data.train={tiny['sft']}",
+        f"data.train={data}",
+        "data.eval_fraction=0",
         f"output_dir={out}",
         "train.max_steps=4",
         "train.save_every=2",
         "train.batch_size=4",
         "train.eval_every=0",
         cwd=tmp_path,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     # check_in_sync runs at every checkpoint: reaching final/ means the ranks' weights were identical.
@@ -93,6 +126,33 @@ def test_ppo_two_ranks(tiny, tmp_path):
     # episodes count prompts over both ranks
     assert metrics[-1]["episode"] == 2 * 4 * 2
     assert metrics[0]["objective/kl"] == 0.0
+
+
+def test_ppo_two_ranks_cross_an_epoch_boundary_with_equal_rows(tiny, tmp_path):
+    """25 prompts, 8 per rank: step 2 ends the data epoch with 9 prompts. Every rank must still roll out 8
+    rows, or the ranks run different numbers of minibatches and their collectives no longer match."""
+    data = _first_rows(tiny["prompts"], 25, tmp_path / "prompts25.jsonl")
+    rows_log = tmp_path / "rows"
+    result = torchrun(
+        "train-ppo",
+        f"model.name_or_path={tiny['model']}",
+        "reward_fn=ppo_rewards:record_rows",
+        f"data.train={data}",
+        f"output_dir={tmp_path / 'ppo'}",
+        "train.max_steps=3",
+        "train.save_every=0",
+        "train.batch_size=8",
+        "ppo.num_minibatches=2",
+        "ppo.epochs=1",
+        "generation.max_new_tokens=4",
+        "sample_every=0",
+        cwd=tmp_path,
+        env=cli_env(PPO_TEST_ROWS_LOG=str(rows_log)),
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {rank: Path(f"{rows_log}.{rank}").read_text().split() for rank in (0, 1)}
+    assert rows == {0: ["8", "8", "8"], 1: ["8", "8", "8"]}, rows
 
 
 def test_default_output_dir_is_shared_by_ranks(tiny, tmp_path):
@@ -133,3 +193,186 @@ def test_check_in_sync_detects_divergence(same):
     results = manager.dict()
     mp.spawn(_sync_worker, args=(_free_port(), same, results), nprocs=2, join=True)
     assert set(results.values()) == ({"ok"} if same else {"diverged"})
+
+
+# ------------------------------------------------------------------------- collectives and devices
+# nccl serves only CUDA tensors: a CPU tensor in a collective fails there ("No backend type associated
+# with device type cpu") although gloo takes it. So every collective goes through ppo_cli.dist, whose
+# helpers move tensors to DistInfo.device; these tests hold both halves of that rule without a GPU.
+
+PACKAGE = Path(dist.__file__).parent
+TENSOR_COLLECTIVES = {
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "broadcast",
+    "reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "gather",
+    "scatter",
+    "all_to_all",
+}
+
+
+def _uses_torch_distributed(tree: ast.AST) -> list[int]:
+    """Lines that import or name torch.distributed (DDP, from torch.nn.parallel, does not count)."""
+
+    def names(node: ast.AST) -> list[str]:
+        if isinstance(node, ast.Import):
+            return [a.name for a in node.names]
+        if isinstance(node, ast.ImportFrom):
+            return [f"{node.module}.{a.name}" for a in node.names]
+        return [ast.unparse(node)] if isinstance(node, ast.Attribute) else []
+
+    return [
+        node.lineno
+        for node in ast.walk(tree)
+        if any(n == "torch.distributed" or n.startswith("torch.distributed.") for n in names(node))
+    ]
+
+
+def test_only_dist_module_talks_to_torch_distributed():
+    offenders = {
+        f"{path.relative_to(PACKAGE)}:{line}"
+        for path in PACKAGE.rglob("*.py")
+        if path.name != "dist.py"
+        for line in _uses_torch_distributed(ast.parse(path.read_text()))
+    }
+    assert not offenders, f"torch.distributed used outside ppo_cli/dist.py (use its helpers): {offenders}"
+
+
+class _Reached(Exception):
+    """Raised by the stand-in collectives: the helper got as far as talking to the process group."""
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def _helper_calls(info: DistInfo) -> dict:
+    def params():
+        p = torch.nn.Parameter(torch.ones(3))
+        p.grad = torch.ones(3)
+        return [p]
+
+    return {
+        "all_reduce_mean": lambda: dist.all_reduce_mean({"loss": 1.0}, info),
+        "any_flag": lambda: dist.any_flag(True, info),
+        "all_reduce_sum": lambda: dist.all_reduce_sum(torch.ones(3, dtype=torch.float64), info),
+        "all_gather_cat": lambda: dist.all_gather_cat(torch.ones(3), info),
+        "broadcast_parameters": lambda: dist.broadcast_parameters(params(), info),
+        "average_gradients": lambda: dist.average_gradients(params(), info),
+        "check_in_sync": lambda: dist.check_in_sync(params(), info),
+    }
+
+
+def test_every_helper_collective_sends_tensors_on_the_backend_device(monkeypatch):
+    """A non-CPU DistInfo.device (meta stands in for cuda here): each helper's first collective must get
+    its tensors there, never on the CPU where they were made."""
+    seen: dict[str, set] = {}
+
+    def stand_in(name):
+        def collective(*args, **kwargs):
+            seen[name] = {t.device for t in _tensors([*args, *kwargs.values()])}
+            raise _Reached
+
+        return collective
+
+    for name in TENSOR_COLLECTIVES:
+        monkeypatch.setattr(tdist, name, stand_in(name), raising=False)
+    info = DistInfo(rank=1, world_size=2, device=torch.device("meta"))
+    for helper, call in _helper_calls(info).items():
+        seen.clear()
+        with pytest.raises(_Reached):
+            call()
+        assert seen and all(devices == {info.device} for devices in seen.values()), (helper, seen)
+
+
+def test_every_collective_in_dist_is_a_helper_under_test():
+    """A new helper in dist.py that issues a tensor collective must join the device test above."""
+    tree = ast.parse(Path(dist.__file__).read_text())
+    issuing = {
+        fn.name
+        for fn in tree.body
+        if isinstance(fn, ast.FunctionDef)
+        for node in ast.walk(fn)
+        if isinstance(node, ast.Attribute)
+        and node.attr in TENSOR_COLLECTIVES
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "tdist"
+    }
+    assert issuing and issuing <= set(_helper_calls(DistInfo())), issuing - set(_helper_calls(DistInfo()))
+
+
+def _device_worker(rank: int, port: int, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    info = dist.init_distributed("cpu")
+    try:
+        grads = [torch.nn.Parameter(torch.zeros(2))]
+        grads[0].grad = torch.full((2,), float(rank))
+        dist.average_gradients(grads, info)
+        results[rank] = {
+            "device": str(info.device),
+            "mean": dist.all_reduce_mean({"x": float(rank)}, info)["x"],
+            "flag": dist.any_flag(rank == 1, info),
+            "sum": dist.all_reduce_sum(torch.tensor([1.0, rank]), info).tolist(),
+            "cat": dist.all_gather_cat(torch.tensor([float(rank)]), info).tolist(),
+            "grad": grads[0].grad.tolist(),
+            "whitened_as_one_process": _whitening_matches_one_process(info),
+        }
+    finally:
+        dist.cleanup(info)
+
+
+def _whitening_matches_one_process(info: DistInfo) -> bool:
+    """PPO's advantage whitening over two ranks' rows equals whitening all rows in one process."""
+    from types import SimpleNamespace
+
+    from ppo_cli.ppo_trainer import PPOTrainer
+    from ppo_cli.rlhf import masked_whiten
+
+    adv = torch.randn(4, 5, generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0]])
+    trainer = SimpleNamespace(run=SimpleNamespace(dist=info))
+    mine = PPOTrainer._whiten_global(trainer, adv[info.rank :: 2], mask[info.rank :: 2])
+    return torch.allclose(mine, masked_whiten(adv, mask)[info.rank :: 2], atol=1e-6)
+
+
+def test_helpers_on_two_gloo_ranks():
+    """The helpers' results on a real (gloo) group, and the device init_distributed picked for it."""
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_device_worker, args=(_free_port(), results), nprocs=2, join=True)
+    expected = {
+        "device": "cpu",
+        "mean": 0.5,
+        "flag": True,
+        "sum": [2.0, 1.0],
+        "cat": [0.0, 1.0],
+        "grad": [0.5, 0.5],
+        "whitened_as_one_process": True,
+    }
+    assert dict(results) == {0: expected, 1: expected}
+
+
+def test_init_on_gpus_sets_each_rank_device_before_the_nccl_group(monkeypatch):
+    """nccl's object collectives (broadcast_object) and barrier run on the current CUDA device: it must be
+    the rank's own before the group starts, and DistInfo.device must name it. (No GPU needed: the CUDA and
+    process-group calls are recorded, not made.)"""
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.append(("set_device", index)))
+    monkeypatch.setattr(tdist, "is_initialized", lambda: any(c[0] == "init" for c in calls))
+    monkeypatch.setattr(tdist, "init_process_group", lambda backend: calls.append(("init", backend)))
+    monkeypatch.setattr(tdist, "get_backend", lambda: "nccl")
+    info = dist.init_distributed("auto")
+    assert calls == [("set_device", 1), ("init", "nccl")]
+    assert info == DistInfo(rank=1, world_size=2, local_rank=1, device=torch.device("cuda", 1))

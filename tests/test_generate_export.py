@@ -287,3 +287,20 @@ def test_sequence_logprobs_match_a_plain_forward(tiny, adapters):
             logits = policy.model(input_ids=torch.tensor([p + r])).logits[0, len(p) - 1 : -1]
         expected = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(r)[:, None]).sum()
         assert batched[i].item() == pytest.approx(expected.item(), abs=1e-4)
+
+
+def test_generate_ignores_the_models_generation_config(tiny, tmp_path, monkeypatch):
+    """A base whose generation_config.json sets top_k=1, penalties, forced tokens, ... still samples from
+    plain softmax(z / T): nothing of that file reaches generate, which builds no logits processor at T=1."""
+    from ppo_helpers import hostile_base, leaked_generation_fields, record_generation
+
+    base, hostile = hostile_base(tiny["model"], tmp_path / "base")
+    policy = generate.load_policy(str(base), _model_cfg(), CPU)
+    seen = record_generation(policy.model, monkeypatch)
+    prompt = policy.tokenizer("Describe the river:")["input_ids"]
+    samples = generate.sample(policy, [prompt] * 16, max_new_tokens=8, temperature=1.0, batch_size=16)
+    assert leaked_generation_fields(seen["config"], hostile) == {}
+    assert [type(p).__name__ for p in seen["processors"]] == []
+    assert len(set(map(tuple, samples.response_ids))) > 1, samples.response_ids
+    # The model keeps its own generation config (an export of it must still carry the file's values).
+    assert policy.model.generation_config.top_k == hostile["top_k"]

@@ -1,6 +1,6 @@
 """train-ppo: the PPO trainer in-process, then the real CLI on the tiny Llama.
 
-Every row of /work/shared/PPO_CHECKLIST.md has a test; where it lives:
+Every implementation detail in docs/ppo-details.md has a test; where it lives:
 
 | row | test |
 |-----|------|
@@ -46,9 +46,13 @@ from ppo_helpers import (
     build_tiny_roles,
     cli_env,
     finish,
+    hostile_base,
+    leaked_generation_fields,
     make_trainer,
     ppo_config,
     read_metrics,
+    record_generation,
+    shift_rm_adapter,
     start_cli,
     tiny_adapters,
 )
@@ -60,7 +64,7 @@ from ppo_cli.data import pad_left
 from ppo_cli.dist import DistInfo
 from ppo_cli.errors import UserError
 from ppo_cli.rewards import call_reward_function, load_reward_function
-from ppo_cli.roles import POLICY
+from ppo_cli.roles import POLICY, REWARD
 
 CONTRACT_METRICS = [
     "objective/kl",
@@ -167,6 +171,24 @@ def test_row8_generation_and_scoring_agree(trainer_factory):
         torch.testing.assert_close(ro.logprobs[mask], old[mask], atol=1e-6, rtol=0)
 
 
+def test_row8_rollouts_ignore_the_models_generation_config(tiny, adapters, tmp_path, monkeypatch):
+    """A base whose generation_config.json sets top_k=1, penalties, forced tokens, ... : rollouts still
+    sample from softmax(z / T) with only the pad token suppressed, the distribution the logprobs use."""
+    base, hostile = hostile_base(tiny["model"], tmp_path / "base")
+    roles, tokenizer = build_tiny_roles(base, adapters["sft"], adapters["rm"])
+    cfg = ppo_config(base, tiny["prompts"], tmp_path / "run", "generation.temperature=1.0")
+    trainer = make_trainer(cfg, roles, tokenizer)
+    seen = record_generation(roles.model, monkeypatch)
+    ckpt.seed_everything(0)
+    responses = trainer.generate([trainer.prompts[0]["input_ids"]] * 16)[2]
+    assert leaked_generation_fields(seen["config"], hostile) == {}
+    (suppress,) = seen["processors"]
+    assert type(suppress).__name__ == "SuppressTokensLogitsProcessor"
+    assert suppress.suppress_tokens.tolist() == [tokenizer.pad_token_id]
+    assert len({tuple(r.tolist()) for r in responses}) > 1, responses
+    assert roles.model.get_base_model().generation_config.top_k == hostile["top_k"]  # restored
+
+
 def test_fused_first_pass_equals_separate_scoring_pass(trainer_factory):
     """One micro-batch per update: old logprobs and values come from the first update pass. The
     result — old numbers, metrics, trained weights — matches the separate no-grad scoring pass."""
@@ -191,6 +213,86 @@ def test_fused_first_pass_equals_separate_scoring_pass(trainer_factory):
     for a, b in zip(fused_w, w):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     assert stats["val/ratio"] != 1.0  # the second epoch saw the moved policy
+
+
+@pytest.fixture(scope="module")
+def shifted_rm(adapters, tmp_path_factory):
+    """The tiny RM with a score bias of +4: its scores sit far from PPO's normalised scale."""
+    return shift_rm_adapter(adapters["rm"], tmp_path_factory.mktemp("shifted") / "rm", 4.0)
+
+
+def test_critic_starts_on_the_normalised_score_scale(tiny, adapters, shifted_rm, tmp_path):
+    """The critic copies the RM, whose scores average about +3.5 here, while GAE's returns use the
+    scores normalised on the first batch (mean 0). Put on that scale when it is fixed, the first steps'
+    value loss and clipped fraction stay small (over 4 seeds: loss <= 0.56, clipfrac <= 0.34); left on
+    the raw scale, every value starts ~3 std away from its return (loss >= 2.7, clipfrac >= 0.57)."""
+    roles, tokenizer = build_tiny_roles(tiny["model"], adapters["sft"], shifted_rm)
+    cfg = ppo_config(
+        tiny["model"], tiny["prompts"], tmp_path / "run", "train.lr=1e-3", "train.mixed_precision=no"
+    )
+    trainer = make_trainer(cfg, roles, tokenizer)
+    trainer.fuse_first_pass = False  # the rollout's own value pass must already be on the scale
+    ckpt.seed_everything(0)
+    losses, clipfracs = [], []
+    for step in range(2):
+        ro, _ = trainer.rollout(trainer.prompts[4 * step : 4 * step + 4])
+        assert ro.raw_scores.mean() > 2  # the shift is there
+        if step == 0:
+            # V = the RM's score of each prefix (value adapter = reward adapter at the start), normalised.
+            R = ro.responses.shape[1]
+            with torch.no_grad(), roles.role(REWARD):
+                hidden = roles.hidden_states(ro.query_responses, ro.attention_mask)[:, -R - 1 : -1]
+                prefix_scores = roles.reward_head(hidden).squeeze(-1)
+            expected = rlhf.normalize_scores(prefix_scores, trainer.scale.mean, trainer.scale.std)
+            m = ro.response_mask
+            torch.testing.assert_close(ro.values[m], expected[m], atol=1e-4, rtol=0)
+        stats = trainer.update(ro)[0]
+        losses.append(stats["loss/value_avg"])
+        clipfracs.append(stats["val/clipfrac_avg"])
+    assert sum(losses) / 2 < 1.2 and sum(clipfracs) / 2 < 0.45, (losses, clipfracs)
+
+
+def test_critic_on_rm_stats_scale_from_the_start(tiny, adapters, shifted_rm, tmp_path):
+    """reward_normalization=rm_stats: the scale is known before PPO, so the critic is rescaled at
+    construction, once (a rollout does not rescale it again)."""
+    roles, tokenizer = build_tiny_roles(tiny["model"], adapters["sft"], shifted_rm)
+    cfg = ppo_config(tiny["model"], tiny["prompts"], tmp_path / "run", "ppo.reward_normalization=rm_stats")
+    ids = pad_left([p["input_ids"] for p in (make_trainer(cfg, roles, tokenizer).prompts[:4])], 0)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        raw_values = roles.values(ids, mask, 3)
+    trainer = make_trainer(cfg, roles, tokenizer, rm_stats=(3.0, 0.5))
+    with torch.no_grad():
+        torch.testing.assert_close(roles.values(ids, mask, 3), (raw_values - 3.0) / 0.5, atol=1e-4, rtol=0)
+        ckpt.seed_everything(0)
+        trainer.rollout(trainer.prompts[:4])
+        torch.testing.assert_close(roles.values(ids, mask, 3), (raw_values - 3.0) / 0.5, atol=1e-4, rtol=0)
+
+
+def test_row5_missing_eos_penalty_is_in_normalised_units(trainer_factory):
+    """The penalty comes off the normalised score (1.0 = one std of the SFT samples' scores, whatever
+    the reward source's scale), and the scale is fixed on the reward source's own scores."""
+    trainer = trainer_factory(
+        "ppo.missing_eos_penalty=1.0", "generation.max_new_tokens=3", "train.batch_size=8",
+        reward=lambda qr, mask, prompts, completions: torch.tensor([100.0 * len(c) for c in completions]),
+    )  # fmt: skip
+    sample = trainer.generate
+    eos, pad = trainer.eos_ids[0], trainer.tokenizer.pad_token_id
+
+    def even_rows_stop(prompt_ids):  # the tiny policy rarely stops on its own
+        ids, prompt_mask, responses, _ = sample(prompt_ids)
+        responses[::2, 1] = eos
+        return ids, prompt_mask, *rlhf.truncate_after_eos(responses, eos, pad)
+
+    trainer.generate = even_rows_stop
+    ckpt.seed_everything(0)
+    ro, _ = trainer.rollout(trainer.prompts[:8])
+    ended = rlhf.has_eos(ro.responses, ro.response_mask, trainer.eos_ids)
+    assert ended.any() and not ended.all(), ended  # both kinds of row in the batch
+    expected_raw = torch.tensor([100.0 * len(c) for c in ro.completions])
+    torch.testing.assert_close(ro.raw_scores, expected_raw)  # the source's scores, unpenalised
+    normalised = (expected_raw - expected_raw.mean()) / expected_raw.std()
+    torch.testing.assert_close(ro.scores, normalised - 1.0 * (~ended).float(), atol=1e-5, rtol=0)
 
 
 def test_row6_kl_and_masked_sums_count_real_tokens_only(trainer_factory):
@@ -250,12 +352,12 @@ def test_row14_epochs_over_reshuffled_minibatches(trainer_factory):
     seen: list[int] = []
     original = trainer.policy_logprobs
 
-    def recording(qr, mask, responses, role):
+    def recording(qr, mask, responses, role, **kwargs):
         for row in qr:
             seen.append(
                 next(i for i in range(len(ro.query_responses)) if torch.equal(ro.query_responses[i], row))
             )
-        return original(qr, mask, responses, role)
+        return original(qr, mask, responses, role, **kwargs)
 
     steps = []
     trainer.policy_logprobs = recording
@@ -343,6 +445,76 @@ def test_reward_function_results_are_checked():
     ):
         with pytest.raises(UserError, match=message):
             load_reward_function(spec)
+
+
+def test_entropy_avg_is_the_policy_entropy_over_response_tokens(trainer_factory):
+    """policy/entropy_avg is the entropy of softmax(logits / T) (the pad token suppressed, as in
+    sampling) averaged over the real response tokens; not the mean -logprob of the sampled tokens."""
+    trainer = trainer_factory("generation.temperature=0.7", "ppo.epochs=1", "train.mixed_precision=no")
+    assert trainer.fuse_first_pass  # one micro-batch, one epoch: a single value is logged
+    ckpt.seed_everything(0)
+    ro, _ = trainer.rollout(trainer.prompts[:4])
+    with torch.no_grad(), trainer.roles.role(POLICY):  # the policy before the update's one step
+        logits = trainer.roles.response_logits(ro.query_responses, ro.attention_mask, ro.responses.shape[1])
+    logits[..., trainer.tokenizer.pad_token_id] = float("-inf")
+    logp = torch.log_softmax(logits.float() / 0.7, -1)
+    per_token = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)  # 0 log 0 = 0 at the pad
+    expected = float(per_token[ro.response_mask].mean())
+
+    stats, _ = trainer.update(ro)
+    assert stats["policy/entropy_avg"] == pytest.approx(expected, abs=1e-5)
+    # Teeth: the mean negative logprob of the sampled tokens is a different number.
+    assert abs(float((-ro.logprobs)[ro.response_mask].mean()) - expected) > 1e-2
+
+
+def test_checkpoint_holds_and_restores_every_rng_state_cuda_included(trainer_factory, monkeypatch):
+    """A PPO checkpoint carries what capture_rng sees, the CUDA generators included (simulated: no GPU
+    is needed), and resume hands every state back."""
+    import random
+
+    import numpy as np
+
+    trainer = trainer_factory()
+    saved_cuda = [torch.tensor([1, 2, 3], dtype=torch.uint8), torch.tensor([4, 5], dtype=torch.uint8)]
+    cuda_now = {"state": saved_cuda}
+    restored_cuda: list = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [t.clone() for t in cuda_now["state"]])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored_cuda.append)
+
+    ckpt.seed_everything(3)
+    before = ckpt.capture_rng()
+    trainer.save(episode=4)
+    # Move every generator on, then resume from the checkpoint.
+    torch.rand(3), random.random(), np.random.rand()
+    cuda_now["state"] = [torch.tensor([9], dtype=torch.uint8)]
+    trainer.run.resume_from = ckpt.latest_checkpoint(trainer.run.output_dir)
+    assert trainer.restore() == 4
+
+    assert len(restored_cuda) == 1 and len(restored_cuda[0]) == 2
+    assert all(torch.equal(a, b) for a, b in zip(restored_cuda[0], saved_cuda))
+    after = ckpt.capture_rng()
+    assert torch.equal(after["torch"], before["torch"])
+    assert after["python"] == before["python"] and after["numpy"] == before["numpy"]
+
+
+def test_logged_lr_with_warmup(trainer_factory):
+    """`lr` at step s is the rate step s's updates used, not the next step's. 2 steps, warmup_ratio 0.5
+    -> ceil(1.0) = 1 warmup step, then linear decay: the factor at scheduler index 0 is 0/1 = 0, at
+    index 1 (2 - 1) / (2 - 1) = 1."""
+    trainer = trainer_factory(
+        "train.max_steps=2",
+        "train.warmup_ratio=0.5",
+        "train.lr=1e-3",
+        "ppo.epochs=1",
+        "generation.max_new_tokens=4",
+        "sample_every=0",
+    )
+    trainer.run.output_dir.mkdir(parents=True)
+    trainer.fit()
+    metrics = read_metrics(trainer.run.output_dir)
+    assert [m["lr"] for m in metrics] == pytest.approx([0.0, 1e-3], abs=1e-15)
 
 
 # ================================================================================================
@@ -610,9 +782,47 @@ def test_resume_after_sigkill_is_identical(resume_runs):
             assert torch.equal(ta[key], tb[key]), f"{rel}: {key} differs after resume"
 
     def comparable(run_dir):
-        return [{k: v for k, v in m.items() if not k.startswith("time/")} for m in read_metrics(run_dir)]
+        # Times and peak memory (process RSS) are not the run's numbers.
+        skip = ("time/", "memory/")
+        return [{k: v for k, v in m.items() if not k.startswith(skip)} for m in read_metrics(run_dir)]
 
     assert comparable(a) == comparable(b)
+
+
+def test_without_sft_adapter_the_critic_keeps_training_and_resumes(tiny, adapters, tmp_path):
+    """No sft_checkpoint: the reference is the bare base. Its passes must not freeze the value adapter:
+    checkpoints hold it, it keeps moving, and a run killed after a checkpoint resumes with resume=auto
+    (which checks the checkpoint against the run's trainable parameters)."""
+    out = tmp_path / "no-sft"
+    args = ppo_cli_args(
+        tiny,
+        out,
+        f"model.name_or_path={tiny['model']}",
+        f"reward_checkpoint={adapters['rm']}",
+        "train.max_steps=4",
+        "train.save_every=1",
+        "train.lr=3e-3",
+        "ppo.epochs=1",
+        "sample_every=0",
+    )
+    killed = start_cli(*args, log=tmp_path / "logs" / "killed")
+    step1 = out / "checkpoints" / "step-000001"
+    deadline = time.monotonic() + 300
+    while not step1.is_dir():
+        assert killed.poll() is None, finish(killed).stderr[-3000:]
+        assert time.monotonic() < deadline, "no step-1 checkpoint"
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    finish(killed)
+    first = ckpt.load_checkpoint(ckpt.latest_checkpoint(out)).trainable  # step 1 or a later one
+    resumed = finish(start_cli(*args, "resume=auto", log=tmp_path / "logs" / "resumed"))
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert "resumed at" in resumed.stdout
+
+    last = ckpt.load_checkpoint(out / "checkpoints" / "step-000004").trainable
+    value_lora = [k for k in first if ".value." in k and "lora_" in k]
+    assert value_lora and first.keys() == last.keys()
+    assert any(not torch.equal(first[k], last[k]) for k in value_lora)  # the value adapter trained on
 
 
 def test_first_ratio_is_one_with_minibatches(resume_runs):
@@ -628,6 +838,14 @@ def test_first_ratio_is_one_with_minibatches(resume_runs):
     assert any(m["val/ratio"] != 1.0 for m in metrics)
     coefs = [m["objective/kl_coef"] for m in metrics]
     assert len(set(coefs)) == 4  # the adaptive controller moved every step (its state is resumed above)
+
+
+def test_logged_lr_is_the_rate_each_step_used(resume_runs):
+    """`lr` at step s is the rate step s's updates used (the resumed run B logs the same: see above).
+    train-ppo's defaults: no warmup, linear decay; train.lr=3e-3 over 4 steps: the factor at scheduler
+    index i is (4 - i) / 4 = 1, 0.75, 0.5, 0.25 (see test_logged_lr_with_warmup for a warmup)."""
+    metrics = read_metrics(resume_runs["A"][1])
+    assert [m["lr"] for m in metrics] == pytest.approx([3e-3, 2.25e-3, 1.5e-3, 0.75e-3], abs=1e-12)
 
 
 def test_final_loads_with_plain_transformers_and_peft(tiny, adapters, resume_runs):

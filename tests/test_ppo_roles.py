@@ -1,6 +1,6 @@
 """PPO's four roles on one base (ppo_cli/roles.py), on the tiny Llama, in-process.
 
-PPO_CHECKLIST.md rows tested here: 1 (pad != eos), 2 (left padding), 4 (reward at the last real token,
+Details of docs/ppo-details.md tested here: 1 (pad != eos), 2 (left padding), 4 (reward at the last real token,
 equal to the plain peft RM), 9 (dropout off), 10 (critic initialised from the RM), and the role
 set-up itself (which weights train, reference = SFT). The adapters are hand-made in
 tests/ppo_helpers.py (non-zero LoRA B, random score head), so no other stage is needed.
@@ -257,3 +257,73 @@ def test_row9_disable_dropout_covers_gpt2_and_lora_dropout(tiny_factory):
     disable_dropout(model)
     a, b = _two_passes(model, ids, mask)
     assert torch.equal(a, b)
+
+
+# -- the trainable set survives every role switch ----------------------------------------------------
+def _trainable(roles) -> set[str]:
+    return {n for n, p in roles.named_parameters() if p.requires_grad}
+
+
+def test_reference_without_sft_adapter_is_the_base_and_keeps_the_trainable_set(tiny, adapters):
+    """No SFT adapter (SFT was full fine-tuning, or no sft_checkpoint): the reference is the bare base.
+    Running it must not freeze the value adapter (peft's disable_adapter re-enables only "default")."""
+    roles, tokenizer = build_tiny_roles(tiny["model"], None, adapters["rm"])
+    trainable = _trainable(roles)
+    assert any(f".{VALUE}." in n for n in trainable)
+    ids, mask = left_padded(encode_rows(tokenizer), tokenizer.pad_token_id)
+    with torch.no_grad():
+        with roles.role(REFERENCE):
+            reference = roles.response_logits(ids, mask, 5)
+        base = load_base(tiny["model"], tokenizer).eval()
+        plain = base(input_ids=ids, attention_mask=mask, position_ids=rlhf.position_ids_from_mask(mask))
+        with roles.role(REWARD):
+            other = roles.response_logits(ids, mask, 5)
+    # The pad token's output row is drawn afresh by each load (it is new to the tiny vocabulary).
+    keep = torch.arange(reference.shape[-1]) != tokenizer.pad_token_id
+    torch.testing.assert_close(reference[..., keep], plain.logits[:, -6:-1][..., keep], atol=1e-5, rtol=0)
+    assert (reference - other).abs().max() > 1e-2  # the adapters are back on after the reference pass
+    lost = trainable - _trainable(roles)
+    assert not lost, f"a reference pass froze {len(lost)} trainable parameters, e.g. {sorted(lost)[:2]}"
+
+
+@pytest.mark.parametrize("with_sft", [True, False])
+def test_every_role_leaves_the_trainable_set_as_built(tiny, adapters, with_sft):
+    """After any role context exits — nested, left by an exception, or with a peft call inside that
+    rewrites requires_grad — exactly the parameters that trained at construction train again."""
+    roles, _ = build_tiny_roles(tiny["model"], adapters["sft"] if with_sft else None, adapters["rm"])
+    trainable = _trainable(roles)
+    for role in (POLICY, REFERENCE, REWARD, VALUE):
+        with roles.role(role):
+            pass
+        assert _trainable(roles) == trainable, role
+        with roles.role(role), roles.role(REFERENCE), roles.role(VALUE):
+            pass
+        assert _trainable(roles) == trainable, role
+        with pytest.raises(RuntimeError), roles.role(role):
+            raise RuntimeError("a failed pass")
+        assert _trainable(roles) == trainable, role
+        with roles.role(role), roles.model.disable_adapter():
+            pass
+        assert _trainable(roles) == trainable, role
+
+
+# -- the critic on PPO's score scale -----------------------------------------------------------------
+def test_normalize_head_hand_computed():
+    """w' = w / std, b' = (b - mean) / std: the head's outputs become normalize_scores(outputs)."""
+    from ppo_cli.roles import normalize_head
+
+    weight, bias = torch.tensor([[2.0, -4.0, 1.0]]), torch.tensor([3.0])
+    new_weight, new_bias = normalize_head(weight, bias, mean=1.0, std=2.0)
+    torch.testing.assert_close(new_weight, torch.tensor([[1.0, -2.0, 0.5]]))
+    torch.testing.assert_close(new_bias, torch.tensor([1.0]))
+    hidden = torch.tensor([[1.0, 1.0, 2.0], [0.0, -1.0, 4.0]])  # raw outputs 3 and 11
+    torch.testing.assert_close(hidden @ new_weight.T + new_bias, torch.tensor([[1.0], [5.0]]))
+    torch.testing.assert_close(
+        hidden @ new_weight.T + new_bias, rlhf.normalize_scores(hidden @ weight.T + bias, 1.0, 2.0)
+    )
+    # A head without a bias (Llama's score head) gets one: the mean has to go somewhere.
+    new_weight, new_bias = normalize_head(weight, None, mean=2.0, std=4.0)
+    torch.testing.assert_close(new_weight, torch.tensor([[0.5, -1.0, 0.25]]))
+    torch.testing.assert_close(new_bias, torch.tensor([-0.5]))
+    # The inputs are left alone (the head is rewritten by copying, once).
+    assert weight.tolist() == [[2.0, -4.0, 1.0]] and bias.tolist() == [3.0]

@@ -22,6 +22,7 @@ from ppo_cli.data import (
     build_sft_examples,
     encode_sft_row,
     prompt_of,
+    turn_end_id,
 )
 from ppo_cli.errors import UserError
 from ppo_cli.preferences import build_pair_examples, encode_pair
@@ -110,7 +111,8 @@ def test_preference_rows_encode_consistently_or_raise_user_error(tokenizer, data
         return
     for side in ("chosen", "rejected"):
         _check_ids(pair[side], tokenizer)
-        assert pair[side][-1] == tokenizer.eos_token_id  # the RM scores the last token: EOS
+        # The RM scores the last token: where a response stops (EOS, or the template's <|im_end|>).
+        assert pair[side][-1] in (tokenizer.eos_token_id, turn_end_id(tokenizer))
     assert pair["margin"] is None or isinstance(pair["margin"], float)
     examples, report = build_pair_examples(tokenizer, [row], 6, "truncate")
     for example in examples:
@@ -224,26 +226,31 @@ def test_overrides_compose_and_resolve_or_exit_2(overrides, stage, capsys):
     n=st.integers(1, 40),
     batch_size=st.integers(1, 12),
     seed=st.integers(0, 2**31 - 1),
-    drop_last=st.booleans(),
+    last=st.sampled_from(["short", "drop", "pad"]),
     stop=st.integers(0, 30),
     more=st.integers(1, 30),
 )
-def test_epoch_batches_resume_from_any_point(n, batch_size, seed, drop_last, stop, more):
-    uninterrupted = EpochBatches(n, batch_size, seed, drop_last)
+def test_epoch_batches_resume_from_any_point(n, batch_size, seed, last, stop, more):
+    drop_last, pad_last = last == "drop", last == "pad"
+    uninterrupted = EpochBatches(n, batch_size, seed, drop_last, pad_last)
     expected = [uninterrupted.next() for _ in range(stop + more)]
 
-    first = EpochBatches(n, batch_size, seed, drop_last)
+    first = EpochBatches(n, batch_size, seed, drop_last, pad_last)
     for _ in range(stop):
         first.next()
     state = json.loads(json.dumps(first.state_dict()))  # as stored in trainer_state.json
-    resumed = EpochBatches(n, batch_size, seed, drop_last)
+    resumed = EpochBatches(n, batch_size, seed, drop_last, pad_last)
     resumed.load_state_dict(state)
     assert [resumed.next() for _ in range(more)] == expected[stop:]
 
-    # Every batch is a non-empty slice of one epoch's permutation; without drop_last an epoch covers all.
+    # Every batch is a non-empty slice of one epoch's permutation (padded with the permutation's head
+    # under pad_last, which makes every batch full); without drop_last an epoch covers all.
     per_epoch = uninterrupted.batches_per_epoch()
     for epoch in range(len(expected) // per_epoch):
         batches = expected[epoch * per_epoch : (epoch + 1) * per_epoch]
+        if pad_last:
+            assert all(len(b) == batch_size for b in batches)
+            batches[-1] = batches[-1][: n - (per_epoch - 1) * batch_size]
         flat = [i for b in batches for i in b]
         assert all(batches) and len(set(flat)) == len(flat) and set(flat) <= set(range(n))
         if not drop_last:

@@ -149,6 +149,18 @@ def test_entropy_hand_computed():
     close(entropy_from_logits(torch.tensor([[[0.0, 2 * math.log(3.0)]]]), temperature=2.0), [[0.5623351]])
 
 
+def test_entropy_with_suppressed_tokens_and_its_extremes():
+    """PPO's scoring logits carry -inf for the pad token (never sampled): a zero-probability entry adds
+    nothing to the entropy (0 * -inf must not turn it into NaN)."""
+    V = 1000
+    uniform = torch.zeros(1, 1, V)
+    close(entropy_from_logits(uniform), [[math.log(V)]])  # ln 1000 = 6.9077553
+    # Uniform over 3 tokens, the 4th suppressed: ln 3 = 1.0986123
+    close(entropy_from_logits(torch.tensor([[[1.0, 1.0, 1.0, float("-inf")]]])), [[1.0986123]])
+    # One-hot-ish: logits [50, 0, 0, -inf]: p(others) = e^-50 each ~ 2e-22, H ~ 2 * 51 * e^-50 ~ 2e-20 -> 0
+    close(entropy_from_logits(torch.tensor([[[50.0, 0.0, 0.0, float("-inf")]]]), temperature=1.0), [[0.0]])
+
+
 # ------------------------------------------------------------------------------------------------
 # Masked statistics
 # ------------------------------------------------------------------------------------------------

@@ -227,7 +227,6 @@ def test_output_tree(runs):
         for key in ("loss", "lr", "tokens_per_second"):
             assert math.isfinite(m[key]), m
         assert m["tokens_per_second"] > 0
-    assert train_lines[0]["lr"] > 0
     eval_steps = [m["step"] for m in lines if "eval/loss" in m]
     assert eval_steps == [3, STEPS]  # train.eval_every=3, and once at the end
     assert all(math.isfinite(m["eval/loss"]) for m in lines if "eval/loss" in m)
@@ -261,8 +260,17 @@ def test_output_tree(runs):
     assert not [p for p in out.rglob(".*tmp*")]
 
 
+def test_logged_lr_is_the_rate_each_step_used(runs):
+    """`lr` at step s is the rate step s's optimizer update used. train-sft's lr 2e-4 over 6 steps with
+    warmup_ratio 0.03 -> ceil(0.18) = 1 warmup step, then cosine: the factor at scheduler index i is
+    0/1 = 0 for i = 0, else 0.5 (1 + cos(pi (i - 1) / 5)): 1, 0.9045085, 0.6545085, 0.3454915, 0.0954915."""
+    train_lines = [m for m in metrics(runs["lora"].output_dir) if "loss" in m]
+    factors = [0.0, 1.0, 0.9045085, 0.6545085, 0.3454915, 0.0954915]
+    assert [m["lr"] for m in train_lines] == pytest.approx([2e-4 * f for f in factors], abs=1e-11)
+
+
 def _plain_policy(base: Path, final: Path, resize: bool = False):
-    """The policy as a user without ppo-cli loads it: CONTRACT.md's transformers + peft load, word for word.
+    """The policy as a user without ppo-cli loads it: the README's transformers + peft load, word for word.
 
     resize=True: grow the base to the saved tokenizer first (peft's recipe for an added token), which padded
     batches need when the run added a pad token the base has no row for (the tiny tokenizer has none).
@@ -424,3 +432,41 @@ def test_rerun_of_a_complete_run_does_nothing(runs, files, interrupted):
     run.check()
     assert "nothing to do" in " ".join(run.output.split())
     assert snapshot(out) == before
+
+
+def test_checkpoint_holds_and_restores_every_rng_state_cuda_included(tmp_path, monkeypatch):
+    """The SFT/RM loop's checkpoint carries what capture_rng sees, the CUDA generators included
+    (simulated: no GPU is needed), and resume hands every state back."""
+    import random
+
+    import numpy as np
+    from omegaconf import OmegaConf
+
+    from ppo_cli.config import SFTConfig
+    from ppo_cli.run import StageRun
+    from ppo_cli.trainer import SupervisedTask, SupervisedTrainer
+
+    cfg = OmegaConf.structured(SFTConfig)
+    cfg.output_dir, cfg.train.device, cfg.train.max_steps = str(tmp_path / "run"), "cpu", 2
+    task = SupervisedTask(torch.nn.Linear(2, 1), [0, 1], [], None, None, None, {})
+    trainer = SupervisedTrainer(StageRun(cfg, "sft"), task)
+    saved_cuda = [torch.tensor([1, 2, 3], dtype=torch.uint8)]
+    cuda_now = {"state": saved_cuda}
+    restored_cuda: list = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [t.clone() for t in cuda_now["state"]])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored_cuda.append)
+
+    ckpt.seed_everything(3)
+    before = ckpt.capture_rng()
+    trainer.save()
+    torch.rand(3), random.random(), np.random.rand()  # move every generator on
+    cuda_now["state"] = [torch.tensor([9], dtype=torch.uint8)]
+    trainer.run.resume_from = ckpt.latest_checkpoint(trainer.run.output_dir)
+    trainer.restore()
+
+    assert len(restored_cuda) == 1 and torch.equal(restored_cuda[0][0], saved_cuda[0])
+    after = ckpt.capture_rng()
+    assert torch.equal(after["torch"], before["torch"])
+    assert after["python"] == before["python"] and after["numpy"] == before["numpy"]

@@ -85,8 +85,10 @@ def test_conversation_rows_go_through_the_chat_template(tokenizer):
     rejected = [{"role": "assistant", "content": "bad"}]
     pair = encode_pair(tokenizer, row({"prompt": prompt, "chosen": chosen, "rejected": rejected}))
     rendered = tokenizer.apply_chat_template([*prompt, *chosen], tokenize=False)
-    expected = ids(tokenizer, rendered, False)
-    expected = expected if expected[-1] == tokenizer.eos_token_id else [*expected, tokenizer.eos_token_id]
+    # Up to the <|im_end|> that closes the answer, where PPO's response stops (tests/test_templates.py);
+    # the template's newline after it is not part of the scored sequence.
+    assert rendered.endswith("<|im_end|>\n")
+    expected = ids(tokenizer, rendered[: -len("\n")], False)
     assert pair["chosen"] == expected
     implicit = encode_pair(tokenizer, row({"chosen": [*prompt, *chosen], "rejected": [*prompt, *rejected]}))
     assert implicit["chosen"] == expected
@@ -277,7 +279,7 @@ def test_final_loads_with_plain_transformers_and_peft(rm_run, tiny, separable):
     batch = collate_pairs(examples, tok.pad_token_id)  # right-padded: 6 chosen, then 6 rejected
     sequences = [e["chosen"] for e in examples] + [e["rejected"] for e in examples]
 
-    # CONTRACT.md's load, word for word; one unpadded sequence at a time.
+    # The README's load, word for word; one unpadded sequence at a time.
     plain = PeftModel.from_pretrained(
         AutoModelForSequenceClassification.from_pretrained(tiny["model"], num_labels=1), final
     ).eval()
