@@ -3,8 +3,9 @@
 Every subcommand module calls `hydra_app(config_name)(run)` to get its `main()`. Hydra composes the
 config; `run(cfg)` gets it fully resolved. Anything the user got wrong surfaces as one paragraph on
 stderr with exit code 2 and no traceback: composition errors (unknown key, wrong type, missing config
-group option) are caught by `precheck` before Hydra runs the job, and `UserError`s raised by a stage
-are caught around `run`.
+group option) and keys added with `+` that the schema does not declare are caught by `precheck` before
+Hydra runs the job, and `UserError`s raised by a stage are caught around `run`. A train-* command whose
+output_dir holds a run of its stage continues it from the run's config.yaml (ppo_cli/resume_config.py).
 """
 
 from __future__ import annotations
@@ -36,14 +37,54 @@ def fail(message: str, command: str | None = None) -> None:
     sys.exit(EXIT_USAGE)
 
 
-def describe_composition_error(exc: BaseException, command: str) -> str:
-    """Turn Hydra/OmegaConf's multi-line composition error into one readable paragraph."""
-    lines: list[str] = []
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        lines.extend(line.strip() for line in str(exc).splitlines() if line.strip())
+def config_name_of(command: str) -> str:
+    """The config a subcommand composes: train-sft -> train_sft."""
+    return command.replace("-", "_")
+
+
+def unknown_key_message(key: str, command: str, key_prefix: str = "") -> str:
+    """An unknown key, with the nearest key of the schema (never Hydra's advice to add it with `+`: a key
+    the schema does not declare is read by nothing, so adding it would be silently ignored)."""
+    from ppo_cli.schema import did_you_mean, schema_class, schema_keys
+
+    known = schema_keys(schema_class(config_name_of(command)))
+    hint = did_you_mean(key, known).replace(" Did you mean ", f" Did you mean {key_prefix}")
+    return (
+        f"unknown key {key_prefix}{key}: ppo-cli {command} has no such setting.{hint} "
+        f"See every key and its default with `ppo-cli {command} --cfg job`."
+    )
+
+
+def reject_unknown_keys(cfg: DictConfig, command: str, key_prefix: str = "") -> None:
+    """Keys added with `+key=value` that the schema does not declare are an error, as a typo without `+` is:
+    the run would accept them and ignore them."""
+    from ppo_cli.schema import unknown_keys
+
+    unknown = unknown_keys(cfg)
+    if unknown:
+        raise UserError(unknown_key_message(unknown[0], command, key_prefix))
+
+
+def _chain(exc: BaseException | None) -> list[BaseException]:
+    found: list[BaseException] = []
+    while exc is not None and all(exc is not e for e in found):
+        found.append(exc)
         exc = exc.__cause__ or exc.__context__
+    return found
+
+
+def describe_composition_error(exc: BaseException, command: str, key_prefix: str = "") -> str:
+    """Turn Hydra/OmegaConf's multi-line composition error into one readable paragraph. `key_prefix` is put
+    before the keys it names (the pipeline's `ppo.` for the ppo stage's keys)."""
+    import re
+
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    chain = _chain(exc)
+    lines = [line.strip() for e in chain for line in str(e).splitlines() if line.strip()]
+    overridden = [m.group(1) for m in (re.match(r"Could not override '(.+)'", ln) for ln in lines) if m]
+    if overridden and any(isinstance(e, ConfigKeyError | ConfigAttributeError) for e in chain):
+        return unknown_key_message(overridden[0], command, key_prefix)
     full_key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), None)
     kept = [
         ln.rstrip(".")
@@ -56,6 +97,15 @@ def describe_composition_error(exc: BaseException, command: str) -> str:
         f"invalid configuration{key_hint}: {message} "
         f"See every key and its default with `ppo-cli {command} --cfg job`."
     )
+
+
+def hydra_quote(value: str) -> str:
+    """`value` as a quoted string of Hydra's override grammar. Inside quotes Hydra unescapes only the
+    backslashes before a quote or at the end, so exactly those are doubled."""
+    import re
+
+    escaped = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value).replace("'", "\\'")
+    return f"'{escaped}'"
 
 
 def missing_required(cfg: DictConfig) -> list[str]:
@@ -92,6 +142,10 @@ def precheck(config_name: str, overrides: list[str], command: str) -> DictConfig
         fail(describe_composition_error(exc, command), command)
     finally:
         GlobalHydra.instance().clear()
+    try:
+        reject_unknown_keys(cfg, command)
+    except UserError as exc:
+        fail(str(exc), command)
     return cfg
 
 
@@ -148,13 +202,40 @@ def quiet_libraries() -> None:
     os.environ.setdefault("DATASETS_VERBOSITY", "error")
 
 
+def command_line_overrides() -> list[str] | None:
+    """The overrides of the running Hydra job as typed; None outside a Hydra job."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    # Unresolved: Hydra keeps them in a config, where `data.train=${oc.env:X}` would resolve on reading.
+    return OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False)
+
+
+def continue_saved_run(cfg: DictConfig, command: str, overrides: list[str]) -> DictConfig:
+    """A train-* command whose output_dir holds a run of its stage starts from the run's config.yaml, with
+    the command line on top (see ppo_cli/resume_config.py); any other command's config is returned as is."""
+    import os
+
+    from ppo_cli.resume_config import describe_changes, merge_saved_config
+
+    if not command.startswith("train-"):
+        return cfg
+    merged, changed, dropped = merge_saved_config(cfg, command.removeprefix("train-"), overrides)
+    if merged is not cfg and os.environ.get("RANK", "0") == "0":
+        print(f"ppo-cli {command}: {describe_changes(merged.output_dir, changed, dropped)}")
+    return merged
+
+
 def hydra_app(
     config_name: str, command: str, prepare: Callable[[DictConfig], None] | None = None
-) -> Callable[[Callable[[DictConfig], object]], Callable[[], None]]:
+) -> Callable[[Callable[[DictConfig], object]], Callable[..., None]]:
     """Decorator: `run(cfg)` becomes a Hydra app whose user errors exit 2 with one paragraph.
 
+    From the command line (`main()`), Hydra composes the config and a train-* command continues the run in
+    output_dir from its saved config. `main(cfg)` runs an already composed config as it is (the pipeline).
     `prepare(cfg)` runs before the required-keys check: it may fill values the user left unset (e.g. the
-    base model, read from an SFT checkpoint).
+    base model, read from an SFT checkpoint); it is also `main.prepare`, for `--cfg job` to show them.
     """
     import hydra
 
@@ -162,14 +243,15 @@ def hydra_app(
 
     register_configs()
 
-    def decorate(run: Callable[[DictConfig], object]) -> Callable[[], None]:
-        @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=config_name)
-        @functools.wraps(run)
-        def main(cfg: DictConfig) -> None:
+    def decorate(run: Callable[[DictConfig], object]) -> Callable[..., None]:
+        def checked_run(cfg: DictConfig, overrides: list[str] | None) -> None:
             quiet_libraries()
             try:
+                reject_unknown_keys(cfg, command)  # `-m` runs skip the dispatcher's precheck
                 # Resolve once: ${now:...} in output_dir must not change between reads.
                 resolve_or_fail(cfg, command)
+                if overrides is not None:
+                    cfg = continue_saved_run(cfg, command, overrides)
                 if prepare is not None:
                     prepare(cfg)
                 check_required(cfg)
@@ -189,6 +271,19 @@ def hydra_app(
                 print(f"\nppo-cli {command}: interrupted.", file=sys.stderr)
                 sys.exit(130)
 
+        @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=config_name)
+        @functools.wraps(run)  # Hydra names the job after the task function's module
+        def from_command_line(cfg: DictConfig) -> None:
+            checked_run(cfg, command_line_overrides())
+
+        @functools.wraps(run)
+        def main(cfg: DictConfig | None = None) -> None:
+            if cfg is None:
+                from_command_line()
+            else:
+                checked_run(cfg, None)
+
+        main.prepare = prepare
         return main
 
     return decorate

@@ -68,7 +68,7 @@ def usage() -> str:
         *(f"  {name:<{width}}  {help_}" for name, (_, _, help_) in COMMANDS.items()),
         "",
         "Every command takes Hydra overrides (key=value, +key=value, ~key, group=option) and Hydra's flags",
-        "(--cfg job, --help, -m). `ppo-cli COMMAND --help` lists a command's config.",
+        "(--cfg job, --help, -m). `ppo-cli COMMAND --help` lists a command's config and what each key means.",
     ]
     return "\n".join(lines)
 
@@ -88,11 +88,53 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"unknown command '{command}'. Choose one of: {', '.join(COMMANDS)} (see `ppo-cli --help`).")
     module_name, config_name, _ = COMMANDS[command]
     flags, overrides = split_hydra_args(args[1:])
-    if not _NO_PRECHECK_FLAGS.intersection(flags):
-        precheck(config_name, overrides, command)
+    cfg = None if _NO_PRECHECK_FLAGS.intersection(flags) else precheck(config_name, overrides, command)
     module = importlib.import_module(module_name)
+    if cfg is not None and {"--cfg", "-c"}.intersection(flags):
+        overrides = [*overrides, *filled_at_run_time(cfg, getattr(module.main, "prepare", None))]
     sys.argv = [f"ppo-cli {command}", *flags, *overrides]
+    if {"--help", "-h"}.intersection(flags):
+        help_with_descriptions(module.main, config_name)
     module.main()
+
+
+def filled_at_run_time(cfg, prepare) -> list[str]:
+    """Overrides setting what the command fills in itself before it runs (train-rm's and train-ppo's
+    model.name_or_path, read from sft_checkpoint), so that `--cfg job` shows the value the run will use."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from ppo_cli.app import hydra_quote, missing_required
+    from ppo_cli.errors import UserError
+
+    if prepare is None:
+        return []
+    cfg = cfg.copy()
+    missing = missing_required(cfg)
+    try:
+        prepare(cfg)
+    except (UserError, OmegaConfBaseException):
+        return []  # shown as it was given; running it reports the problem
+    still = set(missing_required(cfg))
+    return [f"{key}={hydra_quote(str(OmegaConf.select(cfg, key)))}" for key in missing if key not in still]
+
+
+def help_with_descriptions(main, config_name: str) -> None:
+    """Hydra's --help with each key's description (ppo_cli/config.py's comments) above it; exits."""
+    import contextlib
+    import io
+
+    from ppo_cli.schema import annotate_config_yaml, field_descriptions, schema_class
+
+    captured = io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(captured):
+        try:
+            main()
+        except SystemExit as exc:
+            code = exc.code
+    print(annotate_config_yaml(captured.getvalue(), field_descriptions(schema_class(config_name))), end="")
+    sys.exit(code)
 
 
 if __name__ == "__main__":

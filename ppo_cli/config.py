@@ -3,8 +3,9 @@
 Each dataclass is a config group; the stage configs at the bottom compose them. They are registered
 with Hydra's ConfigStore as schemas (``schema_<stage>``) that the YAML files in ``conf/`` extend, so a
 mistyped key or a value of the wrong type is an error at composition time, before any model loads.
-The one-line comment above each field is its documentation (``ppo-cli <stage> --cfg job`` shows the
-values).
+The comment lines right above each field are its documentation: ``ppo-cli <stage> --help`` shows them
+next to the defaults (ppo_cli/schema.py reads them from this file, so every field needs one), and
+``ppo-cli <stage> --cfg job`` shows the composed values.
 """
 
 from __future__ import annotations
@@ -115,8 +116,8 @@ class TrainConfig:
     eval_every: int = 100
     # Keep the newest N checkpoints (older ones are deleted).
     keep_last: int = 2
-    # Autocast: auto (bf16 on a bf16-capable GPU, else fp16; on CPU bf16 with AMX/AVX512-BF16, else none),
-    # bf16 (also on any CPU), fp16, or no (plain fp32).
+    # Autocast: auto (bf16 on a bf16-capable GPU or a CPU with AMX/AVX512-BF16, else none), bf16 (also on
+    # any CPU), or no (plain fp32). Trainable weights and optimizer state are fp32 in every case.
     mixed_precision: str = "auto"
     # Device: auto (cuda when available), cpu, cuda, cuda:1, ...
     device: str = "auto"
@@ -126,10 +127,15 @@ class TrainConfig:
 class StageConfig:
     """Keys every stage shares."""
 
+    # The base model (group model=NAME: a preset of conf/model/).
     model: ModelConfig = field(default_factory=ModelConfig)
+    # LoRA adapter or full fine-tuning (group lora=default, all-linear or full).
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # The training data (group data=NAME: a preset of conf/data/).
     data: DataConfig = field(default_factory=DataConfig)
+    # Optimisation, schedule, checkpoints, precision and device.
     train: TrainConfig = field(default_factory=TrainConfig)
+    # Console, metrics and Weights & Biases (group logger=default, wandb or wandb-offline).
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     # Where the run writes; a fresh timestamped directory under outputs/<stage>/ by default.
     output_dir: str = MISSING
@@ -203,7 +209,9 @@ class PPOStageConfig(StageConfig):
     reward_checkpoint: str | None = None
     # A `package.module:function` scoring (prompts, completions) -> list[float], instead of an RM.
     reward_fn: str | None = None
+    # Sampling of the rollouts.
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    # The PPO update, KL penalty and reward scaling.
     ppo: PPOConfig = field(default_factory=PPOConfig)
     # Show a table of sample completions every N steps (0 = never).
     sample_every: int = 10
@@ -248,8 +256,11 @@ class GenerateConfig:
     output: str = MISSING
     # Replace `output` if it exists (otherwise an existing file is an error).
     overwrite: bool = False
+    # The base model under an adapter checkpoint, and how to load it.
     model: CheckpointModelConfig = field(default_factory=CheckpointModelConfig)
+    # The prompts to complete.
     data: PromptsConfig = field(default_factory=PromptsConfig)
+    # Sampling settings.
     generation: SamplingConfig = field(default_factory=SamplingConfig)
     # Score completions with this reward model: an RM stage's final/ or a sequence-classification model.
     reward_checkpoint: str | None = None
@@ -303,7 +314,9 @@ class PipelineConfig:
     dry_run: bool = False
     # Overrides of one stage, e.g. sft.train.max_steps=10, ppo.generation.temperature=0.9, sft.lora=all-linear.
     sft: Any = field(default_factory=_open_dict)
+    # Overrides of the rm stage, e.g. rm.train.lr=5e-5.
     rm: Any = field(default_factory=_open_dict)
+    # Overrides of the ppo stage, e.g. ppo.ppo.kl_coef=0.1.
     ppo: Any = field(default_factory=_open_dict)
     # Overrides of every stage (before the per-stage ones), e.g. all.train.device=cpu.
     all: Any = field(default_factory=_open_dict)

@@ -42,7 +42,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ppo_cli.app import describe_composition_error, hydra_app, missing_required
+from ppo_cli.app import describe_composition_error, hydra_app, missing_required, reject_unknown_keys
 from ppo_cli.errors import UserError
 from ppo_cli.paths import conf_dir, recipes_dir
 
@@ -196,19 +196,22 @@ def compose_stage(
         f"+{RECIPE_GROUP}={recipe.name}/{stage}",
         *overrides,
     ]
+    given = f" with {' '.join(shown)}" if shown else ""
+    where = f"the {stage} stage of recipe {recipe.name} ({recipe.path / (stage + '.yaml')}{given})"
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            return compose(config_name=f"train_{stage}", overrides=hydra_overrides)
+            cfg = compose(config_name=f"train_{stage}", overrides=hydra_overrides)
     except Exception as exc:  # noqa: BLE001 - every composition failure is a user error
-        message = describe_composition_error(exc, f"train-{stage}")
-        given = f" with {' '.join(shown)}" if shown else ""
-        raise UserError(
-            f"the {stage} stage of recipe {recipe.name} ({recipe.path / (stage + '.yaml')}{given}) does not "
-            f"compose: {message}"
-        ) from exc
+        message = describe_composition_error(exc, f"train-{stage}", key_prefix=f"{stage}.")
+        raise UserError(f"{where} does not compose: {message}") from exc
     finally:
         GlobalHydra.instance().clear()
+    try:
+        reject_unknown_keys(cfg, f"train-{stage}", key_prefix=f"{stage}.")
+    except UserError as exc:
+        raise UserError(f"{where} does not compose: {exc}") from exc
+    return cfg
 
 
 def _override_keys(overrides: list[str]) -> set[str]:

@@ -26,6 +26,20 @@ from ppo_cli.models import PRODUCT_FILE, resolve_device
 FINAL = "final"
 
 
+def resume_command(stage: str, output_dir: Path) -> str:
+    """The command that continues the run in output_dir: the run's config.yaml supplies every other setting
+    (see ppo_cli/resume_config.py). Quoted for the shell, and for Hydra when the path needs it."""
+    import re
+    import shlex
+
+    from ppo_cli.app import hydra_quote
+
+    value = str(output_dir)
+    if not re.fullmatch(r"[\w./~+@%:-]+", value):
+        value = hydra_quote(value)
+    return f"ppo-cli train-{stage} {shlex.quote('output_dir=' + value)} resume=auto"
+
+
 class StopRequest:
     """Turns the first Ctrl-C / SIGTERM into a flag the loop checks between steps (then checkpoint and
     exit); a second one interrupts at once."""
@@ -72,8 +86,15 @@ def validate_train(cfg: DictConfig) -> None:
         raise UserError(
             f"train.max_grad_norm={train.max_grad_norm} must be a finite number (0 = no clipping)."
         )
-    if train.mixed_precision not in ("auto", "bf16", "fp16", "no"):
-        raise UserError(f"train.mixed_precision={train.mixed_precision} is not one of auto, bf16, fp16, no.")
+    if train.mixed_precision == "fp16":
+        raise UserError(
+            "train.mixed_precision=fp16 is not supported: fp16's narrow range needs loss scaling, which "
+            "ppo-cli does not do, so small gradients would silently become zero. Use train.mixed_precision=bf16 "
+            "(GPUs from Ampere on, and CPUs) or train.mixed_precision=no (fp32); auto picks bf16 where the "
+            "hardware supports it and fp32 elsewhere."
+        )
+    if train.mixed_precision not in ("auto", "bf16", "no"):
+        raise UserError(f"train.mixed_precision={train.mixed_precision} is not one of auto, bf16, no.")
     eval_fraction = OmegaConf.select(cfg, "data.eval_fraction")
     if eval_fraction is not None and not 0 <= eval_fraction < 1:
         raise UserError(f"data.eval_fraction={eval_fraction} must be at least 0 and less than 1.")
@@ -153,7 +174,7 @@ class StageRun:
     def stopped_message(self, step: int) -> str:
         return (
             f"stopped at step {step} with a checkpoint in {self.output_dir / ckpt.CHECKPOINTS}. "
-            f"Resume with: ppo-cli train-{self.stage} output_dir={self.output_dir} resume=auto"
+            f"Resume with: {resume_command(self.stage, self.output_dir)}"
         )
 
     def save_final(self, model, tokenizer, save_kwargs: dict | None = None, extra_save=None, **info) -> None:

@@ -93,6 +93,18 @@ def test_subcommand_help_shows_its_config():
     assert "Configuration groups" in result.stdout
     assert "name_or_path: ???" in result.stdout  # the required key, shown as missing
     assert "lora: all-linear, default, full" in result.stdout
+    # each key's description (its comment in ppo_cli/config.py) right above it
+    assert "\n  # Peak learning rate (AdamW).\n  lr: 0.0002\n" in result.stdout, result.stdout
+    assert "\n# The base model (group model=NAME: a preset of conf/model/).\nmodel:\n" in result.stdout
+
+
+@pytest.mark.parametrize("config_name", sorted({config for _, config, _ in COMMANDS.values()}))
+def test_every_schema_field_has_a_description(config_name):
+    from ppo_cli.schema import field_descriptions, schema_class, schema_keys
+
+    schema = schema_class(config_name)
+    described = field_descriptions(schema)
+    assert [k for k in schema_keys(schema) if k not in described] == [], "add a comment above these fields"
 
 
 # ------------------------------------------------------------------------------------- composition
@@ -117,7 +129,7 @@ def test_cfg_job_after_the_subcommand_prints_the_composed_config():
                 "--cfg",
                 "job",
             ],
-            ["train-sft", "model.name_or_path=x", "data.train=y", "+new.key=1", "lora=full", "--cfg", "job"],
+            ["train-sft", "model.name_or_path=x", "data.train=y", "lora=full", "--cfg", "job"],
         ]
     )
     for result in (before, after):
@@ -133,12 +145,11 @@ def test_cfg_job_after_the_subcommand_prints_the_composed_config():
 
     assert extra.returncode == 0, extra.stderr
     cfg = yaml.safe_load(extra.stdout)
-    assert cfg["new"] == {"key": 1}  # `+` adds a key the schema does not have
     assert cfg["lora"]["enabled"] is False  # config group option
 
 
 PRECHECK_ERRORS = {
-    "unknown key": (["train.foo=1"], ["train.foo", "+train.foo=1"]),
+    "unknown key": (["train.foo=1"], ["unknown key train.foo"]),
     "unknown nested key": (["lora.rank=8"], ["lora.rank"]),
     "new key without +": (["new.key=1"], ["new"]),
     "wrong type": (["train.lr=abc"], ["train.lr", "abc"]),
@@ -154,6 +165,7 @@ def test_config_errors_are_one_paragraph_exit_2(tiny):
     for (name, (_, needles)), result in zip(cases, results):
         paragraph = assert_usage_error(result, *needles)
         assert "ppo-cli train-sft --cfg job" in paragraph, name  # says where to see the valid keys
+        assert "To append" not in paragraph, name  # Hydra's `+` advice would add a key nothing reads
 
 
 def test_unknown_command_and_missing_required_value(tmp_path):
@@ -257,3 +269,225 @@ def test_multirun_runs_one_job_per_value(tiny, tmp_path):
 def test_precheck_still_runs_with_cfg_flag(flag):
     result = run_many([["train-sft", flag, "job", "train.foo=1"]])[0]
     assert_usage_error(result, "train.foo")
+
+
+# ----------------------------------------------------------------- in-process: errors before any model
+
+
+def run_here(*args: str) -> subprocess.CompletedProcess:
+    """`ppo-cli ARGS` through the dispatcher in this process (for answers that come before any model loads)."""
+    import contextlib
+    import io
+
+    from ppo_cli.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_argv = sys.argv
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main(list(args))
+                code = 0
+            except SystemExit as exc:
+                code = exc.code
+    finally:
+        sys.argv = saved_argv
+    return subprocess.CompletedProcess(["ppo-cli", *args], code, out.getvalue(), err.getvalue())
+
+
+def test_typo_suggests_the_near_key_instead_of_adding_it():
+    paragraph = assert_usage_error(
+        run_here("train-ppo", "ppo.kl_coeff=0.1"),
+        "ppo.kl_coeff",
+        "Did you mean ppo.kl_coef?",
+        command="train-ppo",
+    )
+    assert "+ppo" not in paragraph  # `+ppo.kl_coeff=0.1` would run with kl_coef unchanged
+
+
+@pytest.mark.parametrize("multirun", [False, True], ids=["run", "multirun"])
+def test_a_key_the_schema_does_not_declare_cannot_be_added_with_plus(tmp_path, multirun):
+    """`+key=value` adds a key to the composed config; one the schema does not declare is read by nothing.
+    A multirun skips the dispatcher's check: each job checks its own config before loading anything."""
+    out = tmp_path / "run"
+    flags = ["-m", f"hydra.sweep.dir={tmp_path / 'sweep'}"] if multirun else []
+    result = run_here(
+        "train-ppo",
+        *flags,
+        "+ppo.kl_coeff=0.1",
+        "model.name_or_path=some/model",
+        "data.train=prompts.jsonl",
+        "reward_fn=ppo_cli.tiny:positive_reward",
+        f"output_dir={out}",
+    )
+    paragraph = assert_usage_error(
+        result, "unknown key ppo.kl_coeff", "Did you mean ppo.kl_coef?", command="train-ppo"
+    )
+    assert "+ppo" not in paragraph
+    assert not out.exists()
+
+
+def test_pipeline_stage_keys_are_checked_and_its_open_dicts_stay_open(tmp_path):
+    from ppo_cli import pipeline
+    from ppo_cli.app import precheck
+    from ppo_cli.errors import UserError
+    from ppo_cli.schema import unknown_keys
+
+    with pytest.raises(UserError) as info:
+        pipeline.make_plan("tiny", ["+ppo.ppo.kl_coeff=0.1"], run_dir=tmp_path / "run", build=False)
+    message = str(info.value)
+    assert "unknown key ppo.ppo.kl_coeff" in message and "Did you mean ppo.ppo.kl_coef?" in message, message
+    # sft.*, all.*, setup.* are open: any key goes there (the stage or the setup hook checks it)
+    cfg = precheck(
+        "pipeline", ["recipe=tiny", "+setup.pretrain_steps=5", "+sft.train.max_steps=3"], "pipeline"
+    )
+    assert unknown_keys(cfg) == [] and cfg.setup.pretrain_steps == 5
+
+
+def _fake_sft_product(root: Path, base: str) -> Path:
+    root.mkdir()
+    (root / "ppo_cli.json").write_text(json.dumps({"stage": "sft", "base_model": base}))
+    (root / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": base}))
+    return root
+
+
+@pytest.mark.parametrize("command", ["train-rm", "train-ppo"])
+def test_cfg_job_shows_the_base_model_read_from_sft_checkpoint(tmp_path, command):
+    sft = _fake_sft_product(tmp_path / "sft", "org/tiny-base")
+    result = run_here(command, f"sft_checkpoint={sft}", "data.train=x.jsonl", "--cfg", "job")
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(result.stdout)["model"]["name_or_path"] == "org/tiny-base"
+
+
+# ------------------------------------------------------------------- continuing a run from its output_dir
+
+# stage -> (the command line that started the run, a change that a resumed run must refuse)
+STARTED_WITH = {
+    "sft": (
+        ["model.name_or_path=/no/such/model", "data.train=sft.jsonl", "train.lr=0.001"],
+        "data.train=b.jsonl",
+    ),
+    "rm": (["sft_checkpoint=/x/sft/final", "model.name_or_path=org/base", "data.train=p.jsonl"], "lora.r=4"),
+    "ppo": (
+        ["sft_checkpoint=/x/sft/final", "model.name_or_path=org/base", "data.train=p.jsonl", "reward_fn=m:f"],
+        "ppo.kl_coef=0.2",
+    ),
+}
+
+
+def saved_run(root: Path, stage: str, *overrides: str) -> Path:
+    """A run directory as a started run leaves it: config.yaml holds the stage and the resolved config."""
+    from omegaconf import OmegaConf
+
+    from ppo_cli.app import precheck
+
+    run = root / f"{stage}-run"
+    root.mkdir(exist_ok=True)
+    cfg = precheck(f"train_{stage}", [f"output_dir={run}", *overrides], f"train-{stage}")
+    run.mkdir()
+    OmegaConf.save(
+        OmegaConf.create({"stage": stage, **OmegaConf.to_container(cfg, resolve=True)}), run / "config.yaml"
+    )
+    return run
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm", "ppo"])
+def test_output_dir_of_a_run_starts_from_its_saved_config(tmp_path, stage):
+    from omegaconf import OmegaConf
+
+    from ppo_cli.app import missing_required, precheck
+    from ppo_cli.errors import UserError
+    from ppo_cli.resume_config import merge_saved_config
+
+    started, refused = STARTED_WITH[stage]
+    run = saved_run(tmp_path, stage, *started, "train.max_steps=6")
+    saved = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"))
+    saved.pop("stage")
+
+    def merge(*overrides: str):
+        args = [f"output_dir={run}", *overrides]
+        return merge_saved_config(precheck(f"train_{stage}", args, f"train-{stage}"), stage, args)
+
+    merged, changed, dropped = merge("resume=auto")
+    assert OmegaConf.to_container(merged) == saved and not changed and not dropped
+    assert missing_required(merged) == []  # the required values come from the saved config
+
+    merged, changed, _ = merge("train.max_steps=9", "logger.progress=false")
+    assert merged.train.max_steps == 9 and merged.data.train == saved["data"]["train"]
+    assert changed == {"train.max_steps": (6, 9), "logger.progress": (True, False)}
+    merge(*started)  # the original command line again: the same values are no change
+
+    with pytest.raises(UserError) as info:
+        merge(refused, "train.max_steps=9")
+    key, value = refused.split("=")
+    message = str(info.value)
+    assert f"{refused} (the run has {key}=" in message and f"Leave {key} out" in message, message
+
+    cfg, changed, _ = merge("resume=never")  # not continued: the run directory refuses it later
+    assert OmegaConf.is_missing(cfg.data, "train") and not changed
+
+
+def test_saved_config_of_another_stage_or_an_older_version(tmp_path):
+    from omegaconf import OmegaConf
+
+    from ppo_cli.app import precheck
+    from ppo_cli.errors import UserError
+    from ppo_cli.resume_config import merge_saved_config
+
+    run = saved_run(tmp_path, "sft", *STARTED_WITH["sft"][0])
+    cfg = precheck("train_rm", [f"output_dir={run}"], "train-rm")
+    with pytest.raises(UserError, match="holds a sft run, not a rm run"):
+        merge_saved_config(cfg, "rm", [f"output_dir={run}"])
+    # a key an older version let through (`+lora.rank=8`) is dropped: it had no effect on the run
+    saved = OmegaConf.load(run / "config.yaml")
+    saved.lora.rank = 8
+    OmegaConf.save(saved, run / "config.yaml")
+    merged, _, dropped = merge_saved_config(
+        precheck("train_sft", [f"output_dir={run}"], "train-sft"), "sft", []
+    )
+    assert dropped == ["lora.rank"] and "rank" not in merged.lora
+
+
+def test_resume_command_needs_only_output_dir(tmp_path):
+    """From the command line: the required values come from config.yaml (the run then fails on the model it
+    names, not on a missing value), and a change that would break the run is one paragraph, exit 2."""
+    run = saved_run(tmp_path, "sft", *STARTED_WITH["sft"][0])
+    result = run_here("train-sft", f"output_dir={run}", "resume=auto", "logger.progress=false")
+    assert_usage_error(result, "/no/such/model", "no such directory")
+    assert f"continuing the run in {run} with the settings of its config.yaml" in result.stdout
+    changed = run_here("train-sft", f"output_dir={run}", "train.lr=0.5")
+    assert_usage_error(changed, f"output_dir {run}", "train.lr=0.5 (the run has train.lr=0.001)")
+
+
+def test_resume_may_swap_the_eval_set_but_not_hold_out_training_rows(tmp_path):
+    """data.eval=null holds evaluation rows out of data.train: setting or clearing it changes the training
+    rows; one evaluation file for another changes only the evaluation."""
+    from ppo_cli.app import precheck
+    from ppo_cli.errors import UserError
+    from ppo_cli.resume_config import merge_saved_config
+
+    held_out = saved_run(tmp_path / "a", "sft", *STARTED_WITH["sft"][0])
+    with_eval = saved_run(tmp_path / "b", "sft", *STARTED_WITH["sft"][0], "data.eval=first.jsonl")
+
+    def merge(run: Path, *overrides: str):
+        args = [f"output_dir={run}", *overrides]
+        return merge_saved_config(precheck("train_sft", args, "train-sft"), "sft", args)
+
+    assert merge(with_eval, "data.eval=second.jsonl")[0].data.eval == "second.jsonl"
+    for run, change in ((held_out, "data.eval=second.jsonl"), (with_eval, "data.eval=null")):
+        with pytest.raises(UserError, match="data.eval"):
+            merge(run, change)
+
+
+@pytest.mark.parametrize("path", ["runs/ppo_int", "/tmp/my runs/a,b=c's"])
+def test_printed_resume_command_survives_the_shell_and_hydra(path):
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from ppo_cli.run import resume_command
+
+    command = resume_command("ppo", Path(path))
+    assert command.startswith("ppo-cli train-ppo ") and command.endswith(" resume=auto")
+    overrides = OverridesParser.create().parse_overrides(shlex.split(command)[2:])
+    assert [(o.key_or_group, o.value()) for o in overrides] == [("output_dir", path), ("resume", "auto")]

@@ -23,6 +23,8 @@ import io
 import json
 import os
 import random
+import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -708,7 +710,8 @@ def start(args: list[str], log: Path, code: str | None = None) -> subprocess.Pop
 @pytest.fixture(scope="module")
 def killed_runs(tiny, small_sft, tmp_path_factory):
     """An uninterrupted SFT run, and runs killed with SIGKILL during a checkpoint write (from inside) or at
-    random moments (from outside), then resumed with resume=auto. All start together."""
+    random moments (from outside), then resumed with resume=auto; and a run stopped with SIGTERM after a
+    checkpoint, then continued with exactly the command it printed. All start together."""
     root = tmp_path_factory.mktemp("kills")
     rng_seed = int(os.environ.get("PPO_CLI_TEST_KILL_SEED", time.time_ns() % 100_000))  # to replay a failure
     rng = random.Random(rng_seed)
@@ -730,10 +733,17 @@ def killed_runs(tiny, small_sft, tmp_path_factory):
         "in-step-3": (lambda d: (d / "checkpoints" / "step-000002").exists(), rng.uniform(0, 0.1)),
     }
     outside = {name: start(args(name), root / f"{name}.log") for name in moments}
+    terminated = start(args("sigterm"), root / "sigterm.log")
     pending = dict(moments)
     seen: dict[str, float] = {}
     deadline = time.monotonic() + 400
-    while pending:
+    term_sent = False
+    while pending or not term_sent:
+        if not term_sent and (root / "sigterm" / "checkpoints" / "step-000002").exists():
+            terminated.send_signal(signal.SIGTERM)  # mid-run: it has 6 steps
+            term_sent = True
+        elif not term_sent:
+            assert terminated.poll() is None, (root / "sigterm.log").read_text()[-3000:]
         now = time.monotonic()
         for name, (ready, delay) in list(pending.items()):
             if name not in seen and ready(root / name):
@@ -766,6 +776,12 @@ def killed_runs(tiny, small_sft, tmp_path_factory):
             "final": (root / name / "final").exists(),
         }
     resumed = {name: start(args(name, "resume=auto"), root / f"{name}-resumed.log") for name in killed}
+    returncode = terminated.wait(timeout=400)
+    output = " ".join((root / "sigterm.log").read_text().split())
+    printed = re.search(r"Resume with: (ppo-cli \S+ \S+ resume=auto)", output)
+    assert printed, output[-3000:]
+    state["sigterm"] = {"returncode": returncode, "printed": printed.group(1)}
+    resumed["sigterm"] = start(shlex.split(printed.group(1))[1:], root / "sigterm-resumed.log")
     assert reference.wait(timeout=400) == 0, (root / "reference.log").read_text()[-3000:]
     for name, proc in resumed.items():
         assert proc.wait(timeout=400) == 0, (root / f"{name}-resumed.log").read_text()[-3000:]
@@ -799,6 +815,16 @@ def test_kill_at_a_random_moment_resumes_exactly(killed_runs, name):
     if latest is not None:
         assert f"step {int(latest.name.split('-')[1])}" in state["resumed_log"], where
     _assert_same_as_reference(root, name)
+
+
+@pytest.mark.slow
+def test_sigterm_then_the_printed_resume_command_finishes_exactly(killed_runs):
+    """The command a stopped run prints names only output_dir: the rest comes from the run's config.yaml."""
+    root, state = killed_runs["root"], killed_runs["state"]["sigterm"]
+    assert state["returncode"] == 128 + signal.SIGTERM
+    assert state["printed"] == f"ppo-cli train-sft output_dir={root / 'sigterm'} resume=auto"
+    assert "resumed at" in state["resumed_log"]
+    _assert_same_as_reference(root, "sigterm")
 
 
 def _assert_same_as_reference(root: Path, name: str) -> None:
