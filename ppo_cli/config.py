@@ -199,6 +199,8 @@ class PPOConfig:
     score_clip: float | None = None
     # Learning rate of the value adapter and head (null = train.lr).
     value_lr: float | None = None
+    # Warn when objective/kl (nats per sequence) exceeds this: far from the SFT policy (null = never).
+    kl_warn: float | None = 20.0
 
 
 @dataclass

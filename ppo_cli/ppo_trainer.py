@@ -37,6 +37,7 @@ from ppo_cli.dist import (
     broadcast_parameters,
 )
 from ppo_cli.errors import UserError
+from ppo_cli.guards import BatchSigns, PPOGuards
 from ppo_cli.models import attention_kernel, autocast, autocast_dtype
 from ppo_cli.roles import POLICY, REFERENCE, Roles
 from ppo_cli.run import StageRun
@@ -169,7 +170,7 @@ class PPOTrainer:
         self.critic_on_scale = False
         self.put_critic_on_scale()  # rm_stats: the scale is known already
         self.step = 0
-        self.negative_kl_streak = 0
+        self.watch = PPOGuards(self.gen_cfg.max_new_tokens, self.ppo_cfg.kl_warn)
         self._pad_index = torch.tensor([tokenizer.pad_token_id])
         self.base_dtype = roles.model.get_input_embeddings().weight.dtype
         if autocast_dtype(self.device, self.train_cfg.mixed_precision) is not None:
@@ -443,6 +444,7 @@ class PPOTrainer:
             "rng": rng,
             "kl_controller": self.kl_ctl.state_dict(),
             "reward_scale": self.scale.state_dict(),
+            "guards": self.watch.state_dict(),
             "episode": episode,
         }
         self.run.save_checkpoint(self.step, ckpt.trainable_state(self.roles), objects, state)
@@ -455,6 +457,7 @@ class PPOTrainer:
         self.batches.load_state_dict(loaded.state["data"])
         self.kl_ctl.load_state_dict(loaded.state["kl_controller"])
         self.scale.load_state_dict(loaded.state["reward_scale"])
+        self.watch.load_state_dict(loaded.state.get("guards", {}))
         # Every checkpoint follows a rollout, and the rollout that fixed the scale also rescaled the
         # critic: the restored value head is on the scale already, and must not be rescaled again.
         self.critic_on_scale = self.scale.fixed_stats() is not None
@@ -463,20 +466,21 @@ class PPOTrainer:
         return int(loaded.state["episode"])
 
     # -- guards ---------------------------------------------------------------------------------
-    def guards(self, metrics: dict[str, float]) -> None:
-        logger = self.run.logger
-        ratio = metrics["val/ratio"]
-        if not 0.5 <= ratio <= 2.0:
-            logger.warn(
-                f"step {self.step}: val/ratio={ratio:.3f} left [0.5, 2]: updates are too large "
-                "(lower train.lr, ppo.epochs, or raise ppo.num_minibatches)."
-            )
-        self.negative_kl_streak = self.negative_kl_streak + 1 if metrics["objective/kl"] < 0 else 0
-        if self.negative_kl_streak == 3:
-            logger.warn(
-                "objective/kl has been negative for 3 steps: generation and scoring disagree "
-                "(check generation settings, temperature, padding) (docs/ppo-details.md, detail 19)."
-            )
+    def batch_signs(self, ro: Rollout) -> BatchSigns:
+        """What the guards read from a rollout besides the step's metrics (this rank's batch)."""
+        lengths = ro.response_mask.sum(1)
+        kl = rlhf.masked_sum(ro.logprobs - ro.ref_logprobs, ro.response_mask, dim=1)
+        eos = rlhf.has_eos(ro.responses, ro.response_mask, self.eos_ids)
+        return BatchSigns(
+            kl_per_sequence=kl.tolist(),
+            completions=ro.completions,
+            eos_share=float(eos.float().mean()),
+            capped_share=float((lengths >= self.gen_cfg.max_new_tokens).float().mean()),
+        )
+
+    def guards(self, metrics: dict[str, float], signs: BatchSigns) -> None:
+        for message in self.watch.check(self.step, metrics, signs):
+            self.run.logger.warn(message)
 
     # -- the loop -------------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
@@ -518,7 +522,7 @@ class PPOTrainer:
                             "episode": episode,
                         }
                     )
-                    self.guards(metrics)
+                    self.guards(metrics, self.batch_signs(ro))
                     logger.advance(self.step)
                     if self.step % self.train_cfg.log_every == 0 or self.step == self.total_steps:
                         logger.log(self.step, metrics)
