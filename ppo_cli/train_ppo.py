@@ -30,6 +30,7 @@ from ppo_cli.models import (
 )
 from ppo_cli.ppo_trainer import PPOTrainer, validate_ppo
 from ppo_cli.rewards import SeparateRewardModel, call_reward_function, load_reward_function, rm_shares_base
+from ppo_cli.rm_health import RMHealth
 from ppo_cli.roles import VALUE, Roles, build_roles
 from ppo_cli.run import StageRun
 
@@ -81,6 +82,19 @@ def rm_statistics(cfg: DictConfig) -> tuple[float, float] | None:
     if "reward_mean" in info and "reward_std" in info:
         return float(info["reward_mean"]), float(info["reward_std"])
     return None
+
+
+def report_rm_health(cfg: DictConfig, logger) -> None:
+    """Say how good the reward model was on held-out pairs, as train-rm measured it, and warn when it is
+    at chance: PPO against such a reward model optimises noise."""
+    if not cfg.reward_checkpoint or not Path(cfg.reward_checkpoint).is_dir():
+        return
+    health = RMHealth.from_info(read_product_info(cfg.reward_checkpoint, "reward_checkpoint"))
+    if health is None:
+        return
+    logger.print(f"reward model {cfg.reward_checkpoint}: {health.describe()}")
+    for message in health.warnings():
+        logger.warn(message)
 
 
 def save_value(roles: Roles, final_dir: Path) -> None:
@@ -139,6 +153,7 @@ def main(cfg: DictConfig) -> None:
     reward = build_reward(cfg, roles, shared_rm, run.device)
     trainable, total = count_parameters(roles)
     logger = run.start()
+    report_rm_health(cfg, logger)
     trainer = PPOTrainer(
         run, roles, tokenizer, prompts, reward, eos_token_ids(tokenizer, base), rm_statistics(cfg)
     )

@@ -48,6 +48,7 @@ from ppo_cli.reward_model import (
     sequence_scores,
 )
 from ppo_cli.rlhf import pairwise_reward_loss
+from ppo_cli.rm_health import RMHealth
 from ppo_cli.run import StageRun
 from ppo_cli.trainer import SupervisedTask, SupervisedTrainer
 
@@ -274,6 +275,14 @@ def reward_stats(
     return float(scores.mean()), float(scores.std(unbiased=False)), len(sequences)
 
 
+def rm_health(trainer: SupervisedTrainer, eval_pairs: int) -> RMHealth:
+    """Held-out accuracy (with its interval) and the late training loss of the finished run."""
+    accuracy = getattr(trainer, "final_eval", {}).get("eval/accuracy")
+    losses = list(trainer.recent_losses)
+    late_loss = sum(losses) / len(losses) if losses else None
+    return RMHealth(accuracy, eval_pairs if accuracy is not None else 0, late_loss)
+
+
 # ---------------------------------------------------------------------------------------------
 # The stage
 
@@ -310,6 +319,10 @@ def main(cfg: DictConfig) -> None:
     def save_final() -> None:
         mean, std, n = reward_stats(model, train, tokenizer.pad_token_id, cfg, run.device)
         logger.print(f"reward scale over {n} training sequences: mean {mean:.4g}, std {std:.4g}")
+        health = rm_health(trainer, len(evals))
+        logger.print(f"reward model: {health.describe()}")
+        for message in health.warnings():
+            logger.warn(message)
         # An adapter holds the LoRA weights and the head only: the embeddings are the base's (frozen). When
         # load_tokenizer added a pad token, peft would otherwise save the resized embedding matrix, and the
         # plain `PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base,
@@ -321,6 +334,7 @@ def main(cfg: DictConfig) -> None:
             save_kwargs=save_kwargs,
             **{REWARD_MEAN: mean, REWARD_STD: std},
             reward_stats_sequences=n,
+            **health.as_info(),
             score_head=head,
             sft_checkpoint=cfg.sft_checkpoint,
         )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -123,6 +123,8 @@ class SupervisedTrainer:
         self.optimizer = build_optimizer(self.trainable, self.train_cfg)
         self.scheduler = build_scheduler(self.optimizer, self.train_cfg, self.total_steps)
         self.last_lr = self.scheduler.get_last_lr()[0]
+        # The training loss over the last tenth of the run (at least 10 steps): the RM's health reads it.
+        self.recent_losses: deque[float] = deque(maxlen=max(10, self.total_steps // 10))
         self.step = 0
 
     def _wrap_ddp(self) -> torch.nn.Module:
@@ -235,6 +237,7 @@ class SupervisedTrainer:
                 while self.step < self.total_steps:
                     loss = self.train_step(window, throughput)
                     window["loss"].append(loss)
+                    self.recent_losses.append(loss)
                     logger.advance(self.step)
                     metrics: dict[str, float] = {}
                     if self.step % cfg.log_every == 0 or self.step == self.total_steps:
@@ -260,6 +263,7 @@ class SupervisedTrainer:
                         logger.print(f"[bold]{run.stopped_message(self.step)}[/]")
                         raise SystemExit(run.stop.exit_code)
                 last_eval = self.evaluate()
+                self.final_eval = last_eval
                 if last_eval:
                     logger.log(self.step, last_eval)
                 self.save()

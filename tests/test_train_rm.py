@@ -238,6 +238,21 @@ def test_learns_a_separable_preference(rm_run):
     assert [m["step"] for m in evals] == [6, 12] and all("eval/loss" in m for m in evals)
     assert evals[-1]["eval/accuracy"] >= 0.9, evals
     assert evals[-1]["eval/rewards/margin"] > 0
+    # The health report: held-out accuracy with its interval, in the console and in final/ppo_cli.json.
+    info = json.loads((out / "final" / "ppo_cli.json").read_text())
+    assert info["eval_accuracy"] == pytest.approx(evals[-1]["eval/accuracy"])
+    n_eval = len(separable_eval_rows(out))
+    low, high = info["eval_accuracy_ci95"]
+    assert info["eval_pairs"] == n_eval and low < info["eval_accuracy"] <= high
+    assert f"reward model: held-out accuracy {info['eval_accuracy']:.3f}" in " ".join(result.stdout.split())
+    assert math.isfinite(info["late_train_loss"])
+
+
+def separable_eval_rows(out) -> list[str]:
+    import yaml
+
+    eval_file = yaml.safe_load((out / "config.yaml").read_text())["data"]["eval"]
+    return Path(eval_file).read_text().splitlines()
 
 
 def test_output_tree(rm_run, tiny):
