@@ -273,8 +273,7 @@ class RewardScorer:
         from ppo_cli.rewards import call_reward_function
 
         if self.func is not None:
-            texts = [prompt_text(p) for p in prompts]
-            return call_reward_function(self.func, self.reward_fn_spec, texts, completions).tolist()
+            return call_reward_function(self.func, self.reward_fn_spec, prompts, completions).tolist()
         if self.rm is None:
             raise RuntimeError("no reward source")
         if sequences is None or not self.same_tokenizer:

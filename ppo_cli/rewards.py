@@ -5,7 +5,8 @@
 - `reward_checkpoint` = any other sequence-classification model (a Hub id, a full model directory, or
   our RM on a different base): a separate model with its own tokenizer; responses are decoded to text
   and re-tokenized for it (a conversation through its own chat template, as train-rm encodes one).
-- `reward_fn` = `package.module:function(prompts, completions) -> list[float]`.
+- `reward_fn` = `package.module:function(prompts, completions) -> list[float]`, called once per batch
+  in TRL's form (strings, or conversations for conversation prompts: `reward_function_inputs`).
 """
 
 from __future__ import annotations
@@ -44,12 +45,24 @@ def load_reward_function(spec: str) -> Callable[[list[str], list[str]], list[flo
     return func
 
 
+def reward_function_inputs(prompts: list[Any], completions: list[str]) -> tuple[list[Any], list[Any]]:
+    """TRL's reward-function convention: a text prompt and its completion stay strings; a conversation
+    prompt stays its list of {role, content} messages and its completion becomes
+    `[{"role": "assistant", "content": text}]`, so a function written for TRL's GRPOTrainer works here."""
+    shaped = [
+        c if isinstance(p, str) else [{"role": "assistant", "content": c}]
+        for p, c in zip(prompts, completions)
+    ]
+    return list(prompts), shaped
+
+
 def call_reward_function(
-    func: Callable, spec: str, prompts: list[str], completions: list[str]
+    func: Callable, spec: str, prompts: list[Any], completions: list[str]
 ) -> torch.Tensor:
-    """Call the user's function and check it returned one finite number per completion."""
+    """Call the user's function once for the batch, `func(prompts, completions)` in TRL's form (see
+    reward_function_inputs), and check it returned one finite number per completion."""
     try:
-        result = func(prompts, completions)
+        result = func(*reward_function_inputs(prompts, completions))
     except Exception as exc:  # noqa: BLE001 - report the user's function failing, not our traceback
         raise UserError(f"reward_fn={spec} raised {type(exc).__name__}: {exc}") from exc
     try:

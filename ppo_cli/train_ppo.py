@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from safetensors.torch import save_file
 
 from ppo_cli.app import hydra_app
-from ppo_cli.data import build_prompts, load_rows, prompt_text
+from ppo_cli.data import build_prompts, load_rows
 from ppo_cli.errors import UserError
 from ppo_cli.models import (
     autocast_dtype,
@@ -67,7 +67,7 @@ def build_reward(cfg: DictConfig, roles: Roles, shared_rm: bool, device: torch.d
     if cfg.reward_fn:
         func = load_reward_function(cfg.reward_fn)
         return lambda qr, mask, prompts, completions: call_reward_function(
-            func, cfg.reward_fn, [prompt_text(p) for p in prompts], completions
+            func, cfg.reward_fn, prompts, completions
         )
     if shared_rm:
         return lambda qr, mask, prompts, completions: roles.reward_scores(qr, mask)

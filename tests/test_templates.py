@@ -248,19 +248,21 @@ def test_ppo_rollout_hands_the_reward_the_conversations(tiny, tmp_path):
     assert rollout.prompts == [f"user: Describe the river {i}:" for i in range(2)]  # logged as text
 
 
-def test_reward_function_still_gets_prompt_texts(monkeypatch):
+def test_reward_function_gets_trls_form(monkeypatch):
+    """Text prompts and completions stay strings; a conversation prompt arrives as its messages and its
+    completion as one assistant message, as TRL's GRPOTrainer passes them."""
     from omegaconf import OmegaConf
 
     seen = []
 
     def func(prompts, completions):
-        seen.extend(prompts)
+        seen.extend(zip(prompts, completions))
         return [0.0] * len(prompts)
 
     monkeypatch.setattr(train_ppo, "load_reward_function", lambda spec: func)
     reward = train_ppo.build_reward(OmegaConf.create({"reward_fn": "m:f"}), None, False, CPU)
     reward(None, None, [CONVERSATION, "Describe the cat:"], ["a", "b"])
-    assert seen == ["system: Be brief.\nuser: Describe the river:", "Describe the cat:"]
+    assert seen == [(CONVERSATION, [{"role": "assistant", "content": "a"}]), ("Describe the cat:", "b")]
 
 
 def test_generate_scores_conversations_with_the_separate_rm(tiny, separate_rm_dir, tmp_path, monkeypatch):
