@@ -504,6 +504,7 @@ class PPOTrainer:
                     ro, timings = self.rollout(batch_prompts)
                     start = time.perf_counter()
                     lr = self.scheduler.get_last_lr()[0]  # the rate this step's updates use
+                    kl_coef = self.kl_ctl.value  # the beta this step's rewards use
                     update_stats, non_score = self.update(ro)
                     self.scheduler.step()
                     timings["time/train"] = time.perf_counter() - start
@@ -517,7 +518,7 @@ class PPOTrainer:
                     self.kl_ctl.update(metrics["objective/kl"], self.train_cfg.batch_size * world)
                     metrics.update(
                         {
-                            "objective/kl_coef": self.kl_ctl.value,
+                            "objective/kl_coef": kl_coef,
                             "lr": lr,
                             "episode": episode,
                         }

@@ -743,6 +743,7 @@ RESUME_ARGS = [
     "ppo.num_minibatches=2",
     "train.grad_accum_steps=2",
     "ppo.kl_controller=adaptive",
+    "ppo.kl_coef=0.05",
     "ppo.kl_horizon=100",
     "sample_every=0",
 ]
@@ -850,6 +851,7 @@ def test_first_ratio_is_one_with_minibatches(resume_runs):
     assert any(m["val/ratio"] != 1.0 for m in metrics)
     coefs = [m["objective/kl_coef"] for m in metrics]
     assert len(set(coefs)) == 4  # the adaptive controller moved every step (its state is resumed above)
+    assert coefs[0] == 0.05  # logged: the beta the step used, the initial one at step 1 (not the next step's)
 
 
 def test_logged_lr_is_the_rate_each_step_used(resume_runs):
