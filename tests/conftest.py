@@ -58,3 +58,37 @@ def run_cli(
 @pytest.fixture
 def cli():
     return run_cli
+
+
+def run_cli_in_process(*args: str) -> subprocess.CompletedProcess:
+    """`ppo-cli ARGS` through the real dispatcher in this process (the imports are paid already), for runs
+    that answer or stop early; the real subprocess CLI is exercised by `run_cli`.
+
+    SystemExit is the only way out that counts as an answer; any other exception fails the test with it.
+    sys.argv and the signal handlers a stopped run leaves installed are put back."""
+    import contextlib
+    import io
+    import signal
+
+    import transformers
+
+    from ppo_cli.cli import main
+
+    # A real process quiets transformers through environment variables read at its import; here it was
+    # imported long ago, so switch its loading bars off directly.
+    transformers.utils.logging.disable_progress_bar()
+    out, err = io.StringIO(), io.StringIO()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    saved_argv = sys.argv
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main(list(args))
+                code = 0
+            except SystemExit as exc:
+                code = exc.code
+    finally:
+        sys.argv = saved_argv
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    return subprocess.CompletedProcess(["ppo-cli", *args], code, out.getvalue(), err.getvalue())

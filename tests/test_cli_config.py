@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import run_cli_in_process
 
 from ppo_cli.cli import COMMANDS
 
@@ -276,23 +277,7 @@ def test_precheck_still_runs_with_cfg_flag(flag):
 
 def run_here(*args: str) -> subprocess.CompletedProcess:
     """`ppo-cli ARGS` through the dispatcher in this process (for answers that come before any model loads)."""
-    import contextlib
-    import io
-
-    from ppo_cli.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    saved_argv = sys.argv
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                main(list(args))
-                code = 0
-            except SystemExit as exc:
-                code = exc.code
-    finally:
-        sys.argv = saved_argv
-    return subprocess.CompletedProcess(["ppo-cli", *args], code, out.getvalue(), err.getvalue())
+    return run_cli_in_process(*args)
 
 
 def test_typo_suggests_the_near_key_instead_of_adding_it():

@@ -36,12 +36,12 @@ import json
 import math
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli_in_process
 from ppo_helpers import (
     build_tiny_roles,
     cli_env,
@@ -601,29 +601,9 @@ def test_row15_16_lr0_run_never_moves(tiny, adapters, tmp_path, cli, precision):
 
 
 def run_in_process(*args: str) -> tuple[int, str, str]:
-    """`ppo-cli ARGS` in this process (the imports are paid already): (exit code, stdout, stderr).
-
-    Used for runs that must stop early; the real subprocess CLI is exercised by the other tests."""
-    import contextlib
-    import io
-
-    from ppo_cli.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    saved_argv = sys.argv
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                main(list(args))
-                code = 0
-            except SystemExit as exc:  # anything else escaping is a crash: the test fails with it
-                code = exc.code
-    finally:
-        sys.argv = saved_argv
-        for sig, handler in handlers.items():  # a run stopped by an error leaves its own installed
-            signal.signal(sig, handler)
-    return code, out.getvalue(), err.getvalue()
+    """`ppo-cli ARGS` in this process (the imports are paid already): (exit code, stdout, stderr)."""
+    result = run_cli_in_process(*args)
+    return result.returncode, result.stdout, result.stderr
 
 
 FAILING = {

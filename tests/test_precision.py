@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_cli_in_process
 
 from ppo_cli import models
 
@@ -91,25 +92,8 @@ def test_trainable_parameters_become_fp32_and_take_low_precision_inputs(dtype):
 
 def run_in_process(*args: str) -> tuple[int, str]:
     """`ppo-cli ARGS` in this process: (exit code, stdout + stderr)."""
-    import contextlib
-    import io
-    import signal
-
-    from ppo_cli.cli import main
-
-    out = io.StringIO()
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-            try:
-                main(list(args))
-                code = 0
-            except SystemExit as exc:
-                code = exc.code
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-    return code, out.getvalue()
+    result = run_cli_in_process(*args)
+    return result.returncode, result.stdout + result.stderr
 
 
 def test_every_stage_trains_fp32_weights_on_a_bf16_base(tiny, tmp_path):

@@ -17,9 +17,7 @@ processes and are marked slow.
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import io
 import json
 import os
 import random
@@ -35,6 +33,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import run_cli_in_process
 from ppo_helpers import cli_env, tiny_adapters
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -51,31 +50,8 @@ REWARD_FN = "reward_fn=ppo_cli.tiny:positive_reward"
 
 
 def run_in_process(*args: str) -> subprocess.CompletedProcess:
-    """`ppo-cli ARGS` through the real dispatcher in this process: exit code, stdout, stderr.
-
-    SystemExit is the only way out that counts as an answer; any other exception fails the test with it."""
-    import transformers
-
-    from ppo_cli.cli import main
-
-    # A real process quiets transformers through environment variables read at its import; here it was
-    # imported long ago, so switch its loading bars off directly.
-    transformers.utils.logging.disable_progress_bar()
-    out, err = io.StringIO(), io.StringIO()
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    saved_argv = sys.argv
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                main(list(args))
-                code = 0
-            except SystemExit as exc:
-                code = exc.code
-    finally:
-        sys.argv = saved_argv
-        for sig, handler in handlers.items():  # a run stopped by an error leaves its handlers installed
-            signal.signal(sig, handler)
-    return subprocess.CompletedProcess(["ppo-cli", *args], code, out.getvalue(), err.getvalue())
+    """`ppo-cli ARGS` through the real dispatcher in this process: exit code, stdout, stderr."""
+    return run_cli_in_process(*args)
 
 
 def assert_usage_error(result: subprocess.CompletedProcess, command: str, *needles: str) -> str:
