@@ -82,7 +82,7 @@ class WandbConfig:
 class LoggerConfig:
     # Weights & Biases settings.
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    # Show the rich progress bar and tables (off for non-interactive logs).
+    # Show progress: a live bar on a terminal, one plain line per logged step elsewhere (a file, a pipe).
     progress: bool = True
 
 

@@ -158,12 +158,13 @@ def _share(texts: list[str], vocabulary: tuple[str, ...]) -> float:
 
 def report(run_dir: str | Path, configs: dict[str, DictConfig], **args: Any) -> dict[str, Any]:
     """Print the before/after table and a few samples side by side; save them to RUN/report.json."""
-    from rich.console import Console
     from rich.table import Table
+
+    from ppo_cli.logger import make_console
 
     settings = _settings(args)
     result = evaluate(run_dir, configs, **args)
-    console = Console(highlight=False)
+    console = make_console()
     table = Table(
         title=f"tiny recipe: SFT policy vs PPO policy on {result['prompts']} held-out prompts x "
         f"{result['samples_per_prompt']} samples (T={result['temperature']:g})"

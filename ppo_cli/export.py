@@ -98,9 +98,9 @@ def merge(checkpoint: Path, cfg: DictConfig):
 
 
 def run(cfg: DictConfig) -> Path:
-    from rich.console import Console
+    from ppo_cli.logger import make_console
 
-    console = Console(highlight=False)
+    console = make_console()
     checkpoint = validate(cfg)
     output = Path(cfg.output).expanduser()
     merged, tokenizer, task, base = merge(checkpoint, cfg)

@@ -399,9 +399,9 @@ def _clip(text: str, limit: int) -> str:
 
 
 def run(cfg: DictConfig) -> list[dict[str, Any]]:
-    from rich.console import Console
+    from ppo_cli.logger import make_console
 
-    console = Console(highlight=False)
+    console = make_console()
     validate(cfg)
     device = resolve_device(cfg.device)
     policy = load_policy(cfg.checkpoint, cfg.model, device)

@@ -1,6 +1,8 @@
 """What a run shows and records: rich console for people, metrics.jsonl and wandb for tools.
 
-Only the main process (rank 0) writes; other ranks get a logger that does nothing.
+Only the main process (rank 0) writes; other ranks get a logger that does nothing. On a terminal the
+console fits the window and shows a live progress bar; elsewhere (a log file, a pipe, CI) lines are wide
+and progress comes as plain lines, one per logged step. Values a user copies (paths) are never cut.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +26,12 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 METRICS_FILE = "metrics.jsonl"
+# Line width when the output is not a terminal: rich would otherwise wrap at $COLUMNS (or 80) and cut
+# table cells with "…", and nothing in a file or a pipe limits a line's length.
+PLAIN_WIDTH = 200
 
 # Metrics shown on the progress bar, per stage, in this order (the rest go to metrics.jsonl only).
 BAR_METRICS = {
@@ -41,6 +48,14 @@ BAR_METRICS = {
 }
 
 
+# What each stage set out to move: the final summary shows their first and last logged values.
+KEY_METRICS = {
+    "sft": ["loss", "eval/loss"],
+    "rm": ["accuracy", "eval/accuracy"],
+    "ppo": ["objective/scores", "objective/kl"],
+}
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
@@ -49,16 +64,78 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def make_console(**kwargs: Any) -> Console:
+    """A rich console that fits a terminal's window. Elsewhere text lines are never wrapped, and tables
+    and panels get at least PLAIN_WIDTH columns."""
+    console = Console(highlight=False, **kwargs)
+    if not console.is_terminal:
+        console.width = max(console.width, PLAIN_WIDTH)
+        console.soft_wrap = True
+    return console
+
+
+def metric_change(rows: list[dict[str, Any]], key: str) -> str | None:
+    """'first -> last (step a -> b)' of `key` over logged metric rows; None when it was never logged."""
+    points = [(row["step"], row[key]) for row in rows if isinstance(row.get(key), int | float)]
+    if not points:
+        return None
+    (first_step, first), (last_step, last) = points[0], points[-1]
+    if len(points) == 1:
+        return f"{_fmt(first)} (step {first_step} only)"
+    return f"{_fmt(first)} -> {_fmt(last)} (step {first_step} -> {last_step})"
+
+
+def summary_rows(stage: str, rows: list[dict[str, Any]], summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """The final summary's (name, value) rows: steps, then how the stage's key metrics moved over the
+    logged `rows`, then the rest of `summary` (a key metric never logged keeps its value there)."""
+    out = [("steps", _fmt(summary["steps"]))] if "steps" in summary else []
+    changes = {key: metric_change(rows, key) for key in KEY_METRICS.get(stage, [])}
+    out += [(key, change) for key, change in changes.items() if change is not None]
+    out += [(k, _fmt(v)) for k, v in summary.items() if k != "steps" and changes.get(k) is None]
+    return out
+
+
+def read_metrics(output_dir: Path) -> list[dict[str, Any]]:
+    path = Path(output_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _bar_metrics(stage: str, last: dict[str, Any]) -> str:
+    return " ".join(
+        f"{k.replace('objective/', '').replace('/', '_')}={_fmt(last[k])}"
+        for k in BAR_METRICS.get(stage, [])
+        if k in last
+    )
+
+
+def plain_progress_line(stage: str, step: int, total: int, metrics: str, elapsed: float, eta: float) -> str:
+    """A progress line for logs that are not a terminal (no live bar there)."""
+
+    def clock(seconds: float) -> str:
+        return str(timedelta(seconds=round(seconds))) if math.isfinite(seconds) else "?"
+
+    parts = [f"{stage} step {step}/{total}", metrics, f"elapsed {clock(elapsed)} eta {clock(eta)}"]
+    return " ".join(part for part in parts if part)
+
+
 class RunLogger:
     """Console, progress bar, metrics.jsonl and (optionally) wandb for one run."""
 
-    def __init__(self, output_dir: Path, cfg: DictConfig, stage: str, enabled: bool = True):
+    def __init__(
+        self, output_dir: Path, cfg: DictConfig, stage: str, enabled: bool = True, lora: str | None = None
+    ):
         self.output_dir = Path(output_dir)
         self.cfg = cfg
         self.stage = stage
         self.enabled = enabled
-        self.console = Console(stderr=False, highlight=False)
+        # The LoRA row of the start panel: what the model really has (models.describe_lora), when known.
+        self.lora = lora
+        self.console = make_console()
         self.progress: Progress | None = None
+        # Off a terminal: (first step, total steps, start time) for plain progress lines.
+        self._plain: tuple[int, int, float] | None = None
         self._task = None
         self._wandb = None
         self._last: dict[str, Any] = {}
@@ -69,13 +146,11 @@ class RunLogger:
             return
         self._trim_metrics(start_step)
         table = Table.grid(padding=(0, 2))
+        table.add_column(no_wrap=True)
+        table.add_column(overflow="fold")  # long paths fold onto more lines: never cut with "…"
         rows = {
             "model": self.cfg.model.name_or_path,
-            "lora": (
-                f"r={self.cfg.lora.r} alpha={self.cfg.lora.alpha} targets={self.cfg.lora.target_modules}"
-                if self.cfg.lora.enabled
-                else "off (full fine-tuning)"
-            ),
+            "lora": self.lora or self._asked_lora(),
             "data": self.cfg.data.train,
             "steps": f"{total_steps} (batch {self.cfg.train.batch_size} x accum {self.cfg.train.grad_accum_steps}, "
             f"lr {self.cfg.train.lr})",
@@ -85,10 +160,12 @@ class RunLogger:
         if start_step:
             rows["resumed at"] = f"step {start_step}"
         for key, value in rows.items():
-            table.add_row(f"[bold]{key}[/]", str(value))
+            table.add_row(f"[bold]{key}[/]", Text(str(value)))
         self.console.print(Panel(table, title=f"ppo-cli train-{self.stage}", expand=False))
         self._start_wandb()
-        if self.cfg.logger.progress:
+        if self.cfg.logger.progress and not self.console.is_terminal:
+            self._plain = (start_step, total_steps, time.monotonic())
+        elif self.cfg.logger.progress:
             self.progress = Progress(
                 TextColumn(f"[bold]{self.stage}[/]"),
                 BarColumn(),
@@ -103,15 +180,31 @@ class RunLogger:
             self.progress.start()
             self._task = self.progress.add_task("train", total=total_steps, completed=start_step, metrics="")
 
-    def finish(self, summary: dict[str, Any] | None = None) -> None:
+    def _asked_lora(self) -> str:
+        from ppo_cli.models import lora_targets_text
+
+        lora = self.cfg.lora
+        if not lora.enabled:
+            return "off (full fine-tuning)"
+        asked = lora.target_modules
+        asked = list(asked) if OmegaConf.is_list(asked) else asked
+        return f"r={lora.r} alpha={lora.alpha} targets={lora_targets_text(asked, asked, None)}"
+
+    def finish(self, summary: dict[str, Any] | None = None, final_dir: Path | None = None) -> None:
+        """The closing table (how the key metrics moved, then `summary`), and final_dir on a line of its
+        own so that it can be copied whole whatever the width."""
         if not self.enabled:
             return
         self.close_progress()
         if summary:
             table = Table(title=f"train-{self.stage} finished", show_header=False)
-            for key, value in summary.items():
-                table.add_row(key, _fmt(value))
+            table.add_column(no_wrap=True)
+            table.add_column(overflow="fold")
+            for key, value in summary_rows(self.stage, read_metrics(self.output_dir), summary):
+                table.add_row(key, Text(value))
             self.console.print(table)
+        if final_dir is not None:
+            self.console.print(Text(f"final: {final_dir}"), soft_wrap=True)
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
@@ -141,12 +234,15 @@ class RunLogger:
             self._wandb.log(clean, step=step)
         self._last.update(clean)
         if self.progress is not None:
-            shown = [
-                f"{k.replace('objective/', '').replace('/', '_')}={_fmt(self._last[k])}"
-                for k in BAR_METRICS.get(self.stage, [])
-                if k in self._last
-            ]
-            self.progress.update(self._task, completed=step, metrics=" ".join(shown))
+            self.progress.update(self._task, completed=step, metrics=_bar_metrics(self.stage, self._last))
+        if self._plain is not None:
+            first, total, started = self._plain
+            elapsed = time.monotonic() - started
+            eta = elapsed / (step - first) * (total - step) if step > first else math.nan
+            # This step's metrics only: a live bar keeps the last of each, a log line need not repeat them.
+            shown = _bar_metrics(self.stage, clean)
+            line = plain_progress_line(self.stage, step, total, shown, elapsed, eta)
+            self.console.print(Text(line), soft_wrap=True)
 
     def print(self, *args: Any, **kwargs: Any) -> None:
         if self.enabled:

@@ -253,11 +253,21 @@ def lora_target_modules(lora_cfg: DictConfig) -> Any:
     return targets
 
 
+def has_conv1d_layers(model) -> bool:
+    """True for GPT-2-style models, whose linear layers are transformers' Conv1D (weight stored as
+    (in, out)). LoRA on them needs peft's fan_in_fan_out=True; left False, peft warns on every layer and
+    sets it itself."""
+    from transformers.pytorch_utils import Conv1D
+
+    return any(isinstance(module, Conv1D) for module in model.modules())
+
+
 def peft_lora_config(
     lora_cfg: DictConfig,
     task_type: str,
     modules_to_save: list[str] | None = None,
     dropout: float | None = None,
+    fan_in_fan_out: bool = False,
 ):
     from peft import LoraConfig
 
@@ -268,7 +278,49 @@ def peft_lora_config(
         target_modules=lora_target_modules(lora_cfg),
         task_type=task_type,
         modules_to_save=modules_to_save,
+        fan_in_fan_out=fan_in_fan_out,
     )
+
+
+def peft_default_targets(model_type: str | None) -> list[str] | None:
+    """The modules peft targets for this architecture when target_modules is not set."""
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type or "")
+    return sorted(targets) if targets else None
+
+
+def lora_targets_text(asked: Any, resolved: Any, model_type: str | None) -> str:
+    """LoRA targets on one line, the same way in every stage.
+
+    asked: lora.target_modules as the user gave it (None = peft's default, "all-linear", a list or a
+    regex); resolved: the modules peft chose (a collection of names, or the regex), None when unknown.
+    """
+    if isinstance(resolved, str):
+        return resolved
+    # all-linear resolves to full module paths (one per layer): their last parts are what was targeted.
+    short = sorted({str(name).rsplit(".", 1)[-1] for name in resolved or ()})
+    names = ", ".join(short) or None
+    if asked == "all-linear":
+        return f"all-linear ({names})" if names else "all-linear"
+    if short and short == peft_default_targets(model_type):
+        return f"peft default for {model_type} ({names})"
+    if names:
+        return names
+    return "peft default for the architecture" if asked is None else ", ".join(sorted(map(str, asked)))
+
+
+def describe_lora(model, asked: Any = None, adapter: str = "default") -> str:
+    """'r=16 alpha=32 targets=...' of the LoRA adapter `adapter` the model really has (its shape may come
+    from an SFT adapter rather than lora.*); 'off (full fine-tuning)' without one."""
+    config = getattr(model, "peft_config", {}).get(adapter)
+    if config is None:
+        return "off (full fine-tuning)"
+    if OmegaConf.is_list(asked):
+        asked = list(asked)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    targets = lora_targets_text(asked, config.target_modules, model_type)
+    return f"r={config.r} alpha={config.lora_alpha} targets={targets}"
 
 
 def apply_lora(
@@ -287,7 +339,7 @@ def apply_lora(
     from peft import get_peft_model
 
     try:
-        config = peft_lora_config(lora_cfg, task_type, modules_to_save, dropout)
+        config = peft_lora_config(lora_cfg, task_type, modules_to_save, dropout, has_conv1d_layers(model))
         return get_peft_model(model, config, adapter_name=adapter_name)
     except ValueError as exc:
         raise UserError(
@@ -327,7 +379,12 @@ def _inputs_to_fp32(module: torch.nn.Module, args: tuple) -> tuple:
 
 
 def enable_gradient_checkpointing(model) -> None:
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    # transformers 5 renamed it activation checkpointing (the old name warns); older versions lack the new one.
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     model.config.use_cache = False

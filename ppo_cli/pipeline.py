@@ -385,7 +385,7 @@ def summary_table(plan: Plan, timings: dict[str, tuple[str, float]]):
 
     table = Table(title=f"pipeline {plan.recipe.name}: {plan.run_dir}")
     for column in ("stage", "status", "time", "final/", "last metrics"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")  # a narrow terminal folds paths, never cuts them
     for stage in plan.stages:
         status, seconds = timings.get(stage, ("not run", 0.0))
         out = Path(plan.configs[stage].output_dir)
@@ -398,9 +398,9 @@ def summary_table(plan: Plan, timings: dict[str, tuple[str, float]]):
 
 
 def print_plan(plan: Plan) -> None:
-    from rich.console import Console
+    from ppo_cli.logger import make_console
 
-    console = Console(highlight=False)
+    console = make_console()
     for stage in STAGES:
         tag = "" if stage in plan.stages else " (not run: its final/ must exist)"
         console.rule(f"[bold]{stage}[/]{tag}")
@@ -411,9 +411,9 @@ def print_plan(plan: Plan) -> None:
 
 def execute(plan: Plan, overrides: list[str]) -> dict[str, tuple[str, float]]:
     """Run the plan's stages; returns {stage: (status, seconds)}."""
-    from rich.console import Console
+    from ppo_cli.logger import make_console
 
-    console = Console(highlight=False)
+    console = make_console()
     timings: dict[str, tuple[str, float]] = {}
     for index, stage in enumerate(plan.stages, start=1):
         cfg = plan.configs[stage]
@@ -463,11 +463,10 @@ def apply_cpu_threads(recipe: Recipe) -> None:
 
 def run_pipeline(cfg: DictConfig, overrides: list[str]) -> Plan:
     """The pipeline command: plan, set up, run the stages, report."""
-    from rich.console import Console
-
     from ppo_cli.dist import barrier, broadcast_object, init_distributed
+    from ppo_cli.logger import make_console
 
-    console = Console(highlight=False)
+    console = make_console()
     setup_args = OmegaConf.to_container(cfg.setup, resolve=True) if cfg.setup else {}
     stages = list(cfg.stages)
     if cfg.dry_run:

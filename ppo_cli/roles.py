@@ -86,6 +86,8 @@ def lora_config_from(adapter_config: dict, task_type: str = "CAUSAL_LM"):
         task_type=task_type,
         use_rslora=adapter_config.get("use_rslora", False),
         bias=adapter_config.get("bias", "none"),
+        # True for adapters on GPT-2-style Conv1D layers (see models.has_conv1d_layers).
+        fan_in_fan_out=adapter_config.get("fan_in_fan_out", False),
     )
 
 
@@ -281,7 +283,7 @@ def build_roles(
     """
     from peft import get_peft_model
 
-    from ppo_cli.models import keep_trainable_in_fp32, peft_lora_config
+    from ppo_cli.models import has_conv1d_layers, keep_trainable_in_fp32, peft_lora_config
 
     for p in base_model.parameters():
         p.requires_grad_(False)
@@ -292,7 +294,9 @@ def build_roles(
         policy_config = lora_config_from(sft_config)
     else:
         sft_tensors = None
-        policy_config = peft_lora_config(lora_cfg, "CAUSAL_LM", dropout=0.0)
+        policy_config = peft_lora_config(
+            lora_cfg, "CAUSAL_LM", dropout=0.0, fan_in_fan_out=has_conv1d_layers(base_model)
+        )
     model = get_peft_model(base_model, policy_config, adapter_name=POLICY)
     if sft_tensors is not None:
         _load_lora_tensors(model, sft_tensors, POLICY, f"sft_checkpoint={sft_adapter}")

@@ -150,8 +150,10 @@ class StageRun:
         barrier(self.dist)
         return True
 
-    def start(self) -> RunLogger:
-        """Create the output dir, write config.yaml, and open the logger (rank 0 writes)."""
+    def start(self, lora: str | None = None) -> RunLogger:
+        """Create the output dir, write config.yaml, and open the logger (rank 0 writes).
+
+        lora: the start panel's LoRA row (models.describe_lora of the model being trained)."""
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             resolved = OmegaConf.to_container(self.cfg, resolve=True)
@@ -159,7 +161,7 @@ class StageRun:
                 OmegaConf.create({"stage": self.stage, **resolved}), self.output_dir / ckpt.RUN_MARKER
             )
         barrier(self.dist)
-        self.logger = RunLogger(self.output_dir, self.cfg, self.stage, enabled=self.is_main)
+        self.logger = RunLogger(self.output_dir, self.cfg, self.stage, enabled=self.is_main, lora=lora)
         self.stop.install()
         return self.logger
 

@@ -19,6 +19,7 @@ from ppo_cli.errors import UserError
 from ppo_cli.models import (
     autocast_dtype,
     count_parameters,
+    describe_lora,
     enable_gradient_checkpointing,
     eos_token_ids,
     fill_base_model,
@@ -152,7 +153,8 @@ def main(cfg: DictConfig) -> None:
         enable_gradient_checkpointing(roles.model)
     reward = build_reward(cfg, roles, shared_rm, run.device)
     trainable, total = count_parameters(roles)
-    logger = run.start()
+    # The policy's shape is the SFT adapter's when there is one, whatever lora.* says.
+    logger = run.start(lora=describe_lora(roles.model, None if sft_adapter else cfg.lora.target_modules))
     report_rm_health(cfg, logger)
     trainer = PPOTrainer(
         run, roles, tokenizer, prompts, reward, eos_token_ids(tokenizer, base), rm_statistics(cfg)

@@ -30,6 +30,7 @@ from ppo_cli.models import (
     apply_lora,
     autocast,
     count_parameters,
+    describe_lora,
     enable_gradient_checkpointing,
     fill_base_model,
     is_adapter_dir,
@@ -296,9 +297,9 @@ def main(cfg: DictConfig) -> None:
 
     def say(message: str) -> None:
         if run.is_main:
-            from rich.console import Console
+            from ppo_cli.logger import make_console
 
-            Console(highlight=False).print(message)
+            make_console().print(message)
 
     def warn(message: str) -> None:
         say(f"[bold yellow]warning:[/] {message}")
@@ -314,7 +315,7 @@ def main(cfg: DictConfig) -> None:
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     trainable, total = count_parameters(model)
-    logger = run.start()
+    logger = run.start(lora=describe_lora(model, cfg.lora.target_modules))
 
     def save_final() -> None:
         mean, std, n = reward_stats(model, train, tokenizer.pad_token_id, cfg, run.device)
@@ -356,7 +357,7 @@ def main(cfg: DictConfig) -> None:
     )
     trainer = SupervisedTrainer(run, task)
     result = trainer.fit()
-    logger.finish({"steps": trainer.step, **result, "final": str(run.final_dir)})
+    logger.finish({"steps": trainer.step, **result}, final_dir=run.final_dir)
     run.finish()
 
 

@@ -16,6 +16,7 @@ from ppo_cli.errors import UserError
 from ppo_cli.models import (
     apply_lora,
     count_parameters,
+    describe_lora,
     enable_gradient_checkpointing,
     load_causal_lm,
     load_tokenizer,
@@ -85,7 +86,7 @@ def main(cfg: DictConfig) -> None:
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     trainable, total = count_parameters(model)
-    logger = run.start()
+    logger = run.start(lora=describe_lora(model, cfg.lora.target_modules))
     task = SupervisedTask(
         model=model,
         train_examples=train,
@@ -105,7 +106,7 @@ def main(cfg: DictConfig) -> None:
     )
     trainer = SupervisedTrainer(run, task)
     result = trainer.fit()
-    logger.finish({"steps": trainer.step, **result, "final": str(run.final_dir)})
+    logger.finish({"steps": trainer.step, **result}, final_dir=run.final_dir)
     run.finish()
 
 

@@ -63,7 +63,7 @@ def make_adapter(base: Path, out: Path, task: str, stage: str, seed: int = 0) ->
         modules_to_save=modules_to_save,
     )
     model = get_peft_model(model, lora)
-    model.save_pretrained(str(out))
+    model.save_pretrained(str(out), save_embedding_layers=True)  # what peft's 'auto' picks here, unwarned
     tokenizer.save_pretrained(str(out))
     write_product_info(out, stage, str(base), lora=True)
     return out

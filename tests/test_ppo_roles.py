@@ -245,7 +245,9 @@ def test_row9_disable_dropout_covers_gpt2_and_lora_dropout(tiny_factory):
     model = AutoModelForCausalLM.from_pretrained(
         str(gpt2["model"]), resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1, dtype=torch.float32
     )
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.2, task_type="CAUSAL_LM"))
+    # fan_in_fan_out: GPT-2's layers are Conv1D (peft would warn and set it itself).
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.2, task_type="CAUSAL_LM", fan_in_fan_out=True)
+    model = get_peft_model(model, lora)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:

@@ -70,7 +70,7 @@ def make_sft_adapter(
         ),
     )
     perturb_lora(peft_model, seed=7)
-    peft_model.save_pretrained(out)
+    peft_model.save_pretrained(out, save_embedding_layers=False)  # as train-sft writes it
     tokenizer.save_pretrained(out)
     write_product_info(out, "sft", str(base), lora=True)
     return peft_model.eval(), tokenizer

@@ -27,6 +27,8 @@ from ppo_cli import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 6
+# Longer than an 80-column table cell: the reference run's console must still show its final/ whole.
+LONG_DIR = "a-directory-whose-name-alone-is-longer-than-what-an-80-column-table-can-show"
 
 
 @dataclass
@@ -57,7 +59,13 @@ class Run:
 
 
 def start(
-    output_dir: Path, model: Path, *overrides: str, data: Path, eval_data: Path, log_name: str | None = None
+    output_dir: Path,
+    model: Path,
+    *overrides: str,
+    data: Path,
+    eval_data: Path,
+    log_name: str | None = None,
+    columns: int = 200,
 ) -> Run:
     args = [
         "train-sft",
@@ -71,7 +79,8 @@ def start(
         *overrides,
     ]
     log = output_dir.with_name((log_name or output_dir.name) + ".log")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": str(columns), "OMP_NUM_THREADS": "1"}
     with open(log, "w") as fh:  # a file, not a pipe: a pipe nobody reads would block the run
         proc = subprocess.Popen(
             [sys.executable, "-m", "ppo_cli", *args], cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env=env
@@ -127,12 +136,14 @@ def runs(tiny, tiny_factory, files, tmp_path_factory):
     common = {"data": files["train"], "eval_data": files["eval"]}
     arch_models = {arch: tiny_factory(arch)["model"] for arch in ("qwen2", "gpt2", "gpt_neox")}
     started = {
+        # Into a file at 80 columns, as a first-time user piping to a log would (see test_console_at_80_columns).
         "lora": start(
-            root / "lora",
+            root / LONG_DIR / "lora",
             tiny["model"],
             f"train.max_steps={STEPS}",
             "train.save_every=2",
             "train.eval_every=3",
+            columns=80,
             **common,
         ),
         "full": start(root / "full", tiny["model"], "train.max_steps=2", "lora.enabled=false", **common),
@@ -258,6 +269,21 @@ def test_output_tree(runs):
     assert adapter_cfg["peft_type"] == "LORA" and adapter_cfg["task_type"] == "CAUSAL_LM"
     # Nothing half-written is left next to the products.
     assert not [p for p in out.rglob(".*tmp*")]
+
+
+def test_console_at_80_columns(runs):
+    """COLUMNS=80, output to a file: the final/ path on a line of its own, whole; nothing cut with '…'; the
+    LoRA targets on one line; the summary says how loss and eval loss moved from first to last log."""
+    run = runs["lora"]
+    final = run.output_dir / "final"
+    assert f"final: {final}" in run.output.splitlines(), run.output
+    assert "…" not in run.output, run.output
+    text = " ".join(run.output.replace("│", " ").split())
+    assert "targets=peft default for llama (q_proj, v_proj)" in text, run.output
+    losses = [m["loss"] for m in metrics(run.output_dir) if "loss" in m]
+    evals = [m["eval/loss"] for m in metrics(run.output_dir) if "eval/loss" in m]
+    assert f"loss {losses[0]:.4g} -> {losses[-1]:.4g} (step 1 -> {STEPS})" in text, run.output
+    assert f"eval/loss {evals[0]:.4g} -> {evals[-1]:.4g} (step 3 -> {STEPS})" in text, run.output
 
 
 def test_logged_lr_is_the_rate_each_step_used(runs):

@@ -173,7 +173,7 @@ def make_sft_product(base: Path, out: Path) -> Path:
         for name, p in sft.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
-    sft.save_pretrained(out)
+    sft.save_pretrained(out, save_embedding_layers=False)  # as train-sft writes it
     tokenizer.save_pretrained(out)
     write_product_info(out, "sft", str(base), lora=True)
     return out
@@ -201,6 +201,7 @@ def rm_run(tiny, separable, tmp_path_factory):
         "train.save_every=6",
         "logger.progress=false",
         f"output_dir={out}",
+        env={"COLUMNS": "80"},  # and stdout a pipe: see test_console_at_80_columns
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out, sft, result
@@ -246,6 +247,21 @@ def test_learns_a_separable_preference(rm_run):
     assert info["eval_pairs"] == n_eval and low < info["eval_accuracy"] <= high
     assert f"reward model: held-out accuracy {info['eval_accuracy']:.3f}" in " ".join(result.stdout.split())
     assert math.isfinite(info["late_train_loss"])
+
+
+def test_console_at_80_columns(rm_run):
+    """The same compact LoRA line as train-sft's, final/ whole on its own line, and how accuracy and held-out
+    accuracy moved from their first to their last log."""
+    out, _, result = rm_run
+    assert f"final: {out / 'final'}" in result.stdout.splitlines(), result.stdout
+    assert "…" not in result.stdout, result.stdout
+    text = " ".join(result.stdout.replace("│", " ").split())
+    assert "targets=peft default for llama (q_proj, v_proj)" in text, result.stdout
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [m["accuracy"] for m in lines if "accuracy" in m]
+    evals = [m["eval/accuracy"] for m in lines if "eval/accuracy" in m]
+    assert f"accuracy {train[0]:.4g} -> {train[-1]:.4g} (step 3 -> 12)" in text, result.stdout
+    assert f"eval/accuracy {evals[0]:.4g} -> {evals[-1]:.4g} (step 6 -> 12)" in text, result.stdout
 
 
 def separable_eval_rows(out) -> list[str]:
