@@ -31,5 +31,32 @@ format: install
 bench: install
 	$(PYTHON) bench/run.py
 
+# Reward-model accuracy: train-rm vs a plain loop vs TRL 1.16's RewardTrainer (bench/README.md). TRL lives in
+# its own virtual environment (it sees this one's packages; pip may not change torch or transformers there).
+.PHONY: bench-rm trl-venv
+TRL_VENV ?= bench/results/trl116-venv
+trl-venv:
+	@test -x $(TRL_VENV)/bin/python || ( $(PYTHON) -m venv --system-site-packages $(TRL_VENV) && \
+	  $(PYTHON) -c "import torch, transformers as t; print(f'torch=={torch.__version__}\ntransformers=={t.__version__}')" \
+	    > $(TRL_VENV)/constraints.txt && \
+	  $(TRL_VENV)/bin/pip install "trl==1.16.*" -c $(TRL_VENV)/constraints.txt )
+
+bench-rm: install trl-venv
+	$(PYTHON) bench/rm_bench.py --trl-python $(TRL_VENV)/bin/python
+
+# PPO quality: SFT -> RM -> PPO on local tasks with gold scorers, ppo-cli's defaults beside TRL 1.12's PPO and
+# TRL 1.16's RewardTrainer (bench/README.md, "Quality benchmark"). trl==1.12.0 (the last with PPOTrainer) has
+# its own virtual environment too.
+.PHONY: quality trl112-venv
+TRL112_VENV ?= bench/results/trl112-venv
+trl112-venv:
+	@test -x $(TRL112_VENV)/bin/python || ( $(PYTHON) -m venv --system-site-packages $(TRL112_VENV) && \
+	  $(PYTHON) -c "import torch, transformers as t; print(f'torch=={torch.__version__}\ntransformers=={t.__version__}')" \
+	    > $(TRL112_VENV)/constraints.txt && \
+	  $(TRL112_VENV)/bin/pip install "trl==1.12.0" -c $(TRL112_VENV)/constraints.txt )
+
+quality: install trl-venv trl112-venv
+	$(PYTHON) bench/quality.py --trl-rm-python $(TRL_VENV)/bin/python --trl-ppo-python $(TRL112_VENV)/bin/python
+
 clean:
 	rm -rf outputs demo_runs bench/results .pytest_cache

@@ -166,14 +166,15 @@ class GenerationConfig:
 
 @dataclass
 class PPOConfig:
-    # Initial KL coefficient beta of the per-token penalty -beta * (logp - logp_ref).
-    kl_coef: float = 0.05
-    # fixed or adaptive (Ziegler et al. 2019) KL coefficient.
-    kl_controller: str = "fixed"
+    # Initial KL coefficient beta of the per-token penalty -beta * (logp - logp_ref), per nat, in the units
+    # of the scores PPO uses (std of the SFT policy's scores under the default normalisation).
+    kl_coef: float = 0.15
+    # adaptive (Ziegler et al. 2019: beta moves to hold KL near kl_target) or fixed.
+    kl_controller: str = "adaptive"
     # Adaptive controller: target KL in nats per sequence.
     kl_target: float = 6.0
-    # Adaptive controller: horizon in episodes.
-    kl_horizon: int = 10000
+    # Adaptive controller: horizon in episodes; null = a tenth of the run's episodes.
+    kl_horizon: int | None = None
     # PPO epochs over each rollout batch.
     epochs: int = 4
     # Minibatches per epoch (train.batch_size must divide by it).
@@ -190,6 +191,9 @@ class PPOConfig:
     lam: float = 0.95
     # Subtracted from the score of responses that never emit EOS (null = off).
     missing_eos_penalty: float | None = None
+    # Or: the score that replaces the score of every response that never emits EOS, in the units of the
+    # scores PPO uses (-1 = one SFT-sample std below their mean); null = off (TRL's behaviour).
+    missing_eos_score: float | None = -1.0
     # Whiten advantages over valid tokens.
     whiten_advantages: bool = True
     # Reward scale: sft_samples (mean/std of the first rollout's scores, when the policy is still the SFT

@@ -162,13 +162,14 @@ class PPOTrainer:
         self.total_steps = int(self.train_cfg.max_steps)
         self.scheduler = build_scheduler(self.optimizer, self.train_cfg, self.total_steps)
         self.kl_ctl = (
-            rlhf.AdaptiveKLController(self.ppo_cfg.kl_coef, self.ppo_cfg.kl_target, self.ppo_cfg.kl_horizon)
+            rlhf.AdaptiveKLController(self.ppo_cfg.kl_coef, self.ppo_cfg.kl_target, self.kl_horizon())
             if self.ppo_cfg.kl_controller == "adaptive"
             else rlhf.FixedKLController(self.ppo_cfg.kl_coef)
         )
         self.scale = RewardScale(self.ppo_cfg.reward_normalization, rm_stats)
         self.critic_on_scale = False
         self.put_critic_on_scale()  # rm_stats: the scale is known already
+        self.scale_announced = False
         self.step = 0
         self.watch = PPOGuards(self.gen_cfg.max_new_tokens, self.ppo_cfg.kl_warn)
         self._pad_index = torch.tensor([tokenizer.pad_token_id])
@@ -178,6 +179,13 @@ class PPOTrainer:
             # adapter's fp32 dtype would only add two full-size copies per LoRA layer and pass.
             roles.keep_lora_input_dtype()
         self.generation_config = self._generation_config()
+
+    def kl_horizon(self) -> float:
+        """The adaptive controller's horizon in episodes: ppo.kl_horizon, or a tenth of the run's."""
+        if self.ppo_cfg.kl_horizon is not None:
+            return float(self.ppo_cfg.kl_horizon)
+        per_step = self.train_cfg.batch_size * self.run.dist.world_size
+        return rlhf.run_kl_horizon(self.total_steps * per_step, per_step)
 
     # -- generation -----------------------------------------------------------------------------
     def _generation_config(self):
@@ -263,14 +271,19 @@ class PPOTrainer:
         scores = self.scale(raw, self.run.dist)
         if self.ppo_cfg.score_clip is not None:
             scores = scores.clamp(-self.ppo_cfg.score_clip, self.ppo_cfg.score_clip)
-        # The penalty is in the units of the scores PPO uses (one std of the SFT samples' scores when
-        # normalised), so one value means the same against any reward source; the scale is fixed on
-        # the source's own scores, and no clip takes the penalty back.
+        # A response that never stopped: its score is replaced (missing_eos_score) or, when
+        # missing_eos_penalty is set, lowered (TRL's rule). Both are in the units of the scores PPO uses
+        # (std of the SFT samples' scores when normalised), so a value means the same against any reward
+        # source; the scale is fixed on the source's own scores, and no clip takes the penalty back.
         eos_present = rlhf.has_eos(responses, response_mask, self.eos_ids)
-        scores = rlhf.apply_missing_eos_penalty(scores, eos_present, self.ppo_cfg.missing_eos_penalty)
+        if self.ppo_cfg.missing_eos_penalty is not None:
+            scores = rlhf.apply_missing_eos_penalty(scores, eos_present, self.ppo_cfg.missing_eos_penalty)
+        else:
+            scores = rlhf.replace_missing_eos_score(scores, eos_present, self.ppo_cfg.missing_eos_score)
         # Scored first: the first batch may fix the scale, and the critic's values are read after it
         # has been put on that scale.
         self.put_critic_on_scale()
+        self.announce_scale()
         logprobs, ref_logprobs, values = [], [], []
         for s in range(0, qr.shape[0], self.micro):
             chunk = slice(s, s + self.micro)
@@ -556,10 +569,62 @@ class PPOTrainer:
         return {
             "rollout": f"{self.train_cfg.batch_size} prompts x {self.gen_cfg.max_new_tokens} new tokens, "
             f"T={self.gen_cfg.temperature}",
-            "ppo": f"{self.ppo_cfg.epochs} epochs x {self.ppo_cfg.num_minibatches} minibatches, "
-            f"kl_coef {self.ppo_cfg.kl_coef} ({self.ppo_cfg.kl_controller})",
+            "ppo": f"{self.ppo_cfg.epochs} epochs x {self.ppo_cfg.num_minibatches} minibatches",
+            "kl penalty": describe_kl_penalty(self.ppo_cfg, self.kl_horizon()),
+            "reward scale": describe_reward_scale(self.ppo_cfg),
             "device": str(self.device),
         }
+
+    def announce_scale(self) -> None:
+        """Once the scale is fixed, say once what beta weighs in the reward source's own units."""
+        stats = self.scale.fixed_stats()
+        if self.scale_announced or stats is None:
+            return
+        self.scale_announced = True
+        mean, std = stats
+        beta = self.kl_ctl.value
+        self.run.logger.print(
+            f"reward scale ({self.ppo_cfg.reward_normalization}): mean {mean:.4g}, std {std:.4g}; beta "
+            f"{beta:.4g} per nat on this scale is TRL's kl_coef={beta * std:.3g} on the raw scores."
+        )
+
+    def beta_summary(self, beta: float | None = None) -> dict[str, float]:
+        """beta (the controller's now, or `beta`) in the reward source's raw units, when the scores PPO
+        uses are divided by a std; empty when beta is in raw units already or has no fixed scale."""
+        stats = self.scale.fixed_stats()
+        if stats is None or self.ppo_cfg.reward_normalization == "sft_mean":
+            return {}
+        return {"kl_coef in raw score units": (self.kl_ctl.value if beta is None else beta) * stats[1]}
+
+
+SCALE_UNITS = {
+    "sft_samples": "scores / std of the SFT policy's scores (first batch): beta per std of score per nat",
+    "sft_mean": "scores - mean of the SFT policy's scores (first batch): beta in raw units, TRL's kl_coef",
+    "rm_stats": "scores / std of the RM's training scores: beta per std of score per nat",
+    "whiten": "scores whitened per batch: beta per batch std per nat",
+    "none": "raw scores: beta in raw units, TRL's kl_coef",
+}
+
+
+def describe_kl_penalty(ppo: DictConfig, horizon: float) -> str:
+    """One line for the run's panel: beta and how it moves."""
+    if ppo.kl_controller == "fixed":
+        return f"beta {ppo.kl_coef:g}, fixed"
+    return (
+        f"beta {ppo.kl_coef:g} at the start, adaptive: target {ppo.kl_target:g} nats per response, "
+        f"horizon {horizon:g} episodes"
+    )
+
+
+def describe_reward_scale(ppo: DictConfig) -> str:
+    """One line for the run's panel: the units of the scores (and of beta), and the missing-EOS rule."""
+    if ppo.missing_eos_penalty is not None:
+        eos = f"a response without EOS loses {ppo.missing_eos_penalty:g}"
+    elif ppo.missing_eos_score is not None:
+        eos = f"a response without EOS scores {ppo.missing_eos_score:g}"
+    else:
+        eos = "no missing-EOS penalty"
+    return f"{ppo.reward_normalization}: {SCALE_UNITS[ppo.reward_normalization]}; {eos}"
 
 
 def validate_ppo(cfg: DictConfig, world_size: int = 1) -> None:
@@ -584,6 +649,12 @@ def validate_ppo(cfg: DictConfig, world_size: int = 1) -> None:
         raise UserError(f"generation.temperature={cfg.generation.temperature} must be positive.")
     if ppo.kl_controller not in ("fixed", "adaptive"):
         raise UserError(f"ppo.kl_controller={ppo.kl_controller} is not one of fixed, adaptive.")
+    horizon_ok = ppo.kl_horizon is None or ppo.kl_horizon > 0
+    if ppo.kl_controller == "adaptive" and not (ppo.kl_target > 0 and horizon_ok):
+        raise UserError(
+            f"ppo.kl_target={ppo.kl_target} and ppo.kl_horizon={ppo.kl_horizon} must be positive (the "
+            "horizon may be null: a tenth of the run's episodes)."
+        )
     if ppo.reward_normalization not in ("sft_samples", "sft_mean", "rm_stats", "whiten", "none"):
         raise UserError(
             f"ppo.reward_normalization={ppo.reward_normalization} is not one of sft_samples, sft_mean, "

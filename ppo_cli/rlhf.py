@@ -47,6 +47,8 @@ __all__ = [
     "pairwise_reward_loss",
     "policy_loss",
     "position_ids_from_mask",
+    "replace_missing_eos_score",
+    "run_kl_horizon",
     "shape_rewards",
     "truncate_after_eos",
     "value_loss",
@@ -388,6 +390,22 @@ def apply_missing_eos_penalty(
     return torch.where(_as_bool(has_eos), scores, scores - penalty)
 
 
+def replace_missing_eos_score(
+    scores: torch.Tensor, has_eos: torch.Tensor, value: float | None
+) -> torch.Tensor:
+    """Replace the score of every response that did not end with EOS by the constant ``value``.
+
+    Shapes: ``scores`` ``(B,)``, ``has_eos`` ``(B,)`` bool -> new ``(B,)`` tensor (input not modified).
+
+    Formula (lm-human-preferences, [Huang24]'s "EOS trick"): ``scores[~has_eos] = value``; ``None``
+    returns an unchanged copy. Unlike :func:`apply_missing_eos_penalty`, no score a reward model gives
+    an unfinished response, however high, survives.
+    """
+    if value is None:
+        return scores.clone()
+    return torch.where(_as_bool(has_eos), scores, torch.full_like(scores, float(value)))
+
+
 def normalize_scores(
     scores: torch.Tensor, mean: float | torch.Tensor, std: float | torch.Tensor, eps: float = 1e-8
 ) -> torch.Tensor:
@@ -597,6 +615,23 @@ class AdaptiveKLController:
             self.target = float(d["target"])
         if "horizon" in d:
             self.horizon = float(d["horizon"])
+
+
+def run_kl_horizon(total_episodes: int, episodes_per_step: int, share: float = 0.1) -> float:
+    """The adaptive controller's horizon for a run: ``share`` of its episodes, at least two steps' worth.
+
+    Formula: ``horizon = max(share * total_episodes, 2 * episodes_per_step)`` (a tenth by default).
+
+    Why a share of the run: a KL held on one side of the target moves beta by up to
+    ``(1 +- 0.2 n / horizon)^(N / n)``, about ``exp(+-0.2 N / horizon)``, over a run of N episodes.
+    [Ziegler19]'s 10,000 episodes suit runs of ~10^5 episodes (beta can move by e^2, and a tenth of 10^5
+    is that horizon); in a run of 2,560 they allow a factor of 1.05 at most, so the controller never
+    binds. A tenth of the run gives any run the same reach, e^(+-2). Why the floor: the factor
+    ``1 + e n / horizon`` must stay positive; two steps' worth keeps each step's change within +-10%.
+    """
+    if total_episodes <= 0 or episodes_per_step <= 0:
+        raise ValueError(f"episodes must be > 0, got {total_episodes} in all, {episodes_per_step} per step")
+    return max(share * float(total_episodes), 2.0 * episodes_per_step)
 
 
 # --------------------------------------------------------------------------------------------------

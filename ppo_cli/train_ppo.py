@@ -180,7 +180,8 @@ def main(cfg: DictConfig) -> None:
     summary = {
         k: metrics[k] for k in ("objective/scores", "objective/kl", "objective/kl_coef") if k in metrics
     }
-    logger.finish({"steps": trainer.step, **summary, "final": str(run.final_dir)})
+    summary.update(trainer.beta_summary(metrics.get("objective/kl_coef")))
+    logger.finish({"steps": trainer.step, **summary}, final_dir=run.final_dir)
     run.finish()
 
 

@@ -269,6 +269,39 @@ def test_critic_on_rm_stats_scale_from_the_start(tiny, adapters, shifted_rm, tmp
         torch.testing.assert_close(roles.values(ids, mask, 3), (raw_values - 3.0) / 0.5, atol=1e-4, rtol=0)
 
 
+def stop_even_rows(trainer) -> None:
+    """Make the trainer's rollouts end the even rows with EOS (the tiny policy rarely stops on its own)."""
+    sample = trainer.generate
+    eos, pad = trainer.eos_ids[0], trainer.tokenizer.pad_token_id
+
+    def even_rows_stop(prompt_ids):
+        ids, prompt_mask, responses, _ = sample(prompt_ids)
+        responses[::2, 1] = eos
+        return ids, prompt_mask, *rlhf.truncate_after_eos(responses, eos, pad)
+
+    trainer.generate = even_rows_stop
+
+
+def test_defaults_hold_kl_near_a_target_and_score_unfinished_responses_low(trainer_factory):
+    """With the defaults, beta starts at 0.15 and the adaptive controller holds KL near 6 nats with a
+    horizon of a tenth of the run; a response that never stops scores -1 (one std below the SFT
+    policy's mean), whatever the reward source said."""
+    trainer = trainer_factory(
+        "train.max_steps=80", "train.batch_size=8",
+        reward=lambda qr, mask, prompts, completions: torch.tensor([100.0 * len(c) for c in completions]),
+    )  # fmt: skip
+    ctl = trainer.kl_ctl
+    assert isinstance(ctl, rlhf.AdaptiveKLController), type(ctl)
+    assert (ctl.value, ctl.target, ctl.horizon) == (0.15, 6.0, pytest.approx(0.1 * 80 * 8))
+    stop_even_rows(trainer)
+    ckpt.seed_everything(0)
+    ro, _ = trainer.rollout(trainer.prompts[:8])
+    ended = rlhf.has_eos(ro.responses, ro.response_mask, trainer.eos_ids)
+    assert ended.any() and not ended.all(), ended
+    normalised = (ro.raw_scores - ro.raw_scores.mean()) / ro.raw_scores.std()
+    torch.testing.assert_close(ro.scores, torch.where(ended, normalised, -1.0), atol=1e-5, rtol=0)
+
+
 def test_row5_missing_eos_penalty_is_in_normalised_units(trainer_factory):
     """The penalty comes off the normalised score (1.0 = one std of the SFT samples' scores, whatever
     the reward source's scale), and the scale is fixed on the reward source's own scores."""
@@ -276,15 +309,7 @@ def test_row5_missing_eos_penalty_is_in_normalised_units(trainer_factory):
         "ppo.missing_eos_penalty=1.0", "generation.max_new_tokens=3", "train.batch_size=8",
         reward=lambda qr, mask, prompts, completions: torch.tensor([100.0 * len(c) for c in completions]),
     )  # fmt: skip
-    sample = trainer.generate
-    eos, pad = trainer.eos_ids[0], trainer.tokenizer.pad_token_id
-
-    def even_rows_stop(prompt_ids):  # the tiny policy rarely stops on its own
-        ids, prompt_mask, responses, _ = sample(prompt_ids)
-        responses[::2, 1] = eos
-        return ids, prompt_mask, *rlhf.truncate_after_eos(responses, eos, pad)
-
-    trainer.generate = even_rows_stop
+    stop_even_rows(trainer)
     ckpt.seed_everything(0)
     ro, _ = trainer.rollout(trainer.prompts[:8])
     ended = rlhf.has_eos(ro.responses, ro.response_mask, trainer.eos_ids)
@@ -293,6 +318,35 @@ def test_row5_missing_eos_penalty_is_in_normalised_units(trainer_factory):
     torch.testing.assert_close(ro.raw_scores, expected_raw)  # the source's scores, unpenalised
     normalised = (expected_raw - expected_raw.mean()) / expected_raw.std()
     torch.testing.assert_close(ro.scores, normalised - 1.0 * (~ended).float(), atol=1e-5, rtol=0)
+
+
+def test_row7_adaptive_horizon_defaults_to_a_tenth_of_the_run(trainer_factory):
+    """kl_horizon=null: a tenth of the run's episodes (steps x prompts per step), so the controller binds
+    in a short run; an explicit horizon is kept."""
+    auto = trainer_factory("ppo.kl_controller=adaptive", "ppo.kl_horizon=null", "train.max_steps=80")
+    assert auto.kl_ctl.horizon == pytest.approx(0.1 * 80 * 4)  # train.batch_size=4 prompts per step
+    given = trainer_factory("ppo.kl_controller=adaptive", "ppo.kl_horizon=500", "train.max_steps=80")
+    assert given.kl_ctl.horizon == 500
+
+
+def test_console_says_which_beta_is_in_effect(trainer_factory, capsys):
+    """The run's panel names beta, its controller and the units it weighs; once the first batch fixes
+    the scale, the console says what beta is in the reward source's own units (TRL's kl_coef)."""
+    trainer = trainer_factory(
+        "ppo.kl_coef=0.1", "ppo.kl_controller=adaptive", "ppo.kl_horizon=null", "train.max_steps=80",
+        reward=lambda qr, mask, prompts, completions: torch.tensor([3.0 * len(c) for c in completions]),
+    )  # fmt: skip
+    panel = trainer.summary()["kl penalty"]
+    assert "beta 0.1" in panel and "target 6 nats" in panel and "horizon 32 episodes" in panel, panel
+    assert "std" in trainer.summary()["reward scale"]
+    ckpt.seed_everything(0)
+    ro, _ = trainer.rollout(trainer.prompts[:4])
+    said = " ".join(capsys.readouterr().out.split())
+    std = float(ro.raw_scores.double().std())
+    assert f"std {std:.4g}" in said and f"TRL's kl_coef={0.1 * std:.3g}" in said, said
+    assert trainer.beta_summary() == {"kl_coef in raw score units": pytest.approx(0.1 * std, rel=1e-6)}
+    raw = trainer_factory("ppo.reward_normalization=none", "ppo.kl_controller=fixed", "ppo.kl_coef=0.05")
+    assert raw.summary()["kl penalty"].startswith("beta 0.05, fixed") and "TRL" in raw.summary()["reward scale"]
 
 
 def test_row6_kl_and_masked_sums_count_real_tokens_only(trainer_factory):
@@ -572,6 +626,8 @@ def test_row15_16_lr0_run_never_moves(tiny, adapters, tmp_path, cli, precision):
             "ppo.num_minibatches=2",
             "train.save_every=2",
             f"train.mixed_precision={precision}",
+            "ppo.kl_coef=0.1",
+            "ppo.missing_eos_score=null",  # the first batch's normalised scores then have mean 0 exactly
         ),
         env=cli_env(),
     )
@@ -587,7 +643,10 @@ def test_row15_16_lr0_run_never_moves(tiny, adapters, tmp_path, cli, precision):
         assert m["policy/clipfrac_avg"] == 0.0, m
         assert m["val/ratio"] == 1.0, m
         assert m["policy/first_ratio"] == 1.0, m
-        assert m["objective/kl_coef"] == 0.05 and m["lr"] == 0.0
+        assert m["lr"] == 0.0
+    # The default adaptive controller: KL 0 < target, e = -0.2; horizon max(3 x 4 / 10, 2 x 4) = 8
+    # episodes, so beta shrinks by 1 - 0.2 * 4 / 8 = 0.9 per step of 4 episodes.
+    assert [m["objective/kl_coef"] for m in metrics] == pytest.approx([0.1, 0.09, 0.081], rel=1e-9)
     assert abs(metrics[0]["objective/scores_normalized"]) < 1e-5  # row 17 (first batch defines the scale)
     assert [m["episode"] for m in metrics] == [4, 8, 12]
     assert (out / "config.yaml").is_file()
@@ -671,6 +730,7 @@ def test_nan_loss_stops_with_the_last_checkpoint(tiny, adapters, tmp_path):
         tmp_path,
         "explodes",
         "reward_fn=ppo_rewards:explode_from_third_call",
+        "ppo.missing_eos_score=null",  # the tiny base never stops: its exploding scores must reach PPO
         "train.max_steps=5",
         "train.save_every=1",
         "train.lr=1e-3",
@@ -725,6 +785,7 @@ RESUME_ARGS = [
     "ppo.kl_controller=adaptive",
     "ppo.kl_coef=0.05",
     "ppo.kl_horizon=100",
+    "ppo.missing_eos_score=null",  # the first batch's normalised scores then have mean 0 exactly
     "sample_every=0",
 ]
 

@@ -31,6 +31,8 @@ from ppo_cli.rlhf import (
     pairwise_reward_loss,
     policy_loss,
     position_ids_from_mask,
+    replace_missing_eos_score,
+    run_kl_horizon,
     shape_rewards,
     truncate_after_eos,
     value_loss,
@@ -386,6 +388,36 @@ def test_adaptive_kl_controller():
     c2 = AdaptiveKLController(1.0)
     c2.load_state_dict(state)
     assert c2.value == c.value and c2.target == 6.0 and c2.horizon == 10000.0
+
+
+def test_run_kl_horizon_binds_in_a_short_run():
+    # 80 steps x 32 episodes: horizon 2560 / 10 = 256 episodes
+    assert run_kl_horizon(2560, 32) == pytest.approx(256.0)
+    c = AdaptiveKLController(0.1, target=6.0, horizon=run_kl_horizon(2560, 32))
+    for _ in range(10):
+        c.update(12.0, 32)  # KL = 2 x target: e clipped to 0.2 -> factor 1 + 0.2 * 32 / 256 = 1.025
+    assert c.value == pytest.approx(0.1 * 1.025**10, rel=1e-12)  # 0.12800845
+    # over the whole run, a KL held above 1.2 x target moves beta by 1.025^80 = 7.21 (~e^2), whatever
+    # the run's length; Ziegler et al.'s fixed 10,000 episodes would allow 1.00064^80 = 1.05 here
+    c = AdaptiveKLController(0.1, target=6.0, horizon=run_kl_horizon(2560, 32))
+    for _ in range(80):
+        c.update(100.0, 32)
+    assert c.value / 0.1 == pytest.approx(1.025**80, rel=1e-12)
+    # a run of 100,000 episodes gets Ziegler et al.'s horizon
+    assert run_kl_horizon(100_000, 512) == pytest.approx(10_000.0)
+    # 3 steps x 4: a tenth is 1.2 episodes, which would make 1 - 0.2 * 4 / 1.2 < 0; the floor is 2 steps
+    assert run_kl_horizon(12, 4) == pytest.approx(8.0)
+    with pytest.raises(ValueError):
+        run_kl_horizon(0, 4)
+
+
+def test_replace_missing_eos_score():
+    scores = torch.tensor([3.0, -2.0, 0.5, 5.0])
+    eos = torch.tensor([True, False, True, False])
+    out = replace_missing_eos_score(scores, eos, -1.0)
+    assert out.tolist() == [3.0, -1.0, 0.5, -1.0]
+    assert scores.tolist() == [3.0, -2.0, 0.5, 5.0]  # input untouched
+    assert replace_missing_eos_score(scores, eos, None).tolist() == scores.tolist()
 
 
 # ------------------------------------------------------------------------------------------------

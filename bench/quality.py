@@ -1,0 +1,427 @@
+#!/usr/bin/env python
+"""`make quality`: does PPO with ppo-cli's defaults improve the policy, and how does it compare with TRL?
+
+For each local task of bench/tasks.py (a small pretrained Llama, an SFT adapter made by `ppo-cli
+train-sft`, on-policy preference pairs labelled by a gold scorer):
+
+1. reward models: `ppo-cli train-rm` with its defaults, from the SFT adapter; TRL 1.16's RewardTrainer
+   with its defaults (bench/rm_baselines.py) on the same pairs, same number of steps and batch size;
+2. PPO, 80 steps x 32 prompts at lr 1e-3, everything else each side's defaults, twice per side: with the
+   gold scorer itself as the reward (ppo-cli: `reward_fn=`), and against that side's reward model;
+   ppo-cli = `ppo-cli train-ppo`, TRL = TRL 1.12's `trl.experimental.ppo.PPOTrainer` (bench/trl_ppo.py)
+   with kl_coef 0.05, stop_token="eos", no missing-EOS penalty;
+3. the judge (bench/judge.py, plain transformers + peft): on held-out prompts, `--samples` responses per
+   prompt at the training temperature; gold lift over the SFT policy, final KL to it, the reward model's
+   win rate against the SFT policy's responses (the RM the policy trained against; for gold-trained
+   policies, that side's RM), EOS rate, distinct-2; and each RM's held-out pair accuracy.
+
+Two lanes run side by side, one thread each: ppo-cli's runs and the judge, and TRL's runs. Every run is
+cached under bench/results/quality/runs/ (delete the folder or pass --force to redo); the table goes to
+the console and to bench/results/quality/table.md + results.json.
+
+    python bench/quality.py [--tasks sentiment,format_length] [--steps 80] [--batch-size 32] [--lr 1e-3]
+                            [--samples 4] [--skip-trl] [--variant NAME=OVERRIDE,OVERRIDE ...]
+
+`--variant NAME=A,B` adds ppo-cli rows with train-ppo overrides A and B (used to choose the defaults, e.g.
+`--variant beta0.15=ppo.kl_coef=0.15`); `--no-defaults` leaves out the rows of the defaults. TRL's rows
+are skipped with a note when its environments are missing (bench/README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO))
+
+import quality_tasks  # noqa: E402  (bench/quality_tasks.py)
+import tasks as task_builders  # noqa: E402  (bench/tasks.py)
+
+RESULTS = HERE / "results" / "quality"
+DEFAULT_TASKS = "sentiment,format_length"
+# The virtual environments `make trl-venv` (trl==1.16, its RewardTrainer) and `make trl112-venv`
+# (trl==1.12.0, the last release with its PPOTrainer) create.
+TRL_RM_PYTHON = os.environ.get("TRL_PYTHON", str(HERE / "results" / "trl116-venv" / "bin" / "python"))
+TRL_PPO_PYTHON = os.environ.get("TRL_PPO_PYTHON", str(HERE / "results" / "trl112-venv" / "bin" / "python"))
+# What the judge samples: the rollouts' settings of train-ppo's defaults (and TRL's run).
+MAX_NEW_TOKENS = 64
+TEMPERATURE = 0.7
+
+
+# ---------------------------------------------------------------------------------------------------
+# Jobs: commands with dependencies, run in two lanes
+
+
+@dataclass
+class Job:
+    name: str
+    lane: str  # "cli" or "trl"
+    cmd: list[str]
+    done: Path  # exists when the job's product is complete (cached)
+    log: Path
+    after: list[str] = field(default_factory=list)
+    seconds: float | None = None
+    cached: bool = False
+
+
+def run_jobs(jobs: list[Job], threads: int, force: bool) -> None:
+    """Run every job whose product is missing, two lanes at once (cli, trl), each lane in order and
+    after the jobs it depends on. A failure stops the whole run with the job's log tail."""
+    by_name = {j.name: j for j in jobs}
+    finished: set[str] = set()
+    failed: list[str] = []
+    lock = threading.Condition()
+    for job in jobs:
+        if job.done.exists() and not force:
+            job.cached = True
+            finished.add(job.name)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+    env["TRL_EXPERIMENTAL_SILENCE"] = "1"
+
+    def lane(name: str) -> None:
+        for job in [j for j in jobs if j.lane == name and not j.cached]:
+            with lock:
+                lock.wait_for(lambda j=job: failed or all(a in finished for a in j.after if a in by_name))
+                if failed:
+                    return
+            job.log.parent.mkdir(parents=True, exist_ok=True)
+            print(f"[{name}] {job.name} ...", flush=True)
+            start = time.perf_counter()
+            with job.log.open("w") as f:
+                rc = subprocess.run(job.cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+            job.seconds = time.perf_counter() - start
+            with lock:
+                if rc != 0 or not job.done.exists():
+                    failed.append(job.name)
+                    tail = "\n".join(job.log.read_text().splitlines()[-30:])
+                    print(f"[{name}] {job.name} FAILED ({rc}), log {job.log}:\n{tail}", flush=True)
+                else:
+                    print(f"[{name}] {job.name} done in {job.seconds:.0f} s", flush=True)
+                    finished.add(job.name)
+                lock.notify_all()
+
+    threads_ = [threading.Thread(target=lane, args=(n,)) for n in ("cli", "trl")]
+    for t in threads_:
+        t.start()
+    for t in threads_:
+        t.join()
+    if failed:
+        raise SystemExit(f"quality: {', '.join(failed)} failed")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The runs of one task
+
+
+def build_tasks(names: list[str], root: Path, threads: int) -> None:
+    """Build the tasks not cached yet, each in its own process (two cores: two builds at once)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(HERE / "tasks.py"), "--root", str(root), "--task", name], env=env
+        )
+        for name in names
+        if not quality_tasks.is_built(name, root)
+    ]
+    if any(p.wait() != 0 for p in procs):
+        raise SystemExit("quality: a task build failed (its output is above)")
+    for name in names:  # cached now; fails loudly if a build left nothing behind
+        task_builders.build_task(task_builders.TASKS[name], root)
+
+
+def build_id(task_info: Path) -> str:
+    """A short hash of the task build's record: runs made on an older build of a task are not reused."""
+    import hashlib
+
+    return hashlib.sha256(task_info.read_bytes()).hexdigest()[:10]
+
+
+def defaults_id() -> str:
+    """A short hash of the files that hold ppo-cli's defaults (ppo_cli/config.py, conf/): runs made
+    with other defaults are not reused."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in [REPO / "ppo_cli" / "config.py", *sorted((REPO / "conf").rglob("*.yaml"))]:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:8]
+
+
+def rm_steps(train_pairs: int, batch_size: int, eval_fraction: float) -> int:
+    """Optimizer steps of one epoch of train-rm's defaults over the pairs it trains on."""
+    return -(-round(train_pairs * (1 - eval_fraction)) // batch_size)
+
+
+def cli_defaults(stage: str) -> dict:
+    """train.batch_size and data.eval_fraction of a stage's composed defaults."""
+    from hydra import compose, initialize_config_dir
+
+    from ppo_cli.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(str(REPO / "conf"), version_base=None):
+        cfg = compose(stage, overrides=["model.name_or_path=x", "data.train=x", "output_dir=x"])
+    return {"batch_size": int(cfg.train.batch_size), "eval_fraction": float(cfg.data.eval_fraction)}
+
+
+def task_jobs(task: str, args, variants: dict[str, list[str]]) -> tuple[list[Job], dict]:
+    paths = task_builders.task_paths(args.root, task)
+    prompts = quality_tasks.prompt_files(task, args.results / "prompts")
+    runs = args.results / "runs" / task / f"{build_id(paths['info'])}-{defaults_id()}"
+    py = sys.executable
+    jobs: list[Job] = []
+    products: dict = {"policies": {}, "rms": {}, "paths": paths, "prompts": prompts}
+
+    rm_dir = runs / "rm-ppo-cli"
+    jobs.append(
+        Job(
+            f"{task}/rm-ppo-cli",
+            "cli",
+            [py, "-m", "ppo_cli", "train-rm", f"sft_checkpoint={paths['sft']}", f"data.train={paths['train']}",
+             f"train.seed={args.seed}", "train.save_every=0", "logger.progress=false", f"output_dir={rm_dir}",
+             "resume=never"],
+            rm_dir / "final" / "adapter_config.json",
+            runs / "logs" / "rm-ppo-cli.log",
+        )
+    )  # fmt: skip
+    products["rms"]["ppo-cli"] = rm_dir / "final"
+    ppo_common = [
+        f"sft_checkpoint={paths['sft']}",
+        f"data.train={prompts['train']}",
+        f"train.max_steps={args.steps}",
+        f"train.batch_size={args.batch_size}",
+        f"train.lr={args.lr}",
+        f"train.seed={args.seed}",
+        "train.save_every=0",
+        "logger.progress=false",
+        "sample_every=0",
+        "resume=never",
+    ]
+    sources = {
+        "gold": ([f"reward_fn={quality_tasks.reward_fn_spec(task)}"], []),
+        "rm": ([f"reward_checkpoint={rm_dir / 'final'}"], [f"{task}/rm-ppo-cli"]),
+    }
+    for variant, overrides in variants.items():
+        for source, (reward, after) in sources.items():
+            if source not in args.sources:
+                continue
+            name = f"ppo-cli[{variant}]/{source}"
+            out = runs / f"ppo-cli-{variant}-{source}"
+            jobs.append(
+                Job(
+                    f"{task}/{name}",
+                    "cli",
+                    [py, "-m", "ppo_cli", "train-ppo", *reward, *ppo_common, *overrides, f"output_dir={out}"],
+                    out / "final" / "adapter_config.json",
+                    runs / "logs" / f"ppo-cli-{variant}-{source}.log",
+                    after,
+                )
+            )
+            products["policies"][name] = {
+                "model": paths["base"], "adapter": out / "final", "rm": "ppo-cli", "source": source,
+                "metrics": out / "metrics.jsonl",
+            }  # fmt: skip
+
+    if not args.skip_trl:
+        defaults = cli_defaults("train_rm")
+        n_pairs = len(task_builders.read_jsonl(paths["train"]))
+        steps = rm_steps(n_pairs, defaults["batch_size"], defaults["eval_fraction"])
+        trl_rm = runs / "rm-trl"
+        jobs.append(
+            Job(
+                f"{task}/rm-trl",
+                "trl",
+                [args.trl_rm_python, str(HERE / "rm_baselines.py"), "trl", str(paths["base"]), str(paths["train"]),
+                 str(trl_rm), f"--seed={args.seed}", f"--steps={steps}", f"--batch-size={defaults['batch_size']}"],
+                trl_rm / "adapter_config.json",
+                runs / "logs" / "rm-trl.log",
+            )
+        )  # fmt: skip
+        products["rms"]["trl"] = trl_rm
+        trl_sources = {
+            "gold": (["--reward-fn", quality_tasks.reward_fn_spec(task)], []),
+            "rm": (["--reward-model", str(trl_rm)], [f"{task}/rm-trl"]),
+        }
+        for source, (reward, after) in trl_sources.items():
+            if source not in args.sources:
+                continue
+            out = runs / f"trl-{source}"
+            jobs.append(
+                Job(
+                    f"{task}/trl/{source}",
+                    "trl",
+                    [args.trl_ppo_python, str(HERE / "trl_ppo.py"), str(paths["base"]), str(paths["sft"]),
+                     str(prompts["train"]), str(out), *reward, f"--steps={args.steps}",
+                     f"--batch-size={args.batch_size}", f"--lr={args.lr}", f"--seed={args.seed}",
+                     f"--response-length={MAX_NEW_TOKENS}", f"--temperature={TEMPERATURE}"],
+                    out / "done.json",
+                    runs / "logs" / f"trl-{source}.log",
+                    after,
+                )
+            )  # fmt: skip
+            products["policies"][f"trl/{source}"] = {
+                "model": out / "policy", "adapter": None, "rm": "trl", "source": source,
+                "metrics": out / "metrics.jsonl",
+            }  # fmt: skip
+    return jobs, products
+
+
+# ---------------------------------------------------------------------------------------------------
+# Judging and the table
+
+
+def judge_products(task: str, products: dict, args) -> dict:
+    import judge
+
+    paths = products["paths"]
+    held_out = [r["prompt"] for r in task_builders.read_jsonl(products["prompts"]["eval"])]
+    policies = {
+        name: (p["model"], p["adapter"])
+        for name, p in products["policies"].items()
+        if (p["adapter"] or p["model"]).exists()
+    }
+    rms = {name: path for name, path in products["rms"].items() if path.exists()}
+    result = judge.judge_task(
+        paths["base"],
+        paths["sft"],
+        policies,
+        rms,
+        held_out,
+        task_builders.GOLDS[task_builders.TASKS[task].gold],
+        n=args.samples,
+        max_new_tokens=MAX_NEW_TOKENS,
+        temperature=TEMPERATURE,
+        seed=args.seed,
+        eval_pairs=task_builders.read_jsonl(paths["eval"]),
+        samples_dir=args.results / "samples" / task,
+    )
+    for name, p in products["policies"].items():
+        if name in result["policies"]:
+            result["policies"][name].update(
+                {"rm": p["rm"], "source": p["source"], "train_kl": final_train_kl(p["metrics"])}
+            )
+    return result
+
+
+def final_train_kl(metrics: Path) -> float | None:
+    """objective/kl of the last logged training step."""
+    if not metrics.is_file():
+        return None
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "objective/kl" in r]
+    return float(rows[-1]["objective/kl"]) if rows else None
+
+
+def markdown(results: dict[str, dict], notes: list[str]) -> str:
+    lines = [
+        "| task | policy | reward | RM held-out acc. | gold lift | final KL | RM win rate | EOS rate | "
+        "distinct-2 | words |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for task, res in results.items():
+        sft = res["policies"]["sft"]
+        lines.append(
+            f"| {task} | SFT | | | gold {sft['gold']:.3f} | 0 | | {sft['eos']:.2f} | {sft['distinct2']:.2f} | "
+            f"{sft['words']:.1f} |"
+        )
+        for name, m in res["policies"].items():
+            if name == "sft":
+                continue
+            gold = m["source"] == "gold"
+            acc = "" if gold else f"{res['rm_accuracy'][m['rm']]:.3f}"
+            reward = "gold" if gold else f"{m['rm']} RM"
+            label = name.rsplit("/", 1)[0].replace("[defaults]", "")
+            lines.append(
+                f"| {task} | {label} | {reward} | {acc} | {m['gold_lift']:+.3f} | {m['kl']:.1f} | "
+                f"{m['rm_win'][m['rm']]:.3f} | {m['eos']:.2f} | {m['distinct2']:.2f} | {m['words']:.1f} |"
+            )
+    return "\n".join(lines + [""] + notes)
+
+
+def parse_variants(items: list[str], defaults_row: bool) -> dict[str, list[str]]:
+    variants = {"defaults": []} if defaults_row else {}
+    for item in items:
+        name, _, overrides = item.partition("=")
+        variants[name] = [o for o in overrides.split(",") if o]
+    return variants
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", default=DEFAULT_TASKS, help=f"from {', '.join(task_builders.TASKS)}")
+    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--samples", type=int, default=4, help="responses per held-out prompt")
+    parser.add_argument("--sources", default="gold,rm", help="PPO reward sources: gold, rm")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=OVERRIDES")
+    parser.add_argument("--no-defaults", action="store_true", help="only the --variant rows of ppo-cli")
+    parser.add_argument("--skip-trl", action="store_true")
+    parser.add_argument("--trl-rm-python", default=TRL_RM_PYTHON, help="a Python with trl 1.16")
+    parser.add_argument("--trl-ppo-python", default=TRL_PPO_PYTHON, help="a Python with trl==1.12.0")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of each run")
+    parser.add_argument("--root", type=Path, default=task_builders.DEFAULT_ROOT, help="task cache")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="runs, samples and tables")
+    parser.add_argument("--out", type=Path, default=None, help="results file (default results.json)")
+    parser.add_argument("--force", action="store_true", help="redo cached runs")
+    args = parser.parse_args(argv)
+    args.sources = args.sources.split(",")
+    task_names = args.tasks.split(",")
+    notes = []
+    trl_missing = [p for p in (args.trl_ppo_python, args.trl_rm_python) if not Path(p).is_file()]
+    if trl_missing and not args.skip_trl:
+        args.skip_trl = True
+        notes.append(f"TRL rows skipped: no Python at {', '.join(trl_missing)} (bench/README.md).")
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from ppo_cli.app import quiet_libraries
+
+    quiet_libraries()
+    started = time.perf_counter()
+    build_tasks(task_names, args.root, args.threads)
+    print(f"tasks ready ({time.perf_counter() - started:.0f} s)", flush=True)
+
+    variants = parse_variants(args.variant, not args.no_defaults)
+    jobs, products = [], {}
+    for task in task_names:
+        task_job_list, products[task] = task_jobs(task, args, variants)
+        jobs += task_job_list
+    run_jobs(jobs, args.threads, args.force)
+
+    results = {}
+    for task in task_names:
+        t = time.perf_counter()
+        results[task] = judge_products(task, products[task], args)
+        print(f"judged {task} ({time.perf_counter() - t:.0f} s)", flush=True)
+    wall = time.perf_counter() - started
+    notes.append(
+        f"{args.steps} PPO steps x {args.batch_size} prompts, lr {args.lr}; judged on "
+        f"{len(task_builders.read_jsonl(products[task_names[0]]['prompts']['eval']))} held-out prompts x "
+        f"{args.samples} samples; wall time {wall / 60:.1f} min."
+    )
+    table = markdown(results, notes)
+    args.results.mkdir(parents=True, exist_ok=True)
+    out = args.out or args.results / "results.json"
+    timings = {j.name: (None if j.cached else round(j.seconds or 0, 1)) for j in jobs}
+    out.write_text(
+        json.dumps({"results": results, "seconds": timings, "wall_s": round(wall)}, indent=2) + "\n"
+    )
+    (out.with_suffix(".md")).write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
