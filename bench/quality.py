@@ -15,12 +15,14 @@ train-sft`, on-policy preference pairs labelled by a gold scorer):
    win rate against the SFT policy's responses (the RM the policy trained against; for gold-trained
    policies, that side's RM), EOS rate, distinct-2; and each RM's held-out pair accuracy.
 
-Two lanes run side by side, one thread each: ppo-cli's runs and the judge, and TRL's runs. Every run is
-cached under bench/results/quality/runs/ (delete the folder or pass --force to redo); the table goes to
-the console and to bench/results/quality/table.md + results.json.
+Tasks not built yet are built first (bench/tasks.py, two at once); then two runs go at once, one thread
+each, TRL's first (they are the longest). Every run is cached under bench/results/quality/runs/<task>/
+<task build>-<ppo-cli defaults>/ (a rebuilt task or changed defaults start afresh; --force redoes runs);
+the table goes to the console and to bench/results/quality/results.md (+ results.json, samples/).
 
     python bench/quality.py [--tasks sentiment,format_length] [--steps 80] [--batch-size 32] [--lr 1e-3]
                             [--samples 4] [--skip-trl] [--variant NAME=OVERRIDE,OVERRIDE ...]
+                            [--trl-rm-python PY] [--trl-ppo-python PY] [--root DIR] [--results DIR]
 
 `--variant NAME=A,B` adds ppo-cli rows with train-ppo overrides A and B (used to choose the defaults, e.g.
 `--variant beta0.15=ppo.kl_coef=0.15`); `--no-defaults` leaves out the rows of the defaults. TRL's rows
@@ -74,10 +76,11 @@ class Job:
     cached: bool = False
 
 
-def run_jobs(jobs: list[Job], threads: int, force: bool) -> None:
-    """Run every job whose product is missing, two lanes at once (cli, trl), each lane in order and
-    after the jobs it depends on. A failure stops the whole run with the job's log tail."""
-    by_name = {j.name: j for j in jobs}
+def run_jobs(jobs: list[Job], threads: int, force: bool, workers: int = 2) -> None:
+    """Run every job whose product is missing, `workers` at a time (two cores: two one-thread runs).
+
+    Each worker takes the first job, in TRL-first order (TRL's runs are the longest), whose dependencies
+    are done. A failure stops the whole run with the job's log tail."""
     finished: set[str] = set()
     failed: list[str] = []
     lock = threading.Condition()
@@ -85,17 +88,24 @@ def run_jobs(jobs: list[Job], threads: int, force: bool) -> None:
         if job.done.exists() and not force:
             job.cached = True
             finished.add(job.name)
+    todo = sorted((j for j in jobs if not j.cached), key=lambda j: j.lane != "trl")
+    known = {j.name for j in jobs}
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     env["TRL_EXPERIMENTAL_SILENCE"] = "1"
 
-    def lane(name: str) -> None:
-        for job in [j for j in jobs if j.lane == name and not j.cached]:
+    def ready() -> Job | None:
+        return next((j for j in todo if all(a in finished for a in j.after if a in known)), None)
+
+    def worker() -> None:
+        while True:
             with lock:
-                lock.wait_for(lambda j=job: failed or all(a in finished for a in j.after if a in by_name))
-                if failed:
+                lock.wait_for(lambda: failed or not todo or ready() is not None)
+                if failed or not todo:
                     return
+                job = ready()
+                todo.remove(job)
             job.log.parent.mkdir(parents=True, exist_ok=True)
-            print(f"[{name}] {job.name} ...", flush=True)
+            print(f"{job.name} ...", flush=True)
             start = time.perf_counter()
             with job.log.open("w") as f:
                 rc = subprocess.run(job.cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
@@ -104,16 +114,16 @@ def run_jobs(jobs: list[Job], threads: int, force: bool) -> None:
                 if rc != 0 or not job.done.exists():
                     failed.append(job.name)
                     tail = "\n".join(job.log.read_text().splitlines()[-30:])
-                    print(f"[{name}] {job.name} FAILED ({rc}), log {job.log}:\n{tail}", flush=True)
+                    print(f"{job.name} FAILED ({rc}), log {job.log}:\n{tail}", flush=True)
                 else:
-                    print(f"[{name}] {job.name} done in {job.seconds:.0f} s", flush=True)
+                    print(f"{job.name} done in {job.seconds:.0f} s", flush=True)
                     finished.add(job.name)
                 lock.notify_all()
 
-    threads_ = [threading.Thread(target=lane, args=(n,)) for n in ("cli", "trl")]
-    for t in threads_:
+    pool = [threading.Thread(target=worker) for _ in range(workers)]
+    for t in pool:
         t.start()
-    for t in threads_:
+    for t in pool:
         t.join()
     if failed:
         raise SystemExit(f"quality: {', '.join(failed)} failed")
@@ -371,6 +381,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trl-rm-python", default=TRL_RM_PYTHON, help="a Python with trl 1.16")
     parser.add_argument("--trl-ppo-python", default=TRL_PPO_PYTHON, help="a Python with trl==1.12.0")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each run")
+    parser.add_argument("--workers", type=int, default=2, help="runs at once")
     parser.add_argument("--root", type=Path, default=task_builders.DEFAULT_ROOT, help="task cache")
     parser.add_argument("--results", type=Path, default=RESULTS, help="runs, samples and tables")
     parser.add_argument("--out", type=Path, default=None, help="results file (default results.json)")
@@ -399,7 +410,7 @@ def main(argv: list[str] | None = None) -> None:
     for task in task_names:
         task_job_list, products[task] = task_jobs(task, args, variants)
         jobs += task_job_list
-    run_jobs(jobs, args.threads, args.force)
+    run_jobs(jobs, args.threads, args.force, args.workers)
 
     results = {}
     for task in task_names:

@@ -10,19 +10,20 @@ share of held-out pairs whose chosen answer scores higher (a tie counts one half
 
 Methods (`--methods`, comma-separated; default: the first three):
 - train-rm: `ppo-cli train-rm` with its defaults, from the task's SFT adapter (the pipeline's way); the
-  command line sets only the data, the seed, the budget and where to write.
+  command line sets only the data (data.eval_fraction=0: every pair trains, the judge evaluates), the
+  seed, the budget, and where and how quietly to write (train.save_every=0, logger.progress=false).
 - plain: a plain loop (bench/rm_baselines.py): fresh LoRA r16 on every linear layer, AdamW at a constant
   1e-4, no clipping.
 - trl: TRL 1.16's RewardTrainer with its defaults, the same LoRA; runs with the Python of a separate
-  virtual environment (`--trl-python`, default $TRL_PYTHON or /work/venvs/trl116/bin/python), skipped
-  with a note when it is missing. Create it with `make trl-venv` (see bench/README.md).
+  virtual environment (`--trl-python`, default $TRL_PYTHON or bench/results/trl116-venv/bin/python, which
+  `make trl-venv` creates), skipped with a note when it is missing.
 - train-rm variants (CANDIDATES below): train-rm with a few defaults changed, to choose them.
 
 Runs are cached under bench/results/rm_bench/runs/ (a finished run is not repeated; --force redoes
 them); the table goes to the console and to bench/results/rm_bench/table.md + summary.json.
 
     python bench/rm_bench.py [--tasks sentiment,letter_noisy,format_length] [--seeds 0,1,2]
-                             [--methods train-rm,plain,trl] [--steps 600] [--batch-size 16]
+                             [--methods train-rm,plain,trl] [--steps 600] [--batch-size 16] [--jobs 1]
 """
 
 from __future__ import annotations
@@ -65,15 +66,17 @@ class Method:
     overrides: tuple[str, ...] = ()
     # cli only: start from the task's SFT adapter (sft) or a fresh LoRA on the base (fresh).
     start: str = "sft"
-    # cli only: score-head initialisation instead of train-rm's own (None), see HEAD_INITS.
+    # cli only: score-head initialisation instead of train-rm's own (None), see _head_init.
     head_init: str | None = None
+    # cli only: False = train-rm's own budget (its num_epochs and batch_size) instead of --steps/--batch-size.
+    fixed_budget: bool = True
     note: str = field(default="", compare=False)
 
 
 BASELINES = {
-    "train-rm": Method("train-rm", "cli", note="ppo-cli train-rm, its defaults, from the SFT adapter"),
+    "train-rm": Method("train-rm", "cli", note="`train-rm`, its defaults (from the SFT adapter)"),
     "plain": Method("plain", "plain", note="plain loop: fresh LoRA, AdamW 1e-4 constant, no clipping"),
-    "trl": Method("trl", "trl", note="TRL 1.16 RewardTrainer, its defaults, fresh LoRA"),
+    "trl": Method("trl", "trl", note="TRL 1.16 `RewardTrainer`, its defaults, fresh LoRA"),
 }
 
 # Variants of train-rm's defaults. Each is the previous defaults plus the listed changes.
@@ -82,7 +85,7 @@ _FRESH_LORA = ("lora=all-linear",)
 CANDIDATES = {
     m.name: m
     for m in (
-        Method("previous", "cli", PREVIOUS_DEFAULTS, note="train-rm's previous defaults"),
+        Method("previous", "cli", PREVIOUS_DEFAULTS, note="`train-rm`, previous defaults (cosine from 1e-4)"),
         Method("const", "cli", PREVIOUS_DEFAULTS + _CONST),
         Method("const-lr3e-4", "cli", PREVIOUS_DEFAULTS + _CONST + ("train.lr=3e-4",)),
         Method("const-lr5e-5", "cli", PREVIOUS_DEFAULTS + _CONST + ("train.lr=5e-5",)),
@@ -99,6 +102,8 @@ CANDIDATES = {
             "cli",
             PREVIOUS_DEFAULTS + _CONST + ("train.lr=3e-4", "train.mixed_precision=no"),
         ),
+        Method("own-budget", "cli", fixed_budget=False, note="train-rm defaults, its own epochs and batch"),
+        Method("own-budget-2ep", "cli", ("train.num_epochs=2",), fixed_budget=False),
         Method("const-lr3e-4-drop0", "cli", PREVIOUS_DEFAULTS + _CONST + ("train.lr=3e-4", "lora.dropout=0")),
         Method(
             "const-lr3e-4-fresh",
@@ -179,8 +184,7 @@ def train_rm_command(method: Method, paths: dict[str, Path], out: Path, seed: in
         f"data.train={paths['train']}",
         "data.eval_fraction=0",  # every pair trains, as in the baselines; the judge evaluates
         f"train.seed={seed}",
-        f"train.max_steps={steps}",
-        f"train.batch_size={batch}",
+        *([f"train.max_steps={steps}", f"train.batch_size={batch}"] if method.fixed_budget else []),
         "train.save_every=0",
         "logger.progress=false",
         f"output_dir={out}",
@@ -395,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
             if done:
                 results[method.name][task] = done
     summary = summarise(results)
-    notes = {m.name: m.name for m in methods}
+    notes = {m.name: m.note or m.name for m in methods}
     table = markdown_table(summary, task_names, seeds, notes)
     if skipped:
         table += (
