@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ppo_cli.models import PRODUCT_FILE
-from ppo_cli.rlhf import position_ids_from_mask
+from ppo_cli.rlhf import last_token_index, position_ids_from_mask
 
 # Keys of ppo_cli.json in an RM's final/: mean and std of its scores over training sequences.
 REWARD_MEAN, REWARD_STD = "reward_mean", "reward_std"
@@ -85,16 +85,6 @@ def init_score_head(linear: torch.nn.Linear) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Scores
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Column of the last real token of each row, from the mask alone (works for left and right padding).
-
-    Shapes: `attention_mask` (B, L) -> LongTensor (B,). A row with no real token gives 0.
-    """
-    mask = attention_mask.long()
-    columns = torch.arange(mask.shape[-1], device=mask.device)
-    return (columns * mask).argmax(-1)
 
 
 def gather_last(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

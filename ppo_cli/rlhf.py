@@ -142,14 +142,16 @@ def truncate_after_eos(
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last real token in each row of a RIGHT-padded mask.
+    """Column of the last real token of each row, from the mask alone: the one definition of "the last
+    real token" (left, right or no padding; responses, RM sequences and value targets all use it).
 
     Shapes: ``mask`` ``(B, T)`` -> ``LongTensor (B,)``.
 
-    Formula: ``clamp(sum_t mask[b, t] - 1, min=0)``. An all-zero row gives 0 (callers that care should
-    check ``mask.any(-1)``).
+    Formula: ``argmax_t(t * mask[b, t])``. An all-zero row gives 0 (callers that care should check
+    ``mask.any(-1)``).
     """
-    return (mask.long().sum(-1) - 1).clamp(min=0)
+    columns = torch.arange(mask.shape[-1], device=mask.device)
+    return (columns * mask.long()).argmax(-1)
 
 
 def has_eos(response_ids: torch.Tensor, mask: torch.Tensor, eos_token_id: EosIds) -> torch.Tensor:

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from ppo_cli.errors import UserError
+from ppo_cli.reward_model import gather_last
 from ppo_cli.rlhf import position_ids_from_mask
 
 POLICY, REFERENCE, REWARD, VALUE = "default", "reference", "reward", "value"
@@ -226,8 +227,7 @@ class Roles(torch.nn.Module):
         """The RM's score at the last non-pad token of each sequence (B,)."""
         with self.role(REWARD):
             hidden = self.hidden_states(input_ids, attention_mask)
-        last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).long().argmax(-1)
-        picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        picked = gather_last(hidden, attention_mask)
         return self.reward_head(picked.to(self.reward_head.weight.dtype)).squeeze(-1)
 
     @torch.no_grad()

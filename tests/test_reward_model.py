@@ -19,12 +19,12 @@ from ppo_cli.reward_model import (
     copy_adapter_weights,
     gather_last,
     init_score_head,
-    last_token_index,
     load_rm_stats,
     score_head_name,
     sequence_scores,
     unwrap,
 )
+from ppo_cli.rlhf import last_token_index
 from ppo_cli.train_rm import build_reward_model
 
 CPU = torch.device("cpu")
