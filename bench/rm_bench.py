@@ -212,13 +212,13 @@ def train_rm_defaults() -> dict:
 
     from omegaconf import OmegaConf
 
-    from ppo_cli import reward_model, train_rm
+    from ppo_cli import train_rm
     from ppo_cli.app import precheck
+    from ppo_cli.reward.scoring import init_score_head
 
     cfg = precheck("train_rm", [], "train-rm")
     code = "".join(
-        inspect.getsource(f)
-        for f in (reward_model.init_score_head, train_rm.build_reward_model, train_rm.rm_loss)
+        inspect.getsource(f) for f in (init_score_head, train_rm.build_reward_model, train_rm.rm_loss)
     )
     return {
         "train": OmegaConf.to_container(cfg.train),

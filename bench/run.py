@@ -47,7 +47,7 @@ def build_rm_adapter(base_dir: str, out_dir: Path) -> Path:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from ppo_cli.models import write_product_info
-    from ppo_cli.reward_model import init_score_head
+    from ppo_cli.reward.scoring import init_score_head
 
     if (out_dir / "ppo_cli.json").is_file():
         return out_dir

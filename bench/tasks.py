@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ppo_cli.tiny import NEGATIVE_WORDS, NEUTRAL_WORDS, POSITIVE_WORDS, gold_score
+from ppo_cli.tiny.task import NEGATIVE_WORDS, NEUTRAL_WORDS, POSITIVE_WORDS, gold_score
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -181,7 +181,7 @@ EVAL_PROMPT_SHARE = 0.2  # of the 400 prompts, held out for the evaluation pairs
 
 def pretraining_sequences(tokenizer, n: int, seed: int) -> list[list[int]]:
     """`n` token sequences prompt + answer + EOS of the corpus."""
-    from ppo_cli.tiny import all_prompts
+    from ppo_cli.tiny.task import all_prompts
 
     rng = random.Random(f"bench-pretrain-{seed}")
     prompts = all_prompts()
@@ -200,12 +200,14 @@ def build_base(spec: TaskSpec, out_dir: Path, batch_size: int = 32, lr: float = 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ppo_cli import tiny
+    from ppo_cli.tiny.models import _model_config, embedding_rows
+    from ppo_cli.tiny.pretrain import _pretrain_step
+    from ppo_cli.tiny.tokenizer import build_tokenizer, save_tokenizer
 
-    tokenizer = tiny.build_tokenizer()
-    config = tiny._model_config(
+    tokenizer = build_tokenizer()
+    config = _model_config(
         "llama",
-        vocab_size=tiny.embedding_rows(len(tokenizer), 64),  # spare rows: the pad token fits
+        vocab_size=embedding_rows(len(tokenizer), 64),  # spare rows: the pad token fits
         hidden_size=spec.hidden_size,
         num_layers=spec.num_layers,
         num_heads=spec.num_heads,
@@ -229,7 +231,7 @@ def build_base(spec: TaskSpec, out_dir: Path, batch_size: int = 32, lr: float = 
     losses = []
     for step in range(steps):
         batch = sequences[step * batch_size : (step + 1) * batch_size]
-        losses.append(tiny._pretrain_step(model, batch, tokenizer.eos_token_id))
+        losses.append(_pretrain_step(model, batch, tokenizer.eos_token_id))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -237,7 +239,7 @@ def build_base(spec: TaskSpec, out_dir: Path, batch_size: int = 32, lr: float = 
     model.generation_config.pad_token_id = None
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir), safe_serialization=True)
-    tiny.save_tokenizer(tokenizer, out_dir)
+    save_tokenizer(tokenizer, out_dir)
     n_params = sum(p.numel() for p in model.parameters())
     return {"parameters": n_params, "loss_first": losses[0], "loss_last": sum(losses[-20:]) / 20}
 
@@ -256,7 +258,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def split_prompts(seed: int) -> tuple[list[str], list[str]]:
     """Disjoint training and held-out prompts."""
-    from ppo_cli.tiny import all_prompts
+    from ppo_cli.tiny.task import all_prompts
 
     pool = all_prompts()
     random.Random(f"bench-prompts-{seed}").shuffle(pool)

@@ -33,6 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ppo_cli.errors import UserError
+from ppo_cli.resume_config import RUN_MARKER, saved_stage
 
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
@@ -40,7 +41,6 @@ TRAINABLE = "trainable.safetensors"
 STATE = "state.pt"
 TRAINER_STATE = "trainer_state.json"
 MANIFEST = "manifest.json"
-RUN_MARKER = "config.yaml"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,19 +321,6 @@ def _pid_alive(pid: int) -> bool:
 # The run directory: refuse to mix runs, find what to resume.
 
 
-def run_stage_of(output_dir: Path) -> str | None:
-    """The stage recorded in output_dir/config.yaml, or None when the directory holds no run."""
-    marker = Path(output_dir) / RUN_MARKER
-    if not marker.is_file():
-        return None
-    from omegaconf import OmegaConf
-
-    try:
-        return OmegaConf.load(marker).get("stage")
-    except Exception:  # noqa: BLE001 - an unreadable marker is treated as a foreign run
-        return "unknown"
-
-
 def resolve_resume(output_dir: Path, resume: str, stage: str) -> Path | None:
     """Decide which checkpoint (if any) this run continues from, refusing to overwrite another run.
 
@@ -342,7 +329,7 @@ def resolve_resume(output_dir: Path, resume: str, stage: str) -> Path | None:
     - resume=PATH: that checkpoint directory.
     """
     output_dir = Path(output_dir)
-    existing = run_stage_of(output_dir)
+    existing = saved_stage(output_dir)
     if existing is not None and existing != stage:
         raise UserError(
             f"output_dir {output_dir} holds a {existing} run, not a {stage} run; choose another output_dir."
@@ -374,7 +361,7 @@ def resolve_resume(output_dir: Path, resume: str, stage: str) -> Path | None:
     problem = verify_checkpoint(path)
     if problem is not None:
         raise UserError(f"resume={resume}: the checkpoint is not usable: {problem}.")
-    owner = run_stage_of(path.parent.parent) if path.parent.name == CHECKPOINTS else None
+    owner = saved_stage(path.parent.parent) if path.parent.name == CHECKPOINTS else None
     if owner is not None and owner != stage:
         raise UserError(f"resume={resume} is a checkpoint of a {owner} run, not of a {stage} run.")
     return path

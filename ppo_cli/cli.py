@@ -30,7 +30,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "PPO against a reward model or reward function, KL-penalised to the SFT policy",
     ),
     "pipeline": (
-        "ppo_cli.pipeline",
+        "ppo_cli.pipeline.command",
         "pipeline",
         "run sft -> rm -> ppo of a recipe, each stage's final/ feeding the next",
     ),

@@ -26,13 +26,14 @@ from omegaconf import DictConfig
 
 from ppo_cli.app import hydra_app
 from ppo_cli.errors import UserError
-from ppo_cli.generate import adapter_task_type, checkpoint_base
 from ppo_cli.models import (
+    adapter_task_type,
     is_adapter_dir,
     load_causal_lm,
     load_sequence_classifier,
     load_tokenizer,
     read_product_info,
+    recorded_base_model,
     resolve_device,
 )
 
@@ -84,7 +85,7 @@ def merge(checkpoint: Path, cfg: DictConfig):
 
     device = resolve_device(cfg.device)
     task = adapter_task_type(checkpoint)
-    base = checkpoint_base(str(checkpoint), cfg.model)
+    base = recorded_base_model(str(checkpoint), "checkpoint", override=cfg.model.name_or_path)
     tokenizer = load_tokenizer(str(checkpoint), cfg.model.trust_remote_code)
     load_cfg = cfg.model.copy()
     load_cfg.dtype = "float32"  # merge at full precision; cast when saving

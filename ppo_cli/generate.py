@@ -11,7 +11,8 @@ file is valid SFT data as it is.
 
 Generation is batched, left-padded, with the KV cache; prompts are grouped by length to waste little on
 padding, and the rows come out in the input order. The building blocks (`load_policy`, `sample`,
-`sequence_logprobs`, `RewardScorer`) are shared with the pipeline's before/after report.
+`sequence_logprobs`, and `reward.sources.build_reward` for the scores) are shared with the pipeline's
+before/after report.
 """
 
 from __future__ import annotations
@@ -32,15 +33,16 @@ from ppo_cli.app import hydra_app
 from ppo_cli.data import encode_prompt, load_rows, pad_left, pad_right, prompt_of, prompt_text
 from ppo_cli.errors import UserError
 from ppo_cli.models import (
+    adapter_task_type,
     eos_token_ids,
     is_adapter_dir,
     load_causal_lm,
     load_tokenizer,
-    read_product_info,
     recorded_base_model,
     resolve_device,
 )
-from ppo_cli.rlhf import logprobs_from_logits, position_ids_from_mask, truncate_after_eos
+from ppo_cli.reward.sources import build_reward, check_reward_source
+from ppo_cli.rlhf import position_ids_from_mask, truncate_after_eos
 
 # ---------------------------------------------------------------------------------------------
 # The policy to sample from
@@ -58,21 +60,6 @@ class Policy:
     description: str
 
 
-def adapter_task_type(path: str | Path) -> str | None:
-    config = Path(path) / "adapter_config.json"
-    if not config.is_file():
-        return None
-    return json.loads(config.read_text()).get("task_type")
-
-
-def checkpoint_base(checkpoint: str, model_cfg: DictConfig, key: str = "checkpoint") -> str:
-    """The base model under the adapter `checkpoint`: model.name_or_path if set, else the adapter's own."""
-    if model_cfg.name_or_path:
-        return str(model_cfg.name_or_path)
-    read_product_info(checkpoint, key)  # names a missing directory
-    return recorded_base_model(checkpoint, key)
-
-
 def load_policy(
     checkpoint: str, model_cfg: DictConfig, device: torch.device, key: str = "checkpoint"
 ) -> Policy:
@@ -86,7 +73,7 @@ def load_policy(
             )
         from peft import PeftModel
 
-        base = checkpoint_base(str(path), model_cfg, key)
+        base = recorded_base_model(str(path), key, override=model_cfg.name_or_path)
         tokenizer = load_tokenizer(str(path), model_cfg.trust_remote_code)
         model = load_causal_lm(model_cfg, tokenizer, device, name_or_path=base)
         model = PeftModel.from_pretrained(model, str(path)).to(device)
@@ -130,13 +117,6 @@ def _length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
 
 
-def generation_config(policy: Policy, max_new_tokens: int, temperature: float, top_p: float = 1.0):
-    """Plain sampling at `temperature` (greedy at 0), whatever the model's generation_config.json says."""
-    return sampling.sampling_config(
-        max_new_tokens, temperature, policy.tokenizer.pad_token_id, policy.eos_ids, top_p=top_p
-    )
-
-
 @torch.inference_mode()
 def sample(
     policy: Policy,
@@ -149,8 +129,9 @@ def sample(
     progress=None,
 ) -> Samples:
     """Sample one response per prompt (temperature 0 = greedy). `progress(n_done)` is called per batch."""
-    gen_config = generation_config(policy, max_new_tokens, temperature, top_p)
     pad = policy.tokenizer.pad_token_id
+    # Plain sampling at `temperature` (greedy at 0), whatever the model's generation_config.json says.
+    gen_config = sampling.sampling_config(max_new_tokens, temperature, pad, policy.eos_ids, top_p=top_p)
     responses: list[list[int]] = [[] for _ in prompt_ids]
     finished = [False] * len(prompt_ids)
     torch.manual_seed(seed)
@@ -212,85 +193,9 @@ def sequence_logprobs(
         ).logits
         # logits at column t predict token t + 1: the response's predictions start one before it.
         logits = logits[:, query.shape[1] - 1 : -1]
-        logp = logprobs_from_logits(logits, resp.to(policy.device), temperature if temperature > 0 else 1.0)
+        logp = sampling.sampled_logprobs(logits, resp.to(policy.device), temperature)
         totals.append((logp * resp_mask.to(logp.device)).sum(-1).float().cpu())
     return torch.cat(totals) if totals else torch.zeros(0)
-
-
-# ---------------------------------------------------------------------------------------------
-# Rewards
-
-
-class RewardScorer:
-    """Scores (prompt, response) pairs with a reward model or a reward function.
-
-    A reward model that shares the policy's tokenizer scores the sampled token ids themselves (prompt +
-    response through EOS, the sequence PPO scores); one with another tokenizer gets them re-tokenized
-    (`rewards.reward_model_ids`). A reward function gets the prompt texts and the completions.
-    """
-
-    def __init__(
-        self,
-        reward_checkpoint: str | None,
-        reward_fn: str | None,
-        model_cfg: DictConfig,
-        device: torch.device,
-        batch_size: int,
-        policy_tokenizer=None,
-    ):
-        from ppo_cli.rewards import SeparateRewardModel, load_reward_function
-
-        if reward_checkpoint and reward_fn:
-            raise UserError(
-                "give at most one reward source: reward_checkpoint=DIR or reward_fn=module:function."
-            )
-        self.reward_fn_spec = reward_fn
-        self.func = load_reward_function(reward_fn) if reward_fn else None
-        self.rm = None
-        self.same_tokenizer = False
-        self.batch_size = batch_size
-        if reward_checkpoint:
-            path = Path(reward_checkpoint).expanduser()
-            if path.is_dir() and is_adapter_dir(path) and adapter_task_type(path) == "CAUSAL_LM":
-                raise UserError(
-                    f"reward_checkpoint={reward_checkpoint} is a causal LM adapter (a policy), not a reward model."
-                )
-            # The RM's base comes from its own checkpoint; model_cfg gives dtype and loading options.
-            self.rm = SeparateRewardModel(str(reward_checkpoint), model_cfg, device, batch_size)
-            self.same_tokenizer = (
-                policy_tokenizer is not None and self.rm.tokenizer.get_vocab() == policy_tokenizer.get_vocab()
-            )
-
-    @property
-    def enabled(self) -> bool:
-        return self.func is not None or self.rm is not None
-
-    @torch.inference_mode()
-    def score(
-        self, prompts: list[Any], completions: list[str], sequences: list[list[int]] | None = None
-    ) -> list[float]:
-        """`prompts` as the rows give them (strings or conversations)."""
-        from ppo_cli.rewards import call_reward_function
-
-        if self.func is not None:
-            return call_reward_function(self.func, self.reward_fn_spec, prompts, completions).tolist()
-        if self.rm is None:
-            raise RuntimeError("no reward source")
-        if sequences is None or not self.same_tokenizer:
-            return self.rm.score(prompts, completions).tolist()
-        model, pad = self.rm.model, self.rm.tokenizer.pad_token_id
-        scores: list[float] = []
-        for s in range(0, len(sequences), self.batch_size):
-            chunk = sequences[s : s + self.batch_size]
-            input_ids = pad_right(chunk, pad).to(self.rm.device)
-            attention_mask = pad_right([[1] * len(x) for x in chunk], 0).to(self.rm.device)
-            logits = model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask),
-            ).logits
-            scores.extend(logits[:, 0].float().cpu().tolist())
-        return scores
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,10 +203,7 @@ class RewardScorer:
 
 
 def validate(cfg: DictConfig) -> None:
-    if cfg.reward_checkpoint and cfg.reward_fn:
-        raise UserError(
-            "give at most one reward source: reward_checkpoint=DIR or reward_fn=package.module:function."
-        )
+    check_reward_source(cfg.reward_checkpoint, cfg.reward_fn, required=False)
     if cfg.batch_size < 1:
         raise UserError(f"batch_size={cfg.batch_size} must be at least 1.")
     if cfg.generation.max_new_tokens < 1:
@@ -406,8 +308,13 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     device = resolve_device(cfg.device)
     policy = load_policy(cfg.checkpoint, cfg.model, device)
     prompts, prompt_ids, truncated = read_prompts(cfg, policy.tokenizer)
-    scorer = RewardScorer(
-        cfg.reward_checkpoint, cfg.reward_fn, cfg.model, device, cfg.batch_size, policy.tokenizer
+    scorer = build_reward(
+        cfg.reward_checkpoint,
+        cfg.reward_fn,
+        cfg.model,
+        device,
+        cfg.batch_size,
+        policy_tokenizer=policy.tokenizer,
     )
     console.print(
         f"[bold]ppo-cli generate[/]: {len(prompts)} prompts from {cfg.data.prompts}"
@@ -419,9 +326,9 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
         policy, prompt_ids, gen.max_new_tokens, gen.temperature, gen.top_p, cfg.batch_size, cfg.seed
     )
     rewards: list[float | None] = [None] * len(prompts)
-    if scorer.enabled:
+    if scorer is not None:
         sequences = [p + r for p, r in zip(samples.prompt_ids, samples.response_ids)]
-        rewards = scorer.score(prompts, samples.texts, sequences)
+        rewards = scorer.score(prompts, samples.texts, sequences).tolist()
     rows = [output_row(p, c, r) for p, c, r in zip(prompts, samples.texts, rewards)]
     output = Path(cfg.output)
     write_jsonl_atomic(output, rows)
@@ -429,7 +336,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     finished = sum(samples.finished) / len(rows)
     speed = samples.new_tokens / max(samples.seconds, 1e-9)
     summary = f"wrote {len(rows)} rows to {output}; {finished:.0%} ended with EOS, {speed:.0f} new tokens/s"
-    if scorer.enabled:
+    if scorer is not None:
         mean = sum(rewards) / len(rewards)
         summary += f"; mean reward {mean:.4g}"
     console.print(summary)

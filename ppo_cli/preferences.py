@@ -31,6 +31,7 @@ from ppo_cli.data import (
     _require,
     _with_eos,
     end_conversation,
+    fit_examples,
     pad_right,
 )
 from ppo_cli.errors import UserError
@@ -109,26 +110,17 @@ def encode_pair(tokenizer, row: Row) -> dict[str, Any]:
 def build_pair_examples(
     tokenizer, rows: list[Row], max_length: int, overflow: str
 ) -> tuple[list[dict], LengthReport]:
-    """Encoded pairs within max_length, and how many were truncated or dropped (counted per pair)."""
-    report = LengthReport()
-    examples = []
-    for row in rows:
-        report.total += 1
-        example = encode_pair(tokenizer, row)
-        if any(len(example[side]) > max_length for side in SIDES):
-            if overflow == "drop":
-                report.note("dropped", row.where())
-                continue
-            for side in SIDES:
-                example[side] = example[side][
-                    :max_length
-                ]  # keep the start: the prompt and the answer's opening
-            if example["chosen"] == example["rejected"]:
-                report.note("dropped", row.where())  # the shared prompt fills max_length: nothing to compare
-                continue
-            report.note("truncated", row.where())
-        examples.append(example)
-    return examples, report
+    """Encoded pairs within max_length, and how many were truncated or dropped (counted per pair). A cut
+    keeps the start (the prompt and the answer's opening); a pair whose shared prompt fills max_length has
+    nothing to compare and is dropped."""
+    return fit_examples(
+        rows,
+        lambda row: encode_pair(tokenizer, row),
+        SIDES,
+        max_length,
+        overflow,
+        is_useless=lambda example: example["chosen"] == example["rejected"],
+    )
 
 
 def collate_pairs(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

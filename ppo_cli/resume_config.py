@@ -30,7 +30,9 @@ from omegaconf.errors import OmegaConfBaseException
 from ppo_cli.errors import UserError
 from ppo_cli.schema import declared_fields
 
-RUN_MARKER = "config.yaml"  # what ppo_cli.checkpoint.RUN_MARKER names, without importing torch here
+# The file that marks a directory as a run and records its stage and settings (ppo_cli.checkpoint uses
+# it too; it lives here so that reading a run's config never imports torch).
+RUN_MARKER = "config.yaml"
 # Keys (or groups, ending in ".") a resumed run may set to a new value; see the module docstring.
 MAY_CHANGE_ON_RESUME = (
     "train.max_steps",
@@ -54,9 +56,10 @@ def may_change(key: str, old: Any, new: Any) -> bool:
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in MAY_CHANGE_ON_RESUME)
 
 
-def saved_stage(run_dir: Path) -> str | None:
-    """The stage recorded in run_dir/config.yaml; None when there is none, "unknown" when unreadable."""
-    marker = run_dir / RUN_MARKER
+def saved_stage(run_dir: Path | str) -> str | None:
+    """The stage recorded in run_dir/config.yaml; None when the directory holds no run, "unknown" when
+    the file is unreadable (a foreign run)."""
+    marker = Path(run_dir) / RUN_MARKER
     if not marker.is_file():
         return None
     try:

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from ppo_cli.errors import UserError
-from ppo_cli.reward_model import gather_last
+from ppo_cli.reward.scoring import head_scores
 from ppo_cli.rlhf import position_ids_from_mask
 
 POLICY, REFERENCE, REWARD, VALUE = "default", "reference", "reward", "value"
@@ -227,8 +227,7 @@ class Roles(torch.nn.Module):
         """The RM's score at the last non-pad token of each sequence (B,)."""
         with self.role(REWARD):
             hidden = self.hidden_states(input_ids, attention_mask)
-        picked = gather_last(hidden, attention_mask)
-        return self.reward_head(picked.to(self.reward_head.weight.dtype)).squeeze(-1)
+        return head_scores(self.reward_head, hidden, attention_mask)
 
     @torch.no_grad()
     def put_value_head_on_scale(self, mean: float, std: float) -> None:

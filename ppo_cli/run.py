@@ -22,6 +22,7 @@ from ppo_cli.dist import SEED_STRIDE, DistInfo, barrier, broadcast_object, check
 from ppo_cli.errors import UserError
 from ppo_cli.logger import RunLogger
 from ppo_cli.models import PRODUCT_FILE, resolve_device
+from ppo_cli.resume_config import saved_stage
 
 FINAL = "final"
 
@@ -138,7 +139,7 @@ class StageRun:
 
     def prepare(self) -> bool:
         """Check the output dir and pick the resume point. Returns False when the run is already complete."""
-        existing = ckpt.run_stage_of(self.output_dir)
+        existing = saved_stage(self.output_dir)
         if self.is_complete() and existing == self.stage and self.cfg.resume != "never":
             if self.is_main:
                 print(

@@ -25,6 +25,10 @@ import copy
 from collections.abc import Iterator
 from typing import Any
 
+import torch
+
+from ppo_cli import rlhf
+
 _MISSING = object()
 
 
@@ -76,6 +80,31 @@ def sampling_config(
         use_cache=True,
         **warpers,
     )
+
+
+def sampled_logprobs(
+    logits: torch.Tensor,
+    responses: torch.Tensor,
+    temperature: float,
+    suppressed_token: int | None = None,
+    with_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Logprobs (B, R) of `responses` under the distribution `sampling_config` drew them from:
+    softmax(logits / T), with `suppressed_token` (PPO's pad, `suppress_pad`) at probability 0.
+
+    `logits` (B, R, V) predict the response tokens. with_entropy: also (no gradient) that distribution's
+    entropy at each position (B, R). Greedy samples (T = 0) are scored at T = 1.
+    """
+    if suppressed_token is not None:
+        index = torch.tensor([suppressed_token], device=logits.device)
+        logits = logits.index_fill(-1, index, float("-inf"))
+    temperature = temperature if temperature > 0 else 1.0
+    logprobs = rlhf.logprobs_from_logits(logits, responses, temperature)
+    if not with_entropy:
+        return logprobs
+    with torch.no_grad():  # row by row: the (R, V) float32 temporaries of one row at a time
+        entropy = torch.stack([rlhf.entropy_from_logits(row, temperature) for row in logits.detach()])
+    return logprobs, entropy
 
 
 def generate(model, generation_config, **inputs):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig
 from safetensors.torch import save_file
 
@@ -26,12 +25,13 @@ from ppo_cli.models import (
     is_adapter_dir,
     load_causal_lm,
     load_tokenizer,
-    looks_local,
     read_product_info,
 )
-from ppo_cli.ppo_trainer import PPOTrainer, validate_ppo
-from ppo_cli.rewards import SeparateRewardModel, call_reward_function, load_reward_function, rm_shares_base
-from ppo_cli.rm_health import RMHealth
+from ppo_cli.ppo.trainer import PPOTrainer
+from ppo_cli.ppo.validate import validate_ppo
+from ppo_cli.reward.health import RMHealth
+from ppo_cli.reward.sources import build_reward, check_reward_source, rm_shares_base
+from ppo_cli.reward.stats import load_rm_stats
 from ppo_cli.roles import VALUE, Roles, build_roles
 from ppo_cli.run import StageRun
 
@@ -42,19 +42,8 @@ def prepare(cfg: DictConfig) -> None:
     fill_base_model(cfg, "sft_checkpoint", "sft")
 
 
-def check_reward_source(cfg: DictConfig) -> None:
-    given = [k for k in ("reward_checkpoint", "reward_fn") if cfg[k]]
-    if len(given) != 1:
-        raise UserError(
-            "train-ppo needs exactly one reward source: reward_checkpoint=DIR_OR_HUB_ID (the RM stage's final/ or a "
-            "sequence-classification model) or reward_fn=package.module:function; "
-            + ("both were given." if given else "neither was given.")
-        )
-    if cfg.reward_fn:
-        load_reward_function(cfg.reward_fn)  # a typo in the spec fails here, before any model loads
-    checkpoint = cfg.reward_checkpoint
-    if checkpoint and looks_local(checkpoint) and not Path(checkpoint).expanduser().is_dir():
-        raise UserError(f"reward_checkpoint={checkpoint}: no such directory.")
+def check_setup(cfg: DictConfig) -> None:
+    check_reward_source(cfg.reward_checkpoint, cfg.reward_fn, required=True)
     if not cfg.lora.enabled:
         raise UserError(
             "train-ppo trains LoRA adapters on one shared base; lora.enabled=false is not supported "
@@ -62,27 +51,9 @@ def check_reward_source(cfg: DictConfig) -> None:
         )
 
 
-def build_reward(cfg: DictConfig, roles: Roles, shared_rm: bool, device: torch.device):
-    """reward(query_responses, attention_mask, prompts, completions) -> scores (B,); the prompts as the
-    rows give them (strings or conversations)."""
-    if cfg.reward_fn:
-        func = load_reward_function(cfg.reward_fn)
-        return lambda qr, mask, prompts, completions: call_reward_function(
-            func, cfg.reward_fn, prompts, completions
-        )
-    if shared_rm:
-        return lambda qr, mask, prompts, completions: roles.reward_scores(qr, mask)
-    separate = SeparateRewardModel(cfg.reward_checkpoint, cfg.model, device, batch_size=cfg.train.batch_size)
-    return lambda qr, mask, prompts, completions: separate.score(prompts, completions)
-
-
 def rm_statistics(cfg: DictConfig) -> tuple[float, float] | None:
-    if not cfg.reward_checkpoint or not Path(cfg.reward_checkpoint).is_dir():
-        return None
-    info = read_product_info(cfg.reward_checkpoint, "reward_checkpoint")
-    if "reward_mean" in info and "reward_std" in info:
-        return float(info["reward_mean"]), float(info["reward_std"])
-    return None
+    """The RM's stored (reward_mean, reward_std); None for a reward_fn or an RM not trained by ppo-cli."""
+    return load_rm_stats(cfg.reward_checkpoint) if cfg.reward_checkpoint else None
 
 
 def report_rm_health(cfg: DictConfig, logger) -> None:
@@ -111,9 +82,9 @@ def save_value(roles: Roles, final_dir: Path) -> None:
 
 @hydra_app("train_ppo", "train-ppo", prepare=prepare)
 def main(cfg: DictConfig) -> None:
-    check_reward_source(cfg)
+    check_setup(cfg)
     run = StageRun(cfg, STAGE)
-    validate_ppo(cfg, run.dist.world_size)
+    validate_ppo(cfg)
     if not run.prepare():
         return
     tokenizer_source = cfg.sft_checkpoint if cfg.sft_checkpoint else cfg.model.name_or_path
@@ -151,7 +122,14 @@ def main(cfg: DictConfig) -> None:
     roles = build_roles(base, cfg.lora, sft_adapter, cfg.reward_checkpoint if shared_rm else None, hidden)
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(roles.model)
-    reward = build_reward(cfg, roles, shared_rm, run.device)
+    reward = build_reward(
+        cfg.reward_checkpoint,
+        cfg.reward_fn,
+        cfg.model,
+        run.device,
+        cfg.train.batch_size,
+        roles=roles if shared_rm else None,
+    )
     trainable, total = count_parameters(roles)
     # The policy's shape is the SFT adapter's when there is one, whatever lora.* says.
     logger = run.start(lora=describe_lora(roles.model, None if sft_adapter else cfg.lora.target_modules))

@@ -2,7 +2,7 @@
 
 The model is the base as `AutoModelForSequenceClassification(num_labels=1)` with a LoRA adapter; the score
 head trains too and is saved with the adapter (peft `modules_to_save`). Its score for a sequence is the
-head's output at the last real token (`reward_model.sequence_scores`).
+head's output at the last real token (`reward.scoring.sequence_scores`).
 
 Initialisation (InstructGPT's recipe): with `sft_checkpoint`, the RM adapter starts as a copy of the SFT
 adapter (same LoRA shape, same weights: the SeqCls trunk has the CausalLM trunk's parameter names);
@@ -24,7 +24,7 @@ from omegaconf import DictConfig, ListConfig
 
 from ppo_cli import checkpoint as ckpt
 from ppo_cli.app import hydra_app
-from ppo_cli.data import load_train_eval_rows
+from ppo_cli.data import LengthReport
 from ppo_cli.errors import UserError
 from ppo_cli.models import (
     apply_lora,
@@ -39,19 +39,13 @@ from ppo_cli.models import (
     local_or_hub,
 )
 from ppo_cli.preferences import build_pair_examples, collate_pairs
-from ppo_cli.reward_model import (
-    REWARD_MEAN,
-    REWARD_STD,
-    batched_scores,
-    copy_adapter_weights,
-    init_score_head,
-    score_head_name,
-    sequence_scores,
-)
+from ppo_cli.reward.from_sft import copy_adapter_weights
+from ppo_cli.reward.health import RMHealth
+from ppo_cli.reward.scoring import batched_scores, init_score_head, score_head_name, sequence_scores
+from ppo_cli.reward.stats import REWARD_MEAN, REWARD_STD
 from ppo_cli.rlhf import pairwise_reward_loss
-from ppo_cli.rm_health import RMHealth
 from ppo_cli.run import StageRun
-from ppo_cli.trainer import SupervisedTask, SupervisedTrainer
+from ppo_cli.trainer import SupervisedTask, SupervisedTrainer, load_examples, validate_supervised
 
 STAGE = "rm"
 # Sequences (chosen + rejected) scored after training for reward_mean / reward_std.
@@ -105,13 +99,7 @@ def prepare(cfg: DictConfig) -> None:
 
 
 def validate(cfg: DictConfig) -> None:
-    if cfg.data.overflow not in ("truncate", "drop"):
-        raise UserError(f"data.overflow={cfg.data.overflow} is not one of truncate, drop.")
-    if cfg.data.max_length < 2:
-        raise UserError(f"data.max_length={cfg.data.max_length} is too small (at least 2 tokens).")
-    for key in ("batch_size", "grad_accum_steps", "log_every"):
-        if cfg.train[key] < 1:
-            raise UserError(f"train.{key}={cfg.train[key]} must be at least 1.")
+    validate_supervised(cfg)
     if cfg.center_rewards_coef < 0:
         raise UserError(f"center_rewards_coef={cfg.center_rewards_coef} must be >= 0.")
 
@@ -120,21 +108,8 @@ def validate(cfg: DictConfig) -> None:
 # Data
 
 
-def load_examples(cfg: DictConfig, tokenizer, say) -> tuple[list[dict], list[dict]]:
-    data_cfg = cfg.data
-    train_rows, eval_rows = load_train_eval_rows(data_cfg, cfg.train.seed)
-    train, report = build_pair_examples(tokenizer, train_rows, data_cfg.max_length, data_cfg.overflow)
-    evals, eval_report = build_pair_examples(tokenizer, eval_rows, data_cfg.max_length, data_cfg.overflow)
-    for name, rep in (("data.train", report), ("eval", eval_report)):
-        message = rep.describe(data_cfg.max_length)
-        if message:
-            say(f"[yellow]{name}: {message.replace('examples', 'pairs')}[/]")
-    if not train:
-        raise UserError(
-            f"data.train={data_cfg.train}: no pair is left after applying data.max_length="
-            f"{data_cfg.max_length}; raise it or use shorter examples."
-        )
-    return train, evals
+def nothing_left(report: LengthReport, max_length: int) -> str:
+    return f"no pair is left after applying data.max_length={max_length}; raise it or use shorter examples."
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,7 +284,7 @@ def main(cfg: DictConfig) -> None:
     tokenizer = load_tokenizer(
         tokenizer_source, cfg.model.trust_remote_code, None if cfg.sft_checkpoint else cfg.model.revision
     )
-    train, evals = load_examples(cfg, tokenizer, say)
+    train, evals = load_examples(cfg, tokenizer, build_pair_examples, say, nothing_left, noun="pairs")
     ckpt.seed_everything(int(cfg.train.seed))  # LoRA and head initialisation: the same on every rank
     model, head, start = build_reward_model(cfg, tokenizer, run.device, warn, overridden_lora_keys())
     if cfg.model.gradient_checkpointing:

@@ -11,8 +11,7 @@ import torch
 from omegaconf import DictConfig
 
 from ppo_cli.app import hydra_app
-from ppo_cli.data import IGNORE_INDEX, build_sft_examples, collate_sft, load_train_eval_rows
-from ppo_cli.errors import UserError
+from ppo_cli.data import IGNORE_INDEX, LengthReport, build_sft_examples, collate_sft
 from ppo_cli.models import (
     apply_lora,
     count_parameters,
@@ -23,7 +22,7 @@ from ppo_cli.models import (
 )
 from ppo_cli.rlhf import position_ids_from_mask
 from ppo_cli.run import StageRun
-from ppo_cli.trainer import SupervisedTask, SupervisedTrainer
+from ppo_cli.trainer import SupervisedTask, SupervisedTrainer, load_examples, validate_supervised
 
 STAGE = "sft"
 
@@ -46,41 +45,21 @@ def sft_loss(
     return loss, {}, n_tokens
 
 
-def load_examples(cfg: DictConfig, tokenizer, logger_print) -> tuple[list[dict], list[dict]]:
-    data_cfg = cfg.data
-    train_rows, eval_rows = load_train_eval_rows(data_cfg, cfg.train.seed)
-    train, report = build_sft_examples(tokenizer, train_rows, data_cfg.max_length, data_cfg.overflow)
-    evals, eval_report = build_sft_examples(tokenizer, eval_rows, data_cfg.max_length, data_cfg.overflow)
-    for name, rep in (("data.train", report), ("eval", eval_report)):
-        message = rep.describe(data_cfg.max_length)
-        if message:
-            logger_print(f"[yellow]{name}: {message}[/]")
-    if not train:
-        raise UserError(
-            f"data.train={data_cfg.train}: no example is left: {report.describe(data_cfg.max_length)}; "
-            "raise data.max_length or use shorter examples, and drop empty ones."
-        )
-    return train, evals
-
-
-def validate(cfg: DictConfig) -> None:
-    if cfg.data.overflow not in ("truncate", "drop"):
-        raise UserError(f"data.overflow={cfg.data.overflow} is not one of truncate, drop.")
-    if cfg.data.max_length < 2:
-        raise UserError(f"data.max_length={cfg.data.max_length} is too small (at least 2 tokens).")
-    for key in ("batch_size", "grad_accum_steps", "log_every"):
-        if cfg.train[key] < 1:
-            raise UserError(f"train.{key}={cfg.train[key]} must be at least 1.")
+def nothing_left(report: LengthReport, max_length: int) -> str:
+    return (
+        f"no example is left: {report.describe(max_length)}; raise data.max_length or use shorter "
+        "examples, and drop empty ones."
+    )
 
 
 @hydra_app("train_sft", "train-sft")
 def main(cfg: DictConfig) -> None:
-    validate(cfg)
+    validate_supervised(cfg)
     run = StageRun(cfg, STAGE)
     if not run.prepare():
         return
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code, cfg.model.revision)
-    train, evals = load_examples(cfg, tokenizer, print)
+    train, evals = load_examples(cfg, tokenizer, build_sft_examples, print, nothing_left)
     model = load_causal_lm(cfg.model, tokenizer, run.device)
     model = apply_lora(model, cfg.lora, task_type="CAUSAL_LM")
     if cfg.model.gradient_checkpointing:

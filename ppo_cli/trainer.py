@@ -1,9 +1,10 @@
-"""The optimisation loop that SFT and reward-model training share, plus optimizer/schedule builders.
+"""The optimisation step that SFT and reward-model training share, plus optimizer/schedule builders.
 
 A stage supplies its model, tokenized examples, a collate function and a `loss_fn(model, batch)`;
-the loop does the rest: gradient accumulation, clipping, AdamW with warmup + decay, periodic eval,
-logging, atomic checkpoints, exact resume (weights, optimizer, scheduler, RNG, data position), a
-graceful stop on Ctrl-C / SIGTERM, and a clean stop on NaN/inf.
+SupervisedTrainer does one step (gradient accumulation, clipping, AdamW with warmup + decay, a clean
+stop on NaN/inf), the logging window and the evaluation, and runs them in `loop.TrainingLoop`, which
+owns the rest: atomic checkpoints, exact resume (weights, optimizer, scheduler, RNG, data position),
+the log/eval/save cadence and the graceful stop on Ctrl-C / SIGTERM.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ import torch
 from omegaconf import DictConfig
 
 from ppo_cli import checkpoint as ckpt
-from ppo_cli.data import EpochBatches
-from ppo_cli.dist import all_reduce_mean, any_flag
+from ppo_cli.data import EpochBatches, LengthReport, load_train_eval_rows
+from ppo_cli.dist import all_reduce_mean
+from ppo_cli.errors import UserError
 from ppo_cli.logger import Throughput
-from ppo_cli.models import attention_kernel, autocast, keep_trainable_in_fp32
+from ppo_cli.loop import LoopStage, LoopState, TrainingLoop
+from ppo_cli.models import autocast, keep_trainable_in_fp32
 from ppo_cli.run import StageRun, TrainingDiverged
 
 # loss_fn(model, batch) -> (loss, metrics to average over the logging window, tokens in the batch)
@@ -49,8 +52,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train_cfg: DictConfig, tot
         train_cfg.lr_scheduler
     )
     if name is None:
-        from ppo_cli.errors import UserError
-
         raise UserError(
             f"train.lr_scheduler={train_cfg.lr_scheduler} is not one of cosine, linear, constant."
         )
@@ -90,6 +91,42 @@ def optimizer_step(optimizer: torch.optim.Optimizer, step: int, run: StageRun) -
         raise diverged(f"the optimizer update overflowed ({exc})", step, run) from exc
 
 
+def validate_supervised(cfg: DictConfig) -> None:
+    """The data and batch checks that SFT and RM training share, before anything loads."""
+    if cfg.data.overflow not in ("truncate", "drop"):
+        raise UserError(f"data.overflow={cfg.data.overflow} is not one of truncate, drop.")
+    if cfg.data.max_length < 2:
+        raise UserError(f"data.max_length={cfg.data.max_length} is too small (at least 2 tokens).")
+    for key in ("batch_size", "grad_accum_steps", "log_every"):
+        if cfg.train[key] < 1:
+            raise UserError(f"train.{key}={cfg.train[key]} must be at least 1.")
+
+
+def load_examples(
+    cfg: DictConfig,
+    tokenizer,
+    build: Callable[..., tuple[list[dict], LengthReport]],
+    say: Callable[[str], None],
+    nothing_left: Callable[[LengthReport, int], str],
+    noun: str = "examples",
+) -> tuple[list[dict], list[dict]]:
+    """The training and evaluation examples of a supervised stage: data.train / data.eval rows (or the
+    held-out fraction) through `build(tokenizer, rows, max_length, overflow)`. What the length limit cut
+    or dropped is said with `say`, counting `noun`; no training example left is a UserError that names
+    data.train, then `nothing_left(report, data.max_length)`."""
+    data_cfg = cfg.data
+    train_rows, eval_rows = load_train_eval_rows(data_cfg, cfg.train.seed)
+    train, report = build(tokenizer, train_rows, data_cfg.max_length, data_cfg.overflow)
+    evals, eval_report = build(tokenizer, eval_rows, data_cfg.max_length, data_cfg.overflow)
+    for name, rep in (("data.train", report), ("eval", eval_report)):
+        message = rep.describe(data_cfg.max_length)
+        if message:
+            say(f"[yellow]{name}: {message.replace('examples', noun)}[/]")
+    if not train:
+        raise UserError(f"data.train={data_cfg.train}: {nothing_left(report, data_cfg.max_length)}")
+    return train, evals
+
+
 @dataclass
 class SupervisedTask:
     """What a stage hands the loop."""
@@ -105,7 +142,7 @@ class SupervisedTask:
     summary: dict[str, Any]
 
 
-class SupervisedTrainer:
+class SupervisedTrainer(LoopStage):
     def __init__(self, run: StageRun, task: SupervisedTask):
         self.run, self.task, self.cfg = run, task, run.cfg
         self.train_cfg = run.cfg.train
@@ -125,7 +162,11 @@ class SupervisedTrainer:
         self.last_lr = self.scheduler.get_last_lr()[0]
         # The training loss over the last tenth of the run (at least 10 steps): the RM's health reads it.
         self.recent_losses: deque[float] = deque(maxlen=max(10, self.total_steps // 10))
-        self.step = 0
+        # The logging window: metrics of the steps since the last log line, and their tokens.
+        self.window: dict[str, list[float]] = defaultdict(list)
+        self.throughput = Throughput()
+        state = LoopState(self.model, self.optimizer, self.scheduler, self.batches)
+        self.loop = TrainingLoop(run, state, self.total_steps, self)
 
     def _wrap_ddp(self) -> torch.nn.Module:
         if not self.run.dist.enabled:
@@ -135,25 +176,23 @@ class SupervisedTrainer:
         device_ids = [self.run.device.index] if self.run.device.type == "cuda" else None
         return DistributedDataParallel(self.model, device_ids=device_ids, find_unused_parameters=False)
 
-    # -- checkpoints ---------------------------------------------------------------------------
+    # -- checkpoints (the loop writes and reads them) ---------------------------------------------
+    @property
+    def step(self) -> int:
+        return self.loop.step
+
+    @property
+    def final_eval(self) -> dict[str, float]:
+        return self.loop.final_eval
+
     def save(self) -> None:
-        rng, rng_tensors = ckpt.split_rng(ckpt.capture_rng())
-        objects = {
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            **rng_tensors,
-        }
-        state = {"data": self.batches.state_dict(), "rng": rng, "total_steps": self.total_steps}
-        self.run.save_checkpoint(self.step, ckpt.trainable_state(self.model), objects, state)
+        self.loop.save()
 
     def restore(self) -> None:
-        loaded = ckpt.load_checkpoint(self.run.resume_from)
-        ckpt.load_trainable_state(self.model, loaded.trainable, str(loaded.path))
-        self.optimizer.load_state_dict(loaded.objects["optimizer"])
-        self.scheduler.load_state_dict(loaded.objects["scheduler"])
-        self.batches.load_state_dict(loaded.state["data"])
-        ckpt.restore_rng(ckpt.join_rng(loaded.state["rng"], loaded.objects))
-        self.step = loaded.step
+        self.loop.restore()
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"total_steps": self.total_steps}
 
     # -- one optimizer step --------------------------------------------------------------------
     def _micro_batches(self) -> list[dict[str, torch.Tensor]]:
@@ -165,7 +204,7 @@ class SupervisedTrainer:
             out.append({k: v.to(self.run.device) for k, v in batch.items()})
         return out
 
-    def train_step(self, window: dict[str, list[float]], throughput: Throughput) -> float:
+    def train_step(self, step: int) -> None:
         self.ddp_model.train()
         micro = self._micro_batches()
         total_loss = 0.0
@@ -178,20 +217,29 @@ class SupervisedTrainer:
                 loss, metrics, n_tokens = self.task.loss_fn(self.ddp_model, batch)
             (loss / len(micro)).backward()
             total_loss += loss.item() / len(micro)
-            throughput.add(n_tokens)
+            self.throughput.add(n_tokens)
             for key, value in metrics.items():
-                window[key].append(value)
-        check_finite(total_loss, "the training loss", self.step + 1, self.run)
+                self.window[key].append(value)
+        check_finite(total_loss, "the training loss", step, self.run)
         if self.train_cfg.max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.train_cfg.max_grad_norm)
-            check_finite(norm, "the gradient norm", self.step + 1, self.run)
-            window["grad_norm"].append(float(norm))
+            check_finite(norm, "the gradient norm", step, self.run)
+            self.window["grad_norm"].append(float(norm))
         self.last_lr = self.scheduler.get_last_lr()[0]  # the rate this update uses, for the log
-        optimizer_step(self.optimizer, self.step + 1, self.run)
+        optimizer_step(self.optimizer, step, self.run)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        return total_loss
+        self.window["loss"].append(total_loss)
+        self.recent_losses.append(total_loss)
+
+    def log_metrics(self, step: int) -> dict[str, float]:
+        """The window's averages since the last log line, over all ranks, and the learning rate."""
+        metrics = {k: sum(v) / len(v) for k, v in self.window.items()}
+        metrics["tokens_per_second"] = self.throughput.rate()
+        metrics = all_reduce_mean(metrics, self.run.dist)
+        metrics["lr"] = self.last_lr
+        self.window.clear()
+        return metrics
 
     # -- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -219,56 +267,14 @@ class SupervisedTrainer:
         return all_reduce_mean(result, self.run.dist)
 
     # -- the loop ------------------------------------------------------------------------------
+    def finish(self) -> None:
+        if self.run.is_main:
+            self.task.save_final()
+
+    def start(self) -> None:
+        self.window.clear()
+        self.throughput = Throughput()  # the first window's clock starts with the first step
+
     def fit(self) -> dict[str, float]:
-        run, logger = self.run, self.run.logger
-        if run.resume_from is not None:
-            self.restore()
-        else:
-            ckpt.seed_everything(run.seed)
-        logger.start(self.total_steps, self.step, self.task.summary)
-        window: dict[str, list[float]] = defaultdict(list)
-        throughput = Throughput()
-        last_eval: dict[str, float] = {}
-        cfg = self.train_cfg
         weights = next(self.model.parameters()).dtype
-        kernel = attention_kernel(self.run.device, cfg.mixed_precision, weights)
-        with kernel:  # for the whole loop, backward passes included: see attention_kernel
-            try:
-                while self.step < self.total_steps:
-                    loss = self.train_step(window, throughput)
-                    window["loss"].append(loss)
-                    self.recent_losses.append(loss)
-                    logger.advance(self.step)
-                    metrics: dict[str, float] = {}
-                    if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                        metrics = {k: sum(v) / len(v) for k, v in window.items()}
-                        metrics["tokens_per_second"] = throughput.rate()
-                        metrics = all_reduce_mean(metrics, run.dist)
-                        metrics["lr"] = self.last_lr
-                        window.clear()
-                    if (
-                        cfg.eval_every > 0
-                        and self.step % cfg.eval_every == 0
-                        and self.step != self.total_steps
-                    ):
-                        last_eval = self.evaluate()
-                        metrics.update(last_eval)
-                    if metrics:
-                        logger.log(self.step, metrics)
-                    stop = any_flag(run.stop.requested, run.dist)
-                    if (cfg.save_every > 0 and self.step % cfg.save_every == 0) or stop:
-                        self.save()
-                    if stop:
-                        logger.close_progress()
-                        logger.print(f"[bold]{run.stopped_message(self.step)}[/]")
-                        raise SystemExit(run.stop.exit_code)
-                last_eval = self.evaluate()
-                self.final_eval = last_eval
-                if last_eval:
-                    logger.log(self.step, last_eval)
-                self.save()
-                if run.is_main:
-                    self.task.save_final()
-            finally:
-                logger.close_progress()
-        return last_eval
+        return self.loop.fit(self.task.summary, weights)

@@ -19,8 +19,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> dict[str, Path]:
-    """The tiny Llama and the 'positive words' task data (see ppo_cli/tiny.py)."""
-    from ppo_cli.tiny import build_all
+    """The tiny Llama and the 'positive words' task data (see ppo_cli/tiny/)."""
+    from ppo_cli.tiny.cache import build_all
 
     return build_all(tmp_path_factory.mktemp("tiny"), arch="llama")
 
@@ -28,7 +28,7 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_factory(tmp_path_factory):
     """Build a tiny model of another architecture: tiny_factory('gpt2') -> paths."""
-    from ppo_cli.tiny import build_all
+    from ppo_cli.tiny.cache import build_all
 
     cache: dict[str, dict[str, Path]] = {}
 

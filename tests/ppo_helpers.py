@@ -140,7 +140,7 @@ def ppo_config(base: str | Path, data: str | Path, output_dir: Path, *overrides:
             f"model.name_or_path={base}",
             f"data.train={data}",
             f"output_dir={output_dir}",
-            "reward_fn=ppo_cli.tiny:positive_reward",
+            "reward_fn=ppo_cli.tiny.task:positive_reward",
             "train.device=cpu",
             "train.batch_size=4",
             "generation.max_new_tokens=8",
@@ -157,11 +157,11 @@ def make_trainer(cfg, roles, tokenizer, reward=None, dist=None, rm_stats=None):
     """A PPOTrainer on `roles` with the tiny prompts; `reward(qr, mask, prompts, completions)`.
 
     `dist` (a DistInfo) makes the run look like one rank of several; no process group is started, so
-    the caller must stub what would talk to one (ppo_trainer.broadcast_parameters).
+    the caller must stub what would talk to one (ppo_cli.ppo.trainer.broadcast_parameters).
     """
     from ppo_cli.data import build_prompts, load_rows
     from ppo_cli.logger import RunLogger
-    from ppo_cli.ppo_trainer import PPOTrainer
+    from ppo_cli.ppo.trainer import PPOTrainer
     from ppo_cli.run import StageRun
 
     run = StageRun(cfg, "ppo")

@@ -302,7 +302,7 @@ def test_a_key_the_schema_does_not_declare_cannot_be_added_with_plus(tmp_path, m
         "+ppo.kl_coeff=0.1",
         "model.name_or_path=some/model",
         "data.train=prompts.jsonl",
-        "reward_fn=ppo_cli.tiny:positive_reward",
+        "reward_fn=ppo_cli.tiny.task:positive_reward",
         f"output_dir={out}",
     )
     paragraph = assert_usage_error(

@@ -18,7 +18,7 @@ from ppo_cli.data import (
     prompt_of,
 )
 from ppo_cli.errors import UserError
-from ppo_cli.tiny import EOS_TOKEN, IM_END
+from ppo_cli.tiny.tokenizer import EOS_TOKEN, IM_END
 
 
 @pytest.fixture(scope="module")

@@ -109,7 +109,7 @@ def test_ppo_two_ranks(tiny, tmp_path):
     result = torchrun(
         "train-ppo",
         f"model.name_or_path={tiny['model']}",
-        "reward_fn=ppo_cli.tiny:positive_reward",
+        "reward_fn=ppo_cli.tiny.task:positive_reward",
         f"data.train={tiny['prompts']}",
         f"output_dir={out}",
         "train.max_steps=2",
@@ -331,15 +331,12 @@ def _device_worker(rank: int, port: int, results) -> None:
 
 def _whitening_matches_one_process(info: DistInfo) -> bool:
     """PPO's advantage whitening over two ranks' rows equals whitening all rows in one process."""
-    from types import SimpleNamespace
-
-    from ppo_cli.ppo_trainer import PPOTrainer
+    from ppo_cli.ppo.step import whiten_advantages
     from ppo_cli.rlhf import masked_whiten
 
     adv = torch.randn(4, 5, generator=torch.Generator().manual_seed(0))
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0]])
-    trainer = SimpleNamespace(run=SimpleNamespace(dist=info))
-    mine = PPOTrainer._whiten_global(trainer, adv[info.rank :: 2], mask[info.rank :: 2])
+    mine = whiten_advantages(adv[info.rank :: 2], mask[info.rank :: 2], info)
     return torch.allclose(mine, masked_whiten(adv, mask)[info.rank :: 2], atol=1e-6)
 
 

@@ -18,11 +18,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from ppo_cli import export, generate
-from ppo_cli import tiny as tiny_module
 from ppo_cli.config import register_configs
 from ppo_cli.errors import UserError
 from ppo_cli.models import load_causal_lm, load_sequence_classifier, load_tokenizer, write_product_info
 from ppo_cli.paths import conf_dir
+from ppo_cli.tiny import task as tiny_module
 
 CPU = torch.device("cpu")
 
@@ -185,7 +185,7 @@ def test_generate_cli_writes_rows_with_rewards(cli, tiny, adapters, tmp_path):
         "data.limit=12",
         "batch_size=5",
         "generation.max_new_tokens=6",
-        "reward_fn=ppo_cli.tiny:positive_reward",
+        "reward_fn=ppo_cli.tiny.task:positive_reward",
     ]
     result = cli("generate", *args)
     assert result.returncode == 0, result.stderr

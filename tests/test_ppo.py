@@ -63,7 +63,7 @@ from ppo_cli import rlhf
 from ppo_cli.data import pad_left
 from ppo_cli.dist import DistInfo
 from ppo_cli.errors import UserError
-from ppo_cli.rewards import call_reward_function, load_reward_function
+from ppo_cli.reward.functions import call_reward_function, load_reward_function
 from ppo_cli.roles import POLICY, REWARD
 
 CONTRACT_METRICS = [
@@ -167,7 +167,7 @@ def test_row8_generation_and_scoring_agree(trainer_factory):
         assert torch.equal(ro.responses, responses)
         assert (ro.logprobs is None) == fused
         if fused:
-            trainer.update(ro)
+            ro = trainer.update(ro)[0]  # the rollout with the first pass's old logprobs
         torch.testing.assert_close(ro.logprobs[mask], old[mask], atol=1e-6, rtol=0)
 
 
@@ -200,7 +200,7 @@ def test_fused_first_pass_equals_separate_scoring_pass(trainer_factory):
         ckpt.seed_everything(0)
         ro, _ = trainer.rollout(trainer.prompts[:4])
         before = [p.detach().clone() for p in trainer.policy_params + trainer.value_params]
-        stats, non_score = trainer.update(ro)
+        ro, stats, non_score = trainer.update(ro)
         weights = [p.detach().clone() for p in trainer.policy_params + trainer.value_params]
         assert any(not torch.equal(a, b) for a, b in zip(before, weights))  # the update did move them
         results.append((ro, stats, non_score, weights))
@@ -246,7 +246,7 @@ def test_critic_starts_on_the_normalised_score_scale(tiny, adapters, shifted_rm,
             expected = rlhf.normalize_scores(prefix_scores, trainer.scale.mean, trainer.scale.std)
             m = ro.response_mask
             torch.testing.assert_close(ro.values[m], expected[m], atol=1e-4, rtol=0)
-        stats = trainer.update(ro)[0]
+        stats = trainer.update(ro)[1]
         losses.append(stats["loss/value_avg"])
         clipfracs.append(stats["val/clipfrac_avg"])
     assert sum(losses) / 2 < 1.2 and sum(clipfracs) / 2 < 0.45, (losses, clipfracs)
@@ -346,7 +346,9 @@ def test_console_says_which_beta_is_in_effect(trainer_factory, capsys):
     assert f"std {std:.4g}" in said and f"TRL's kl_coef={0.1 * std:.3g}" in said, said
     assert trainer.beta_summary() == {"kl_coef in raw score units": pytest.approx(0.1 * std, rel=1e-6)}
     raw = trainer_factory("ppo.reward_normalization=none", "ppo.kl_controller=fixed", "ppo.kl_coef=0.05")
-    assert raw.summary()["kl penalty"].startswith("beta 0.05, fixed") and "TRL" in raw.summary()["reward scale"]
+    assert (
+        raw.summary()["kl penalty"].startswith("beta 0.05, fixed") and "TRL" in raw.summary()["reward scale"]
+    )
 
 
 def test_row6_kl_and_masked_sums_count_real_tokens_only(trainer_factory):
@@ -418,7 +420,7 @@ def test_row14_epochs_over_reshuffled_minibatches(trainer_factory):
     optimizer_step = trainer.optimizer.step
     trainer.optimizer.step = lambda *a, **k: (steps.append(len(seen)), optimizer_step(*a, **k))[1]
     before = [p.detach().clone() for p in trainer.policy_params]
-    stats, _ = trainer.update(ro)
+    _, stats, _ = trainer.update(ro)
 
     assert len(seen) == 3 * 4  # 3 epochs x 4 rows, one row per micro-batch (4 / 2 / 2)
     epochs = [seen[i : i + 4] for i in range(0, 12, 4)]
@@ -431,7 +433,7 @@ def test_row14_epochs_over_reshuffled_minibatches(trainer_factory):
 
 
 def test_row18_rank_seeds_differ_data_order_shared(trainer_factory, monkeypatch):
-    monkeypatch.setattr("ppo_cli.ppo_trainer.broadcast_parameters", lambda params, dist: None)
+    monkeypatch.setattr("ppo_cli.ppo.trainer.broadcast_parameters", lambda params, dist: None)
     trainers = [trainer_factory(dist=DistInfo(rank=r, world_size=2)) for r in (0, 1)]
     seeds = [t.run.seed for t in trainers]
     assert seeds[0] == trainers[0].cfg.train.seed and seeds[0] != seeds[1]
@@ -439,7 +441,7 @@ def test_row18_rank_seeds_differ_data_order_shared(trainer_factory, monkeypatch)
     assert orders[0] == orders[1]  # one global order of 2 x train.batch_size prompts...
     for batch in orders[0]:
         assert len(batch) == 2 * trainers[0].cfg.train.batch_size
-        mine, theirs = batch[0::2], batch[1::2]  # ...each rank takes its slice (as PPOTrainer.fit does)
+        mine, theirs = batch[0::2], batch[1::2]  # ...each rank takes its slice (as train_step does)
         assert len(mine) == len(theirs) == trainers[0].cfg.train.batch_size and not set(mine) & set(theirs)
     # Same prompts, each rank's seed: different samples; the same seed again: the same samples.
     prompts = [p["input_ids"] for p in trainers[0].prompts[:2]]
@@ -465,9 +467,10 @@ def test_row19_negative_kl_alarm(trainer_factory, capsys):
     noise = [0.2 * math.sin(3 * i) - 0.03 for i in range(16)]  # slightly negative mean, within noise
     negative = [-0.3 + 0.02 * (i % 3) for i in range(16)]
 
+    steps = iter(range(1, 100))
+
     def console_after(metrics, kl) -> str:
-        trainer.step += 1
-        trainer.guards({"val/ratio": 1.0, **metrics}, signs(kl))
+        trainer.guards(next(steps), {"val/ratio": 1.0, **metrics}, signs(kl))
         return " ".join(capsys.readouterr().out.split())
 
     for _ in range(4):
@@ -527,7 +530,7 @@ def test_entropy_avg_is_the_policy_entropy_over_response_tokens(trainer_factory)
     per_token = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)  # 0 log 0 = 0 at the pad
     expected = float(per_token[ro.response_mask].mean())
 
-    stats, _ = trainer.update(ro)
+    ro, stats, _ = trainer.update(ro)
     assert stats["policy/entropy_avg"] == pytest.approx(expected, abs=1e-5)
     # Teeth: the mean negative logprob of the sampled tokens is a different number.
     assert abs(float((-ro.logprobs)[ro.response_mask].mean()) - expected) > 1e-2
@@ -551,12 +554,15 @@ def test_checkpoint_holds_and_restores_every_rng_state_cuda_included(trainer_fac
 
     ckpt.seed_everything(3)
     before = ckpt.capture_rng()
-    trainer.save(episode=4)
+    trainer.episode = 4
+    trainer.loop.save()
     # Move every generator on, then resume from the checkpoint.
     torch.rand(3), random.random(), np.random.rand()
     cuda_now["state"] = [torch.tensor([9], dtype=torch.uint8)]
     trainer.run.resume_from = ckpt.latest_checkpoint(trainer.run.output_dir)
-    assert trainer.restore() == 4
+    trainer.episode = 0
+    trainer.loop.restore()
+    assert trainer.episode == 4
 
     assert len(restored_cuda) == 1 and len(restored_cuda[0]) == 2
     assert all(torch.equal(a, b) for a, b in zip(restored_cuda[0], saved_cuda))
@@ -620,7 +626,7 @@ def test_row15_16_lr0_run_never_moves(tiny, adapters, tmp_path, cli, precision):
             tiny,
             out,
             f"sft_checkpoint={adapters['sft']}",
-            "reward_fn=ppo_cli.tiny:positive_reward",
+            "reward_fn=ppo_cli.tiny.task:positive_reward",
             "train.lr=0",
             "train.max_steps=3",
             "ppo.num_minibatches=2",
@@ -667,7 +673,7 @@ def run_in_process(*args: str) -> tuple[int, str, str]:
 
 FAILING = {
     "neither": [],
-    "both": ["reward_fn=ppo_cli.tiny:positive_reward", "reward_checkpoint={rm}"],
+    "both": ["reward_fn=ppo_cli.tiny.task:positive_reward", "reward_checkpoint={rm}"],
     "not_importable": ["reward_fn=no_such_module_xyz:score"],
     "no_function": ["reward_fn=ppo_rewards:nope"],
     "raises": ["reward_fn=ppo_rewards:raises"],

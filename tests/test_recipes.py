@@ -73,7 +73,7 @@ def test_stage_overrides_are_routed(tmp_path):
             "all.train.seed=3",
             "ppo.generation.temperature=0.5",
             "rm.train.seed=4",  # per-stage wins over all.*
-            "ppo.reward_fn=ppo_cli.tiny:positive_reward",
+            "ppo.reward_fn=ppo_cli.tiny.task:positive_reward",
             "sft.lora=default",
         ],
         run_dir=tmp_path,
@@ -84,7 +84,7 @@ def test_stage_overrides_are_routed(tmp_path):
     assert (sft.train.seed, rm.train.seed, ppo.train.seed) == (3, 4, 3)
     assert ppo.generation.temperature == 0.5
     # a reward function replaces the RM: the pipeline does not fill reward_checkpoint
-    assert ppo.reward_fn == "ppo_cli.tiny:positive_reward" and ppo.reward_checkpoint is None
+    assert ppo.reward_fn == "ppo_cli.tiny.task:positive_reward" and ppo.reward_checkpoint is None
     assert sft.lora.target_modules == "all-linear"  # the recipe file still wins over the group default
 
 

@@ -42,7 +42,7 @@ from ppo_cli import checkpoint as ckpt
 from ppo_cli.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
-REWARD_FN = "reward_fn=ppo_cli.tiny:positive_reward"
+REWARD_FN = "reward_fn=ppo_cli.tiny.task:positive_reward"
 
 # ================================================================================================
 # Helpers

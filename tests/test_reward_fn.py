@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from ppo_cli.rewards import call_reward_function, load_reward_function
+from ppo_cli.reward.functions import call_reward_function, load_reward_function
 
 
 def test_a_module_in_the_current_directory_is_found(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""ppo_cli.reward_model and the RM's construction: scores at the last real token whatever the padding,
+"""ppo_cli.reward (scoring, stats, from_sft) and the RM's construction: scores at the last real token whatever the padding,
 the score head, its small initialisation, the stored statistics, and starting the RM from an SFT adapter."""
 
 from __future__ import annotations
@@ -11,20 +11,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ppo_cli import tiny as tiny_lib
 from ppo_cli.config import RMConfig
 from ppo_cli.data import pad_left, pad_right
 from ppo_cli.models import load_causal_lm, load_tokenizer, write_product_info
-from ppo_cli.reward_model import (
-    copy_adapter_weights,
-    gather_last,
-    init_score_head,
-    load_rm_stats,
-    score_head_name,
-    sequence_scores,
-    unwrap,
-)
+from ppo_cli.reward.from_sft import copy_adapter_weights
+from ppo_cli.reward.scoring import gather_last, init_score_head, score_head_name, sequence_scores, unwrap
+from ppo_cli.reward.stats import load_rm_stats
 from ppo_cli.rlhf import last_token_index
+from ppo_cli.tiny import models as tiny_lib
 from ppo_cli.train_rm import build_reward_model
 
 CPU = torch.device("cpu")

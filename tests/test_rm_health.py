@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from ppo_cli.rm_health import RMHealth, wilson_interval
+from ppo_cli.reward.health import RMHealth, wilson_interval
 
 
 def test_wilson_interval_hand_computed():

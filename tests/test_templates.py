@@ -16,13 +16,15 @@ import pytest
 import torch
 from ppo_helpers import model_cfg
 
-from ppo_cli import generate, train_ppo
+from ppo_cli import generate
 from ppo_cli.data import Row, encode_prompt, encode_sft_row
 from ppo_cli.models import eos_token_ids, load_tokenizer
 from ppo_cli.preferences import encode_pair, encode_side
-from ppo_cli.rewards import SeparateRewardModel
+from ppo_cli.reward import sources
+from ppo_cli.reward.separate import SeparateRewardModel
 from ppo_cli.rlhf import truncate_after_eos
-from ppo_cli.tiny import EOS_TOKEN, IM_END, _model_config, build_tokenizer
+from ppo_cli.tiny.models import _model_config
+from ppo_cli.tiny.tokenizer import EOS_TOKEN, IM_END, build_tokenizer
 
 CPU = torch.device("cpu")
 
@@ -251,7 +253,6 @@ def test_ppo_rollout_hands_the_reward_the_conversations(tiny, tmp_path):
 def test_reward_function_gets_trls_form(monkeypatch):
     """Text prompts and completions stay strings; a conversation prompt arrives as its messages and its
     completion as one assistant message, as TRL's GRPOTrainer passes them."""
-    from omegaconf import OmegaConf
 
     seen = []
 
@@ -259,8 +260,8 @@ def test_reward_function_gets_trls_form(monkeypatch):
         seen.extend(zip(prompts, completions))
         return [0.0] * len(prompts)
 
-    monkeypatch.setattr(train_ppo, "load_reward_function", lambda spec: func)
-    reward = train_ppo.build_reward(OmegaConf.create({"reward_fn": "m:f"}), None, False, CPU)
+    monkeypatch.setattr(sources, "load_reward_function", lambda spec: func)
+    reward = sources.build_reward(None, "m:f", None, CPU, 1)
     reward(None, None, [CONVERSATION, "Describe the cat:"], ["a", "b"])
     assert seen == [(CONVERSATION, [{"role": "assistant", "content": "a"}]), ("Describe the cat:", "b")]
 

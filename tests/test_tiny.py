@@ -12,9 +12,15 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from ppo_cli import tiny
+from ppo_cli.tiny import cache as tiny_cache
+from ppo_cli.tiny import cli as tiny_cli
+from ppo_cli.tiny import data as tiny_data
+from ppo_cli.tiny import models as tiny_models
+from ppo_cli.tiny import pretrain as tiny_pretrain
+from ppo_cli.tiny import task as tiny_task
+from ppo_cli.tiny import tokenizer as tiny_tokenizer
 
-ALL_WORDS = set(tiny.POSITIVE_WORDS) | set(tiny.NEGATIVE_WORDS) | set(tiny.NEUTRAL_WORDS)
+ALL_WORDS = set(tiny_task.POSITIVE_WORDS) | set(tiny_task.NEGATIVE_WORDS) | set(tiny_task.NEUTRAL_WORDS)
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -27,26 +33,33 @@ def _random_ascii(rng: random.Random, n: int) -> str:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return tiny.build_tokenizer()
+    return tiny_tokenizer.build_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def model_dirs(tokenizer, tmp_path_factory) -> dict[str, Path]:
     """One built model dir per arch, shared by the tests of this module."""
     root = tmp_path_factory.mktemp("models")
-    return {arch: tiny.build_tiny_model(root / arch, arch=arch, tokenizer=tokenizer) for arch in tiny.ARCHS}
+    return {
+        arch: tiny_models.build_tiny_model(root / arch, arch=arch, tokenizer=tokenizer)
+        for arch in tiny_models.ARCHS
+    }
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Path]:
-    return tiny.write_task_data(tmp_path_factory.mktemp("data"))
+    return tiny_data.write_task_data(tmp_path_factory.mktemp("data"))
 
 
 # ---------------------------------------------------------------------------------------------------------- task
 
 
 def test_word_lists_are_disjoint_and_sized():
-    assert len(tiny.POSITIVE_WORDS) == 30 and len(tiny.NEGATIVE_WORDS) == 30 and len(tiny.NEUTRAL_WORDS) == 40
+    assert (
+        len(tiny_task.POSITIVE_WORDS) == 30
+        and len(tiny_task.NEGATIVE_WORDS) == 30
+        and len(tiny_task.NEUTRAL_WORDS) == 40
+    )
     assert len(ALL_WORDS) == 100  # no duplicates within or across lists
     assert all(w.isalpha() and w.islower() for w in ALL_WORDS)
 
@@ -67,26 +80,26 @@ def test_word_lists_are_disjoint_and_sized():
     ],
 )
 def test_gold_score(text, expected):
-    assert tiny.gold_score(text) == pytest.approx(expected)
+    assert tiny_task.gold_score(text) == pytest.approx(expected)
 
 
 def test_positive_reward_is_gold_score_per_completion():
     completions = [" good river.", " sad cold.", " table."]
-    assert tiny.positive_reward(["p1", "p2", "p3"], completions) == [0.5, -1.0, 0.0]
+    assert tiny_task.positive_reward(["p1", "p2", "p3"], completions) == [0.5, -1.0, 0.0]
 
 
 def test_prompts_and_completions_shape():
-    prompts = tiny.all_prompts()
-    assert len(prompts) == len(set(prompts)) == len(tiny.PROMPT_TEMPLATES) * len(tiny.TOPICS)
+    prompts = tiny_task.all_prompts()
+    assert len(prompts) == len(set(prompts)) == len(tiny_task.PROMPT_TEMPLATES) * len(tiny_task.TOPICS)
     assert all(p[-1] in ":?" for p in prompts)
     assert "Tell me about an ocean:" in prompts and "Describe the river:" in prompts
 
     rng = random.Random(0)
     for _ in range(200):
-        c = tiny.sample_completion(rng)
+        c = tiny_task.sample_completion(rng)
         assert c.startswith(" ") and c.endswith(".")
         words = c[1:-1].split(" ")
-        assert tiny.MIN_WORDS <= len(words) <= tiny.MAX_WORDS and set(words) <= ALL_WORDS
+        assert tiny_task.MIN_WORDS <= len(words) <= tiny_task.MAX_WORDS and set(words) <= ALL_WORDS
 
 
 # ----------------------------------------------------------------------------------------------------- tokenizer
@@ -99,14 +112,14 @@ def test_tokenizer_special_tokens(tokenizer):
     assert tokenizer.eos_token == tokenizer.bos_token == "<|endoftext|>"
     assert tokenizer.eos_token_id == tokenizer.bos_token_id == eos
     # the specials come last, as in real checkpoints
-    assert tokenizer.convert_tokens_to_ids(list(tiny.SPECIAL_TOKENS)) == [509, 510, 511]
+    assert tokenizer.convert_tokens_to_ids(list(tiny_tokenizer.SPECIAL_TOKENS)) == [509, 510, 511]
     # plain encoding adds no BOS/EOS (Qwen-style)
     assert tokenizer("good")["input_ids"] == tokenizer.encode("good", add_special_tokens=True)
 
 
 def test_tokenizer_round_trips_task_text_and_ascii(tokenizer):
     rng = random.Random(0)
-    texts = tiny.all_prompts() + [tiny.sample_completion(rng) for _ in range(100)]
+    texts = tiny_task.all_prompts() + [tiny_task.sample_completion(rng) for _ in range(100)]
     texts += [_random_ascii(rng, rng.randint(1, 80)) for _ in range(200)]
     texts += ["", " ", "\n\n", "  two  spaces\tand\ttabs\r\n", "123 4567 89.0", "a\x00b\x7f"]
     for text in texts:
@@ -122,7 +135,7 @@ def test_prompt_completion_concatenation_is_clean(tokenizer, data):
 
 
 def test_tokenizer_is_deterministic_and_reloads(tokenizer, tmp_path):
-    again = tiny.build_tokenizer(tmp_path)
+    again = tiny_tokenizer.build_tokenizer(tmp_path)
     assert again.get_vocab() == tokenizer.get_vocab()
     loaded = AutoTokenizer.from_pretrained(tmp_path)
     assert loaded.pad_token is None and loaded.eos_token_id == tokenizer.eos_token_id
@@ -196,7 +209,7 @@ def test_chat_template_on_task_messages(tokenizer, data):
 # -------------------------------------------------------------------------------------------------------- models
 
 
-@pytest.mark.parametrize("arch", tiny.ARCHS)
+@pytest.mark.parametrize("arch", tiny_models.ARCHS)
 def test_model_loads_and_runs(arch, model_dirs, tokenizer):
     path = model_dirs[arch]
     loaded_tok = AutoTokenizer.from_pretrained(path)
@@ -231,16 +244,16 @@ def test_model_loads_and_runs(arch, model_dirs, tokenizer):
         assert classifier(input_ids=input_ids).logits.shape == (2, 1)
 
 
-@pytest.mark.parametrize("arch", tiny.ARCHS)
+@pytest.mark.parametrize("arch", tiny_models.ARCHS)
 def test_model_build_is_deterministic(arch, model_dirs, tokenizer, tmp_path):
     reference = load_file(model_dirs[arch] / "model.safetensors")
     same = load_file(
-        tiny.build_tiny_model(tmp_path / "same", arch=arch, tokenizer=tokenizer) / "model.safetensors"
+        tiny_models.build_tiny_model(tmp_path / "same", arch=arch, tokenizer=tokenizer) / "model.safetensors"
     )
     assert reference.keys() == same.keys()
     assert all(torch.equal(reference[k], same[k]) for k in reference)
     other = load_file(
-        tiny.build_tiny_model(tmp_path / "other", arch=arch, seed=1, tokenizer=tokenizer)
+        tiny_models.build_tiny_model(tmp_path / "other", arch=arch, seed=1, tokenizer=tokenizer)
         / "model.safetensors"
     )
     assert any(not torch.equal(reference[k], other[k]) for k in reference)
@@ -248,7 +261,7 @@ def test_model_build_is_deterministic(arch, model_dirs, tokenizer, tmp_path):
 
 def test_unknown_arch_is_rejected(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="unknown arch"):
-        tiny.build_tiny_model(tmp_path, arch="mamba", tokenizer=tokenizer)
+        tiny_models.build_tiny_model(tmp_path, arch="mamba", tokenizer=tokenizer)
 
 
 # ---------------------------------------------------------------------------------------------------------- data
@@ -278,19 +291,21 @@ def test_sft_completions_are_mixed_and_well_formed(data):
         c = row["completion"]
         assert c.startswith(" ") and c.endswith(".") and not c.startswith("  ")
         for w in c[1:-1].split(" "):
-            key = "pos" if w in tiny.POSITIVE_WORDS else "neg" if w in tiny.NEGATIVE_WORDS else "neu"
-            assert key != "neu" or w in tiny.NEUTRAL_WORDS
+            key = (
+                "pos" if w in tiny_task.POSITIVE_WORDS else "neg" if w in tiny_task.NEGATIVE_WORDS else "neu"
+            )
+            assert key != "neu" or w in tiny_task.NEUTRAL_WORDS
             counts[key] += 1
     total = sum(counts.values())
     assert all(0.28 < n / total < 0.38 for n in counts.values()), counts  # roughly a third each
-    mean_gold = sum(tiny.gold_score(r["completion"]) for r in rows) / len(rows)
+    mean_gold = sum(tiny_task.gold_score(r["completion"]) for r in rows) / len(rows)
     assert abs(mean_gold) < 0.05  # no preference baked into SFT
 
 
 @pytest.mark.parametrize("name", ["prefs", "prefs_eval"])
 def test_prefs_chosen_beats_rejected(data, name):
     for row in _read_jsonl(data[name]):
-        assert tiny.gold_score(row["chosen"]) > tiny.gold_score(row["rejected"])
+        assert tiny_task.gold_score(row["chosen"]) > tiny_task.gold_score(row["rejected"])
         assert row["chosen"].startswith(" ") and row["rejected"].startswith(" ")
 
 
@@ -299,22 +314,22 @@ def test_prompt_splits_are_disjoint_and_distinct(data):
     evals = [r["prompt"] for r in _read_jsonl(data["prompts_eval"])]
     assert len(set(train)) == len(train) and len(set(evals)) == len(evals)
     assert not set(train) & set(evals)
-    assert set(train) | set(evals) <= set(tiny.all_prompts())
+    assert set(train) | set(evals) <= set(tiny_task.all_prompts())
 
 
 def test_sft_messages_format(data):
     for row in _read_jsonl(data["sft_messages"]):
         user, assistant = row["messages"]
-        assert user["role"] == "user" and user["content"] in tiny.all_prompts()
+        assert user["role"] == "user" and user["content"] in tiny_task.all_prompts()
         assert assistant["role"] == "assistant" and assistant["content"].endswith(".")
         assert not assistant["content"].startswith(" ")
 
 
 def test_data_is_deterministic_and_seeded(tmp_path):
     kwargs = {"n_sft": 50, "n_pref": 50, "n_prompts": 300, "n_eval_prompts": 200}
-    a = tiny.write_task_data(tmp_path / "a", **kwargs)
-    b = tiny.write_task_data(tmp_path / "b", **kwargs)
-    c = tiny.write_task_data(tmp_path / "c", seed=1, **kwargs)
+    a = tiny_data.write_task_data(tmp_path / "a", **kwargs)
+    b = tiny_data.write_task_data(tmp_path / "b", **kwargs)
+    c = tiny_data.write_task_data(tmp_path / "c", seed=1, **kwargs)
     assert all(a[k].read_text() == b[k].read_text() for k in a)
     assert a["sft"].read_text() != c["sft"].read_text()
     # more prompts than the pool holds: still the requested counts
@@ -325,7 +340,7 @@ def test_data_is_deterministic_and_seeded(tmp_path):
 
 
 def test_build_all_caches_and_rebuilds_on_new_args(tmp_path):
-    paths = tiny.build_all(tmp_path, arch="gpt2", hidden_size=32, num_layers=1)
+    paths = tiny_cache.build_all(tmp_path, arch="gpt2", hidden_size=32, num_layers=1)
     assert (paths["model"] / "config.json").is_file() and paths["sft"].is_file()
     assert paths["prefs"] == paths["data"] / "prefs.jsonl"
     weights = paths["model"] / "model.safetensors"
@@ -333,20 +348,20 @@ def test_build_all_caches_and_rebuilds_on_new_args(tmp_path):
     first = (weights.stat().st_mtime_ns, stamp.read_text())
 
     # same arguments, spelled differently (defaults made explicit): cached, nothing rewritten
-    again = tiny.build_all(tmp_path, arch="gpt2", hidden_size=32, num_layers=1, num_heads=4, seed=0)
+    again = tiny_cache.build_all(tmp_path, arch="gpt2", hidden_size=32, num_layers=1, num_heads=4, seed=0)
     assert again == paths
     assert (weights.stat().st_mtime_ns, stamp.read_text()) == first
 
-    tiny.build_all(tmp_path, arch="gpt2", hidden_size=32, num_layers=1, seed=1)
+    tiny_cache.build_all(tmp_path, arch="gpt2", hidden_size=32, num_layers=1, seed=1)
     assert json.loads(stamp.read_text())["seed"] == 1
     assert AutoModelForCausalLM.from_pretrained(paths["model"]).config.n_layer == 1
 
     with pytest.raises(TypeError):
-        tiny.build_all(tmp_path, arch="gpt2", hiden_size=32)
+        tiny_cache.build_all(tmp_path, arch="gpt2", hiden_size=32)
 
 
 def test_cli(tmp_path, capsys):
-    tiny.main([str(tmp_path), "--arch", "qwen2", "--hidden-size", "32", "--layers", "1"])
+    tiny_cli.main([str(tmp_path), "--arch", "qwen2", "--hidden-size", "32", "--layers", "1"])
     printed = json.loads(capsys.readouterr().out)
     assert Path(printed["model"]) == tmp_path / "model"
     config = json.loads((tmp_path / "model" / "config.json").read_text())
@@ -359,29 +374,29 @@ def test_cli(tmp_path, capsys):
 
 
 def test_embedding_rows():
-    assert tiny.embedding_rows(512, None) == 512  # exact: a pad token needs a resize (GPT-2's case)
-    assert tiny.embedding_rows(512, 64) == 576  # at least one spare row, like Qwen or Pythia
-    assert tiny.embedding_rows(500, 64) == 512
+    assert tiny_models.embedding_rows(512, None) == 512  # exact: a pad token needs a resize (GPT-2's case)
+    assert tiny_models.embedding_rows(512, 64) == 576  # at least one spare row, like Qwen or Pythia
+    assert tiny_models.embedding_rows(500, 64) == 512
     with pytest.raises(ValueError):
-        tiny.embedding_rows(512, 0)
+        tiny_models.embedding_rows(512, 0)
 
 
 def test_pretraining_texts_are_task_text_ending_with_eos(tokenizer):
-    sequences = tiny.pretraining_texts(tokenizer, 40, seed=0)
+    sequences = tiny_pretrain.pretraining_texts(tokenizer, 40, seed=0)
     assert len(sequences) == 40 and all(s[-1] == tokenizer.eos_token_id for s in sequences)
     texts = [tokenizer.decode(s) for s in sequences]
-    assert any(t.startswith(tiny.IM_START) for t in texts)  # some chat-format exchanges
-    assert any(t.split(" ")[0] in {p.split(" ")[0] for p in tiny.all_prompts()} for t in texts)
-    assert tiny.pretraining_texts(tokenizer, 40, seed=0) == sequences
+    assert any(t.startswith(tiny_tokenizer.IM_START) for t in texts)  # some chat-format exchanges
+    assert any(t.split(" ")[0] in {p.split(" ")[0] for p in tiny_task.all_prompts()} for t in texts)
+    assert tiny_pretrain.pretraining_texts(tokenizer, 40, seed=0) == sequences
 
 
 def test_pretraining_lowers_the_task_loss(tokenizer):
     """A few dozen full-parameter steps already take the random-init model far below the uniform loss."""
-    config = tiny._model_config("llama", 576, 64, 2, 4, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    config = tiny_models._model_config("llama", 576, 64, 2, 4, tokenizer.bos_token_id, tokenizer.eos_token_id)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     threads = torch.get_num_threads()
-    losses = tiny.pretrain(model, tokenizer, steps=40, batch_size=16)
+    losses = tiny_pretrain.pretrain(model, tokenizer, steps=40, batch_size=16)
     assert torch.get_num_threads() == threads  # restored after the single-threaded loop
     assert len(losses) == 40 and losses[0] > 6.0  # ~ln(576) at random init
     assert sum(losses[-5:]) / 5 < 0.6 * losses[0]
@@ -389,9 +404,10 @@ def test_pretraining_lowers_the_task_loss(tokenizer):
 
 
 def test_builder_pretrains_when_asked(tokenizer, tmp_path):
-    plain = load_file(tiny.build_tiny_model(tmp_path / "a", tokenizer=tokenizer) / "model.safetensors")
+    plain = load_file(tiny_models.build_tiny_model(tmp_path / "a", tokenizer=tokenizer) / "model.safetensors")
     trained = load_file(
-        tiny.build_tiny_model(tmp_path / "b", tokenizer=tokenizer, pretrain_steps=2) / "model.safetensors"
+        tiny_models.build_tiny_model(tmp_path / "b", tokenizer=tokenizer, pretrain_steps=2)
+        / "model.safetensors"
     )
     assert plain.keys() == trained.keys()
     assert any(not torch.equal(plain[k], trained[k]) for k in plain)
@@ -404,8 +420,8 @@ def test_spare_rows_mean_no_resize_for_the_pad_token(tokenizer, tmp_path):
     from ppo_cli.config import ModelConfig
     from ppo_cli.models import load_causal_lm, load_tokenizer
 
-    spare = tiny.build_tiny_model(tmp_path / "spare", tokenizer=tokenizer, vocab_multiple=64)
-    exact = tiny.build_tiny_model(tmp_path / "exact", arch="gpt2", tokenizer=tokenizer, num_layers=1)
+    spare = tiny_models.build_tiny_model(tmp_path / "spare", tokenizer=tokenizer, vocab_multiple=64)
+    exact = tiny_models.build_tiny_model(tmp_path / "exact", arch="gpt2", tokenizer=tokenizer, num_layers=1)
     cfg = OmegaConf.structured(ModelConfig(name_or_path=str(spare), dtype="float32"))
     for path, rows in ((spare, 576), (exact, 513)):
         loaded_tok = load_tokenizer(str(path))

@@ -1,31 +1,26 @@
-"""Reward-model helpers shared by train-rm and train-ppo: the score head, scores, stored statistics.
+"""How a reward model scores a sequence: the score head's output at the last real token.
 
 A reward model here is a Hugging Face `AutoModelForSequenceClassification(num_labels=1)` (usually with a
 LoRA adapter, the head saved with it through peft's `modules_to_save`). Its score for a sequence is the
-head's logit at the last real token. We find that token from the attention mask, never from
-`pad_token_id`, and feed position ids derived from the mask, so left padding, right padding or any
-amount of extra padding gives the same score.
+head's logit at the last real token (`ppo_cli.rlhf.last_token_index`). We find that token from the
+attention mask, never from `pad_token_id`, and feed position ids derived from the mask, so left padding,
+right padding or any amount of extra padding gives the same score. The classifier's own pooled
+`logits[:, 0]` is never used: it finds the last token by pad id, which is the token BEFORE the EOS when
+pad id == eos id, while our RMs are trained to score at the EOS.
 
-PPO imports: `sequence_scores`, `score_head_name`, `init_score_head`, `load_rm_stats` (and
-`last_token_index` / `gather_last` when it applies a head to hidden states of its own).
+Every RM goes through here: train-rm, PPO's RM adapter on the shared base (`head_scores` on the hidden
+states it computes itself), and a separate RM in train-ppo and generate (`sequence_scores`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 
-from ppo_cli.models import PRODUCT_FILE
 from ppo_cli.rlhf import last_token_index, position_ids_from_mask
-
-# Keys of ppo_cli.json in an RM's final/: mean and std of its scores over training sequences.
-REWARD_MEAN, REWARD_STD = "reward_mean", "reward_std"
-
 
 # ---------------------------------------------------------------------------------------------
 # Unwrapping
@@ -91,6 +86,15 @@ def gather_last(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Ten
     """values[b, last real token of b]: (B, L) -> (B,), or (B, L, H) -> (B, H)."""
     rows = torch.arange(values.shape[0], device=values.device)
     return values[rows, last_token_index(attention_mask).to(values.device)]
+
+
+def head_scores(head: torch.nn.Linear, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """A score head applied to the hidden state of each sequence's last real token: (B, L, H) -> (B,).
+
+    For a trunk run outside a sequence classifier (PPO's reward adapter on the shared base): the same
+    token `sequence_scores` reads the head's output at, without running the head on every position."""
+    picked = gather_last(hidden, attention_mask)
+    return head(picked.to(head.weight.dtype)).squeeze(-1)
 
 
 @contextlib.contextmanager
@@ -160,80 +164,3 @@ def batched_scores(
         with autocast_ctx():
             out.append(sequence_scores(model, ids, mask).cpu())
     return torch.cat(out) if out else torch.zeros(0)
-
-
-# ---------------------------------------------------------------------------------------------
-# Statistics stored with the product
-
-
-def load_rm_stats(final_dir: str | Path) -> tuple[float, float] | None:
-    """(reward_mean, reward_std) stored in an RM's final/ppo_cli.json; None when absent (e.g. a reward
-    model not trained by ppo-cli)."""
-    info_path = Path(final_dir) / PRODUCT_FILE
-    if not info_path.is_file():
-        return None
-    info = json.loads(info_path.read_text())
-    mean, std = info.get(REWARD_MEAN), info.get(REWARD_STD)
-    if mean is None or std is None:
-        return None
-    return float(mean), float(std)
-
-
-# ---------------------------------------------------------------------------------------------
-# Starting an RM from an SFT adapter
-
-
-def copy_adapter_weights(
-    model: torch.nn.Module, adapter_dir: str | Path, adapter_name: str = "default"
-) -> dict:
-    """Load a saved peft adapter's tensors into `model`'s adapter `adapter_name`, across task types.
-
-    A CausalLM adapter and a SeqCls adapter on the same base share their trunk's parameter names (llama,
-    qwen2: `model.*`; gpt2: `transformer.*`; gpt_neox: `gpt_neox.*`), so the mapping is by name: peft saves
-    a parameter `X.lora_A.<adapter>.weight` as `X.lora_A.weight`. Every LoRA parameter of the adapter
-    must be found (else ValueError), and every LoRA tensor in the file must be used. Other saved tensors
-    (embeddings peft saves after a vocabulary resize) are copied when the model has them with the same
-    shape; the rest (the CausalLM's lm_head) are skipped and returned.
-
-    Returns {"lora": n LoRA tensors loaded, "other": names copied, "skipped": names not used}.
-    """
-    from peft.utils import load_peft_weights
-
-    saved = load_peft_weights(str(adapter_dir), device="cpu")
-    params = dict(model.named_parameters())
-    marker = f".{adapter_name}"
-    used: set[str] = set()
-    missing: list[str] = []
-    other: list[str] = []
-    with torch.no_grad():
-        for name, param in params.items():
-            is_lora = ".lora_" in name and marker in name
-            if not is_lora and (marker in name or "modules_to_save" in name or "original_module" in name):
-                continue  # another adapter's or a head copy: not part of the trunk
-            key = name.replace(marker, "") if is_lora else name
-            if key not in saved:
-                if is_lora:
-                    missing.append(name)
-                continue
-            tensor = saved[key]
-            if tuple(tensor.shape) != tuple(param.shape):
-                if is_lora:
-                    raise ValueError(
-                        f"{adapter_dir}: {key} has shape {tuple(tensor.shape)}, the model expects "
-                        f"{tuple(param.shape)}"
-                    )
-                continue
-            param.copy_(tensor.to(param.device, param.dtype))
-            used.add(key)
-            if not is_lora:
-                other.append(key)
-    unused_lora = sorted(k for k in saved if ".lora_" in k and k not in used)
-    if missing or unused_lora:
-        raise ValueError(
-            f"{adapter_dir}: the adapter does not match the model: {len(missing)} LoRA parameters not found in "
-            f"the file (e.g. {missing[:2]}), {len(unused_lora)} LoRA tensors in the file unused (e.g. {unused_lora[:2]})"
-        )
-    n_lora = len(used) - len(other)
-    if n_lora == 0:
-        raise ValueError(f"{adapter_dir}: no LoRA tensor was loaded")
-    return {"lora": n_lora, "other": other, "skipped": sorted(set(saved) - used)}

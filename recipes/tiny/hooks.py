@@ -1,10 +1,10 @@
-"""Hooks of the `tiny` recipe (recipes/tiny/recipe.yaml): the offline demo of SFT -> RM -> PPO.
+"""Hooks of the `tiny` recipe (recipe.yaml beside this file): the offline demo of SFT -> RM -> PPO.
 
 `setup` builds the tiny base model (pretrained on the task's text, see ppo_cli.tiny) and the "positive
 words" data into RUN/tiny/ and points the stages at them. `report` compares the SFT policy with the PPO
-policy on held-out prompts: the task's gold metric (tiny.gold_score, which no stage saw directly: PPO was
-trained against the reward model), the reward model's score, the KL to the SFT policy, and samples side
-by side. Its numbers also go to RUN/report.json.
+policy on held-out prompts: the task's gold metric (ppo_cli.tiny.task.gold_score, which no stage saw
+directly: PPO was trained against the reward model), the reward model's score, the KL to the SFT policy,
+and samples side by side. Its numbers also go to RUN/report.json.
 
 Every key of DEFAULTS can be overridden from the pipeline command line as setup.KEY=VALUE, e.g.
 `ppo-cli pipeline recipe=tiny setup.pretrain_steps=100 setup.report_prompts=32`.
@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ppo_cli.errors import UserError
 
-# Model/data build arguments (tiny.build_all) and report settings.
+# Model/data build arguments (ppo_cli.tiny.cache.build_all) and report settings.
 DEFAULTS: dict[str, Any] = {
     "arch": "llama",
     "hidden_size": 64,
@@ -57,7 +57,7 @@ def setup(run_dir: str | Path, build: bool = True, **args: Any) -> dict[str, lis
     settings = _settings(args)
     root = (Path(run_dir) / "tiny").absolute()
     if build:
-        from ppo_cli import tiny
+        from ppo_cli.tiny.cache import build_all
 
         build_args = {k: settings[k] for k in _BUILD_KEYS}
         print(
@@ -65,7 +65,7 @@ def setup(run_dir: str | Path, build: bool = True, **args: Any) -> dict[str, lis
             f"{build_args['num_layers']} layers, {build_args['pretrain_steps']} pretraining steps) and the task data "
             f"in {root}"
         )
-        tiny.build_all(root, **build_args)
+        build_all(root, **build_args)
     model, data = root / "model", root / "data"
     return {
         "sft": [
@@ -98,10 +98,11 @@ def evaluate(run_dir: str | Path, configs: dict[str, DictConfig], **args: Any) -
     """Sample from the SFT and PPO policies on held-out prompts and measure both; returns the numbers."""
     import torch
 
-    from ppo_cli import tiny
     from ppo_cli.data import encode_prompt, load_rows, prompt_of, prompt_text
-    from ppo_cli.generate import RewardScorer, load_policy, sample, sequence_logprobs
+    from ppo_cli.generate import load_policy, sample, sequence_logprobs
     from ppo_cli.models import resolve_device
+    from ppo_cli.reward.sources import build_reward
+    from ppo_cli.tiny import task
 
     settings = _settings(args)
     ppo_cfg = configs["ppo"]
@@ -118,21 +119,23 @@ def evaluate(run_dir: str | Path, configs: dict[str, DictConfig], **args: Any) -
     prompts = [prompt_of(r) for r in rows for _ in range(n)]
     prompt_ids = [encode_prompt(tokenizer, p, "prompts_eval") for p in prompts]
     texts = [prompt_text(p) for p in prompts]
-    scorer = RewardScorer(str(finals["rm"]), None, model_cfg, device, 32, tokenizer)
+    scorer = build_reward(str(finals["rm"]), None, model_cfg, device, 32, policy_tokenizer=tokenizer)
     result: dict[str, Any] = {"prompts": len(rows), "samples_per_prompt": n, "temperature": temperature}
     samples = {}
     for stage, policy in policies.items():
         s = sample(policy, prompt_ids, max_new, temperature, batch_size=64, seed=int(ppo_cfg.train.seed))
         samples[stage] = s
-        gold = [tiny.gold_score(t) for t in s.texts]
-        rewards = scorer.score(prompts, s.texts, [p + r for p, r in zip(s.prompt_ids, s.response_ids)])
+        gold = [task.gold_score(t) for t in s.texts]
+        rewards = scorer.score(
+            prompts, s.texts, [p + r for p, r in zip(s.prompt_ids, s.response_ids)]
+        ).tolist()
         own = sequence_logprobs(policy, s.prompt_ids, s.response_ids, temperature, 64)
         ref = sequence_logprobs(policies["sft"], s.prompt_ids, s.response_ids, temperature, 64)
-        words = [len(tiny._words(t)) for t in s.texts]
+        words = [len(task.words_of(t)) for t in s.texts]
         result[stage] = {
             "gold_score": sum(gold) / len(gold),
-            "positive_share": _share(s.texts, tiny.POSITIVE_WORDS),
-            "negative_share": _share(s.texts, tiny.NEGATIVE_WORDS),
+            "positive_share": _share(s.texts, task.POSITIVE_WORDS),
+            "negative_share": _share(s.texts, task.NEGATIVE_WORDS),
             "rm_reward": sum(rewards) / len(rewards),
             "kl_to_sft": float((own - ref).mean()),
             "words": sum(words) / len(words),
@@ -149,9 +152,9 @@ def evaluate(run_dir: str | Path, configs: dict[str, DictConfig], **args: Any) -
 
 
 def _share(texts: list[str], vocabulary: tuple[str, ...]) -> float:
-    from ppo_cli import tiny
+    from ppo_cli.tiny.task import words_of
 
-    words = [w for t in texts for w in tiny._words(t)]
+    words = [w for t in texts for w in words_of(t)]
     vocab = set(vocabulary)
     return sum(w in vocab for w in words) / max(1, len(words))
 

@@ -1,0 +1,176 @@
+"""The shell every stage's training loop runs in: checkpointed state, restore-or-start, step cadence, stop.
+
+API (a stage builds one `TrainingLoop` and calls `fit` once):
+
+    state = LoopState(module, optimizer, scheduler, data)
+        What a checkpoint holds besides the stage's own counters: the trainable parameters of `module`
+        (adapters, heads, or all weights; `checkpoint.trainable_state`), the optimizer and scheduler
+        state dicts, the RNG states, and the data position (`data`: anything with state_dict() /
+        load_state_dict(), e.g. `data.EpochBatches`).
+
+    loop = TrainingLoop(run, state, total_steps, stage)
+        `stage` supplies the work (see `LoopStage`; override what the stage needs):
+          train_step(step)        take step `step` (1-based): rollout + update for PPO, one optimizer
+                                  step over grad_accum micro-batches for SFT/RM. Every collective a
+                                  step needs happens here, on every rank, every step. loop.step
+                                  is still step - 1 meanwhile: use `step` in messages.
+          start()                 once resumed or seeded and the progress display is open, before the
+                                  first step (PPO: roles in eval mode; SFT/RM: the log window's clock).
+          log_metrics(step)       what to log when the log is due (train.log_every, and the last step);
+                                  SFT/RM average a window, PPO returns its last step's metrics.
+          evaluate()              held-out metrics, when train.eval_every is due and once after the
+                                  last step (an empty dict: nothing to evaluate).
+          after_step(step)        after the step's log line (PPO: sample tables).
+          extra_state()           the stage's own JSON-able state, stored at the top level of
+                                  trainer_state.json (PPO: kl_controller, reward_scale, guards,
+                                  episode; SFT/RM: total_steps).
+          load_extra_state(state) the whole trainer_state.json dict of the checkpoint being resumed,
+                                  called after the data position is restored and before the RNG is.
+          finish()                after the final checkpoint (SFT/RM: final/ on rank 0).
+
+    final_eval = loop.fit(summary, weights_dtype)
+        Resume from `run.resume_from` (or seed with `run.seed`), open the progress display, then step
+        until `total_steps`, with the cadence of train.log_every / eval_every / save_every, inside the
+        attention kernel chosen for `weights_dtype`. A stop request (Ctrl-C, SIGTERM, on any rank) ends
+        the current step, writes a checkpoint, prints the resume command and exits with the signal's
+        code. After the last step: the final evaluation (logged), a checkpoint, `stage.finish()`.
+        Returns the final evaluation.
+
+    loop.step, loop.final_eval, loop.save() and loop.restore() are there for stages and tests that need
+    them directly.
+
+PPO fits as: train_step = one rollout + update (its KL controller update and guards included; it
+keeps the step's all-reduced metrics for log_metrics), after_step = the sample tables, extra_state =
+kl_controller / reward_scale / guards / episode, load_extra_state also marks the critic as on the scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ppo_cli import checkpoint as ckpt
+from ppo_cli.dist import any_flag
+from ppo_cli.models import attention_kernel
+from ppo_cli.run import StageRun
+
+
+@dataclass
+class LoopState:
+    """The state every stage checkpoints, whatever its step does."""
+
+    module: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    data: Any
+
+
+class LoopStage:
+    """What a stage supplies to `TrainingLoop`; every hook but `train_step` has a default."""
+
+    def train_step(self, step: int) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        pass
+
+    def log_metrics(self, step: int) -> dict[str, float]:
+        return {}
+
+    def evaluate(self) -> dict[str, float]:
+        return {}
+
+    def after_step(self, step: int) -> None:
+        pass
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+class TrainingLoop:
+    def __init__(self, run: StageRun, state: LoopState, total_steps: int, stage: LoopStage):
+        self.run, self.state, self.total_steps, self.stage = run, state, total_steps, stage
+        self.train_cfg = run.cfg.train
+        self.step = 0
+        # The evaluation after the last step, once there is one (`finish` may read it).
+        self.final_eval: dict[str, float] = {}
+
+    # -- cadence ---------------------------------------------------------------------------------
+    def log_due(self) -> bool:
+        return self.step % self.train_cfg.log_every == 0 or self.step == self.total_steps
+
+    def eval_due(self) -> bool:
+        # Not at the last step: the final evaluation follows it.
+        every = self.train_cfg.eval_every
+        return every > 0 and self.step % every == 0 and self.step != self.total_steps
+
+    def save_due(self) -> bool:
+        every = self.train_cfg.save_every
+        return every > 0 and self.step % every == 0
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def save(self) -> None:
+        rng, rng_tensors = ckpt.split_rng(ckpt.capture_rng())
+        objects = {
+            "optimizer": self.state.optimizer.state_dict(),
+            "scheduler": self.state.scheduler.state_dict(),
+            **rng_tensors,
+        }
+        state = {"data": self.state.data.state_dict(), "rng": rng, **self.stage.extra_state()}
+        self.run.save_checkpoint(self.step, ckpt.trainable_state(self.state.module), objects, state)
+
+    def restore(self) -> None:
+        loaded = ckpt.load_checkpoint(self.run.resume_from)
+        ckpt.load_trainable_state(self.state.module, loaded.trainable, str(loaded.path))
+        self.state.optimizer.load_state_dict(loaded.objects["optimizer"])
+        self.state.scheduler.load_state_dict(loaded.objects["scheduler"])
+        self.state.data.load_state_dict(loaded.state["data"])
+        self.stage.load_extra_state(loaded.state)
+        ckpt.restore_rng(ckpt.join_rng(loaded.state["rng"], loaded.objects))
+        self.step = loaded.step
+
+    # -- the loop --------------------------------------------------------------------------------
+    def fit(self, summary: dict[str, Any], weights_dtype: torch.dtype) -> dict[str, float]:
+        run, logger = self.run, self.run.logger
+        if run.resume_from is not None:
+            self.restore()
+        else:
+            ckpt.seed_everything(run.seed)
+        logger.start(self.total_steps, self.step, summary)
+        self.stage.start()
+        kernel = attention_kernel(run.device, self.train_cfg.mixed_precision, weights_dtype)
+        with kernel:  # for the whole loop, backward passes included: see attention_kernel
+            try:
+                while self.step < self.total_steps:
+                    self.stage.train_step(self.step + 1)
+                    self.step += 1
+                    logger.advance(self.step)
+                    metrics = dict(self.stage.log_metrics(self.step)) if self.log_due() else {}
+                    if self.eval_due():
+                        metrics.update(self.stage.evaluate())
+                    if metrics:
+                        logger.log(self.step, metrics)
+                    self.stage.after_step(self.step)
+                    stop = any_flag(run.stop.requested, run.dist)
+                    if self.save_due() or stop:
+                        self.save()
+                    if stop:
+                        logger.close_progress()
+                        logger.print(f"[bold]{run.stopped_message(self.step)}[/]")
+                        raise SystemExit(run.stop.exit_code)
+                self.final_eval = self.stage.evaluate()
+                if self.final_eval:
+                    logger.log(self.step, self.final_eval)
+                self.save()
+                self.stage.finish()
+            finally:
+                logger.close_progress()
+        return self.final_eval

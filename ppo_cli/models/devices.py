@@ -1,0 +1,99 @@
+"""Device and precision: where a stage runs, the dtype of its frozen base, autocast and the attention kernel."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from pathlib import Path
+
+import torch
+
+from ppo_cli.errors import UserError
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise UserError(f"train.device={name} is not a device: use auto, cpu, cuda, cuda:N or mps.") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"train.device={name} but no CUDA device is available; use train.device=cpu or auto.")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device, frozen_compute: torch.dtype | None = None) -> torch.dtype:
+    """Weights dtype. auto: bf16 on a GPU that supports it (half the memory), else fp32 — except that a
+    base which never trains (`frozen_compute`: the dtype its passes compute in, e.g. train-ppo's shared
+    base under bf16 autocast) is kept in that dtype: nothing is lost to rounding in weights that never
+    update, and each pass skips casting them."""
+    table = {
+        "float32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "float16": torch.float16,
+    }
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if device.type == "cpu" and frozen_compute == torch.bfloat16:
+            return torch.bfloat16
+        return torch.float32
+    if name not in table:
+        raise UserError(f"model.dtype={name} is not one of auto, float32, bfloat16, float16.")
+    return table[name]
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU multiplies bf16 matrices in hardware (Intel AMX or AVX512-BF16): there bf16
+    autocast is ~2x faster than fp32; elsewhere it is emulated and slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
+def autocast_dtype(device: torch.device, mixed_precision: str) -> torch.dtype | None:
+    """The dtype forward passes compute in under train.mixed_precision, None for plain fp32.
+
+    auto: bf16 where the hardware multiplies bf16 natively — a GPU that supports it or a CPU with
+    AMX/AVX512-BF16 (`cpu_has_native_bf16`, ~4x the fp32 matmul rate) — and fp32 elsewhere, where bf16
+    would be emulated and slower. Never fp16: its narrow range needs loss scaling (a GradScaler), which
+    the training loops do not do, so small gradients would underflow to zero.
+    """
+    if mixed_precision == "no" or device.type not in ("cuda", "cpu"):
+        return None
+    if device.type == "cuda":
+        if mixed_precision == "auto":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        return torch.bfloat16 if mixed_precision == "bf16" else None
+    if mixed_precision == "bf16" or (mixed_precision == "auto" and cpu_has_native_bf16()):
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device, mixed_precision: str) -> contextlib.AbstractContextManager:
+    """Mixed precision for forward passes (`autocast_dtype`); weights and optimizer state keep their dtype."""
+    dtype = autocast_dtype(device, mixed_precision)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def attention_kernel(
+    device: torch.device, mixed_precision: str, weights_dtype: torch.dtype
+) -> contextlib.AbstractContextManager:
+    """The attention kernel for a whole training loop.
+
+    On CPU with bf16 compute (autocast or bf16 weights), the math SDPA kernel: the CPU flash kernel's
+    bf16 backward is ~3x slower. It is chosen around the whole loop, not per pass, because the forward
+    pass, its backward, a gradient-checkpoint recomputation and PPO's no-grad scoring passes must all
+    run the same kernel (recomputation checks it; PPO's ratio 1 at the first minibatch and KL 0 against
+    an identical reference need the same numbers: details 15 and 16 of docs/ppo-details.md).
+    """
+    compute_dtypes = (autocast_dtype(device, mixed_precision), weights_dtype)
+    if device.type != "cpu" or torch.bfloat16 not in compute_dtypes:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])

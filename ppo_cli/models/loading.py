@@ -1,0 +1,168 @@
+"""Loading base models and tokenizers from the Hub or a local directory.
+
+The pad token is never EOS (a model trained with pad == EOS never learns to stop); `trust_remote_code` only
+when the config asks for it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from ppo_cli.data import turn_end_id
+from ppo_cli.errors import UserError
+from ppo_cli.models.devices import resolve_dtype
+
+PAD_TOKEN = "<|pad|>"
+
+
+def looks_local(name_or_path: str) -> bool:
+    """True for what can only be a local path (a Hub id is `name` or `owner/name`)."""
+    return str(name_or_path).startswith(("/", ".", "~")) or str(name_or_path).count("/") > 1
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None):
+    """Load a tokenizer and make sure it has a pad token distinct from EOS.
+
+    Order of preference: the tokenizer's own pad token (if not EOS); its UNK token (if not EOS); a new
+    `<|pad|>` token. A new token fits without resizing when the embedding matrix has spare rows (Qwen,
+    Pythia); otherwise `load_causal_lm` resizes the embeddings.
+    """
+    from transformers import AutoTokenizer
+
+    local = Path(name_or_path).expanduser()
+    if looks_local(name_or_path) and not local.is_dir():
+        raise UserError(f"cannot load the tokenizer of '{name_or_path}': no such directory.")
+    if local.is_dir() and not any(
+        (local / name).is_file() for name in ("config.json", "tokenizer_config.json", "tokenizer.json")
+    ):
+        raise UserError(
+            f"cannot load the tokenizer of '{name_or_path}': the directory holds no Hugging Face model or "
+            "tokenizer (no config.json, tokenizer_config.json or tokenizer.json)."
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            name_or_path, trust_remote_code=trust_remote_code, revision=revision
+        )
+    except Exception as exc:
+        raise UserError(f"cannot load the tokenizer of '{name_or_path}': {first_line(exc)}") from exc
+    if tokenizer.eos_token_id is None:
+        raise UserError(
+            f"the tokenizer of '{name_or_path}' has no EOS token; set one in its tokenizer_config.json."
+        )
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        unk = tokenizer.unk_token_id
+        if unk is not None and unk != tokenizer.eos_token_id:
+            tokenizer.pad_token = tokenizer.unk_token
+        else:
+            tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    return tokenizer
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def local_or_hub(name_or_path: str) -> str:
+    """An absolute path for a local directory (so adapter configs stay valid from any working
+    directory), the Hub id unchanged otherwise."""
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.is_dir() else name_or_path
+
+
+def _from_pretrained(cls, name_or_path: str, model_cfg: DictConfig, dtype: torch.dtype, **kwargs: Any):
+    name_or_path = local_or_hub(name_or_path)
+    extra = {}
+    if model_cfg.attn_implementation:
+        extra["attn_implementation"] = model_cfg.attn_implementation
+    try:
+        return cls.from_pretrained(
+            name_or_path,
+            dtype=dtype,
+            trust_remote_code=model_cfg.trust_remote_code,
+            revision=model_cfg.revision,
+            **extra,
+            **kwargs,
+        )
+    except (ValueError, ImportError) as exc:
+        if extra and "attn" in str(exc).lower():  # the architecture lacks this kernel: fall back
+            return cls.from_pretrained(
+                name_or_path,
+                dtype=dtype,
+                trust_remote_code=model_cfg.trust_remote_code,
+                revision=model_cfg.revision,
+                **kwargs,
+            )
+        raise UserError(f"cannot load model '{name_or_path}': {first_line(exc)}") from exc
+    except OSError as exc:
+        raise UserError(f"cannot load model '{name_or_path}': {first_line(exc)}") from exc
+
+
+def fit_embeddings(model, tokenizer) -> None:
+    """Grow the embedding matrix when the tokenizer gained a token the model has no row for."""
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def load_causal_lm(
+    model_cfg: DictConfig,
+    tokenizer,
+    device: torch.device,
+    name_or_path: str | None = None,
+    frozen_compute: torch.dtype | None = None,
+):
+    """A causal LM on `device`; `frozen_compute`: see `resolve_dtype` (a base that never trains)."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = resolve_dtype(model_cfg.dtype, device, frozen_compute)
+    model = _from_pretrained(AutoModelForCausalLM, name_or_path or model_cfg.name_or_path, model_cfg, dtype)
+    fit_embeddings(model, tokenizer)
+    return model.to(device)
+
+
+def load_sequence_classifier(
+    model_cfg: DictConfig,
+    tokenizer,
+    device: torch.device,
+    name_or_path: str | None = None,
+):
+    from transformers import AutoModelForSequenceClassification
+
+    dtype = resolve_dtype(model_cfg.dtype, device)
+    model = _from_pretrained(
+        AutoModelForSequenceClassification,
+        name_or_path or model_cfg.name_or_path,
+        model_cfg,
+        dtype,
+        num_labels=1,
+    )
+    fit_embeddings(model, tokenizer)
+    return model.to(device)
+
+
+def eos_token_ids(tokenizer, model) -> list[int]:
+    """The tokenizer's EOS, the model's generation EOS ids, and the chat template's end-of-turn token: a
+    chat policy ends its answer there (SFT teaches it, the RM scores at it) even when the model's
+    generation config leaves it out (a base model given a chat template)."""
+    ids = [tokenizer.eos_token_id]
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in [
+        *(extra if isinstance(extra, list) else [extra]),
+        turn_end_id(tokenizer),
+    ]:
+        if value is not None and value not in ids and value != tokenizer.pad_token_id:
+            ids.append(int(value))
+    return ids
+
+
+def count_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,203 @@
+"""The pipeline's plan: one command line routed to three stage configs, composed and checked before
+anything runs, and the run directory that chains the stages."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from ppo_cli.app import describe_composition_error, missing_required, reject_unknown_keys
+from ppo_cli.errors import UserError
+from ppo_cli.models.products import PRODUCT_FILE
+from ppo_cli.paths import conf_dir
+from ppo_cli.pipeline.recipes import RECIPE_GROUP, STAGES, Recipe, find_recipe, load_hook
+
+PLAN_FILE = "pipeline.yaml"
+
+
+_ROUTED = re.compile(r"^(~|\+\+|\+)?(sft|rm|ppo|all)\.(.+)$", re.DOTALL)
+
+
+# Keys a stage may leave unset because the stage fills them itself at run time from sft_checkpoint.
+_FILLED_AT_RUN_TIME = {"model.name_or_path"}
+
+
+def route_overrides(overrides: list[str]) -> dict[str, list[str]]:
+    """Split the pipeline's command-line overrides into per-stage ones ('all' for every stage).
+
+    `sft.train.max_steps=10` -> sft: `train.max_steps=10`; `+ppo.foo=1` -> ppo: `+foo=1`. The value is
+    kept verbatim (quoting and all). Other overrides (recipe=, output_dir=, setup.*) are the pipeline's.
+    """
+    routed: dict[str, list[str]] = {name: [] for name in (*STAGES, "all")}
+    for line in overrides:
+        match = _ROUTED.match(line)
+        if match:
+            prefix, target, rest = match.groups()
+            routed[target].append(f"{prefix or ''}{rest}")
+    return routed
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def compose_stage(
+    recipe: Recipe, stage: str, overrides: list[str], shown: list[str] | None = None
+) -> DictConfig:
+    """conf/train_<stage>.yaml + recipes/NAME/<stage>.yaml + overrides, as Hydra composes it. `shown` are
+    the overrides as the user typed them, for the error message."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from ppo_cli.config import register_configs
+
+    register_configs()
+    hydra_overrides = [
+        f"hydra.searchpath=[{_quote('file://' + str(recipe.root.resolve()))}]",
+        f"+{RECIPE_GROUP}={recipe.name}/{stage}",
+        *overrides,
+    ]
+    given = f" with {' '.join(shown)}" if shown else ""
+    where = f"the {stage} stage of recipe {recipe.name} ({recipe.path / (stage + '.yaml')}{given})"
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            cfg = compose(config_name=f"train_{stage}", overrides=hydra_overrides)
+    except Exception as exc:  # noqa: BLE001 - every composition failure is a user error
+        message = describe_composition_error(exc, f"train-{stage}", key_prefix=f"{stage}.")
+        raise UserError(f"{where} does not compose: {message}") from exc
+    finally:
+        GlobalHydra.instance().clear()
+    try:
+        reject_unknown_keys(cfg, f"train-{stage}", key_prefix=f"{stage}.")
+    except UserError as exc:
+        raise UserError(f"{where} does not compose: {exc}") from exc
+    return cfg
+
+
+def _override_keys(overrides: list[str]) -> set[str]:
+    keys = set()
+    for line in overrides:
+        key = line.lstrip("~+").split("=", 1)[0].split("@", 1)[0]
+        keys.add(key)
+    return keys
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    run_dir: Path
+    stages: list[str]
+    # The composed config of each of the three stages (also of those not run: their output_dir and
+    # final/ are what later stages read).
+    configs: dict[str, DictConfig]
+    setup_args: dict[str, Any]
+
+
+def default_run_dir(recipe_name: str) -> Path:
+    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
+    return Path("outputs") / "pipeline" / f"{recipe_name}-{stamp}"
+
+
+def make_plan(
+    recipe_name: str,
+    overrides: list[str],
+    run_dir: str | Path | None = None,
+    resume: str = "auto",
+    stages: list[str] | None = None,
+    setup_args: dict[str, Any] | None = None,
+    build: bool = False,
+) -> Plan:
+    """Find the recipe, run its setup hook (building its assets when `build`), compose and check the three
+    stage configs. Raises UserError for anything wrong, before any model loads."""
+    recipe = find_recipe(recipe_name)
+    stages = list(STAGES if stages is None else stages)
+    bad = [s for s in stages if s not in STAGES]
+    if bad or not stages or len(set(stages)) != len(stages):
+        raise UserError(f"stages={stages}: choose distinct stages among {list(STAGES)}.")
+    stages = [s for s in STAGES if s in stages]  # always in pipeline order
+    if resume not in ("auto", "never"):
+        raise UserError(f"resume={resume} is not one of auto, never (the pipeline resumes per stage).")
+    run_dir = Path(run_dir) if run_dir else default_run_dir(recipe.name)
+    setup_args = dict(setup_args or {})
+    setup_overrides: dict[str, list[str]] = {}
+    if recipe.setup:
+        hook = load_hook(recipe, recipe.setup, "setup")
+        try:
+            inspect.signature(hook).bind(run_dir, build=build, **setup_args)
+        except TypeError as exc:
+            raise UserError(
+                f"recipe {recipe.name}: setup.* arguments {setup_args} not accepted: {exc}"
+            ) from exc
+        setup_overrides = hook(run_dir, build=build, **setup_args) or {}
+    elif setup_args:
+        raise UserError(
+            f"recipe {recipe.name} has no setup hook, so setup.* overrides {setup_args} mean nothing."
+        )
+    routed = route_overrides(overrides)
+
+    configs: dict[str, DictConfig] = {}
+    for stage in STAGES:
+        stage_overrides = [*setup_overrides.get(stage, []), *routed["all"], *routed[stage]]
+        shown = [o for o in overrides if _ROUTED.match(o) and _ROUTED.match(o).group(2) in ("all", stage)]
+        cfg = compose_stage(recipe, stage, stage_overrides, shown)
+        user_keys = _override_keys([*routed["all"], *routed[stage]])
+        if "output_dir" not in user_keys:
+            cfg.output_dir = str(run_dir / stage)
+        if "resume" not in user_keys:
+            cfg.resume = resume
+        if stage in ("rm", "ppo") and not cfg.sft_checkpoint:
+            cfg.sft_checkpoint = str(Path(configs["sft"].output_dir) / "final")
+        if stage == "ppo" and not cfg.reward_checkpoint and not cfg.reward_fn:
+            cfg.reward_checkpoint = str(Path(configs["rm"].output_dir) / "final")
+        configs[stage] = cfg
+    for stage in stages:
+        check_stage(recipe, stage, configs[stage])
+    return Plan(recipe, run_dir, stages, configs, setup_args)
+
+
+def check_stage(recipe: Recipe, stage: str, cfg: DictConfig) -> None:
+    """Every required key is set, except those the stage fills from sft_checkpoint at run time."""
+    missing = missing_required(cfg)
+    if stage in ("rm", "ppo") and cfg.sft_checkpoint:
+        missing = [k for k in missing if k not in _FILLED_AT_RUN_TIME]
+    if missing:
+        hints = ", ".join(f"{stage}.{k}=..." for k in missing)
+        raise UserError(
+            f"recipe {recipe.name} leaves {', '.join(missing)} of the {stage} stage unset; set them in "
+            f"{recipe.path / (stage + '.yaml')} or on the command line ({hints})."
+        )
+
+
+def is_complete(stage_dir: str | Path) -> bool:
+    return (Path(stage_dir) / "final" / PRODUCT_FILE).is_file()
+
+
+def resume_command(plan: Plan, overrides: list[str]) -> str:
+    """The command that continues this run (shell-quoted)."""
+    import shlex
+
+    kept = [o for o in overrides if not o.startswith(("output_dir=", "recipe="))]
+    args = [f"recipe={plan.recipe.name}", f"output_dir={plan.run_dir}", *kept]
+    return "ppo-cli pipeline " + " ".join(shlex.quote(a) for a in args)
+
+
+def record_plan(plan: Plan, overrides: list[str]) -> None:
+    """RUN/pipeline.yaml: the recipe and overrides of the run; a rerun must use the same recipe."""
+    path = plan.run_dir / PLAN_FILE
+    if path.is_file():
+        previous = OmegaConf.load(path)
+        if previous.get("recipe") != plan.recipe.name:
+            raise UserError(
+                f"output_dir={plan.run_dir} holds a pipeline of recipe {previous.get('recipe')}, not "
+                f"{plan.recipe.name}; choose another output_dir."
+            )
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    record = {"recipe": plan.recipe.name, "recipe_dir": str(plan.recipe.path), "overrides": overrides}
+    OmegaConf.save(OmegaConf.create(record), path)

@@ -1,0 +1,161 @@
+"""Steps 1-5 of a PPO step: sample a batch of responses and score it (docs/ppo-details.md details).
+
+`Rollout` is what a step learns from; it is never changed in place: the step that adds the old
+logprobs and values (from the first update pass) makes a new one with dataclasses.replace.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ppo_cli import rlhf, sampling
+from ppo_cli.data import pad_left
+from ppo_cli.models import autocast
+from ppo_cli.roles import POLICY, REFERENCE
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """One rollout batch on this rank. Shapes: B rows, P prompt tokens (left-padded), R response tokens."""
+
+    query_responses: torch.Tensor  # (B, P+R) prompt + response ids, pads after EOS
+    attention_mask: torch.Tensor  # (B, P+R)
+    responses: torch.Tensor  # (B, R)
+    response_mask: torch.Tensor  # (B, R) bool: real response tokens, up to and including EOS
+    # (B, R) policy logprobs at sampling time ("old") and values; None when the first update pass
+    # provides them (fuse_first_pass).
+    logprobs: torch.Tensor | None
+    ref_logprobs: torch.Tensor  # (B, R)
+    values: torch.Tensor | None
+    raw_scores: torch.Tensor  # (B,) the reward source's own scores
+    scores: torch.Tensor  # (B,) on the fixed scale used in the rewards, missing-EOS penalty included
+    prompts: list[str]
+    completions: list[str]
+
+
+class RolloutMixin:
+    """PPOTrainer's sampling and scoring passes (the trainer holds the roles, config and reward)."""
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]]) -> tuple[torch.Tensor, ...]:
+        pad = self.tokenizer.pad_token_id
+        input_ids = pad_left(prompt_ids, pad).to(self.device)
+        prompt_mask = pad_left([[1] * len(p) for p in prompt_ids], 0).to(self.device)
+        self.roles.eval()
+        with self.roles.role(POLICY), self.precision():
+            out = sampling.generate(
+                self.roles.model, self.generation_config, input_ids=input_ids, attention_mask=prompt_mask
+            )
+        responses = out[:, input_ids.shape[1] :]
+        responses, response_mask = rlhf.truncate_after_eos(responses, self.eos_ids, pad)
+        return input_ids, prompt_mask, responses, response_mask
+
+    def precision(self):
+        """Mixed precision for one pass (models.autocast); bf16 on CPUs and GPUs that do it natively."""
+        return autocast(self.device, self.train_cfg.mixed_precision)
+
+    def policy_logprobs(
+        self,
+        qr: torch.Tensor,
+        mask: torch.Tensor,
+        responses: torch.Tensor,
+        role: str,
+        with_entropy: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logprobs of `responses` under `role`; the one code path for old, new and reference (detail 15).
+
+        with_entropy: also (no gradient) the entropy of the sampling distribution softmax(logits / T) at
+        each response position, from the same logits (B, R).
+        """
+        with self.roles.role(role), self.precision():
+            logits = self.roles.response_logits(qr, mask, responses.shape[1])
+        # The pad token is never sampled (suppressed in generation), so it has no probability here either.
+        pad = self.tokenizer.pad_token_id
+        return sampling.sampled_logprobs(logits, responses, self.gen_cfg.temperature, pad, with_entropy)
+
+    def value_estimates(self, qr: torch.Tensor, mask: torch.Tensor, length: int) -> torch.Tensor:
+        with self.precision():
+            return self.roles.values(qr, mask, length).float()
+
+    def put_critic_on_scale(self) -> None:
+        """Once the score scale is fixed, rescale a critic copied from the RM head to it, once.
+
+        Its copy of the RM head predicts raw scores, while the returns it learns are built from the
+        normalised ones: left there, value clipping would take ~|mean| / clip_range_value rollouts to
+        close the gap, and meanwhile GAE would push the tokens near EOS for or against stopping by the
+        sign of the RM's mean. Per-batch whitening has no fixed scale, and without normalisation the
+        raw scale is PPO's.
+        """
+        stats = self.scale.fixed_stats()
+        if self.critic_on_scale or stats is None:
+            return
+        if self.roles.value_head_from_reward:
+            self.roles.put_value_head_on_scale(*stats)
+        self.critic_on_scale = True
+
+    def score(self, qr, mask, responses, response_mask, originals, completions):
+        """(raw scores, the scores PPO uses): scaled, clipped, and the missing-EOS rule applied."""
+        with self.precision():
+            raw = self.reward(qr, mask, originals, completions).to(self.device).float()
+        scores = rlhf.clip_scores(self.scale(raw, self.run.dist), self.ppo_cfg.score_clip)
+        # A response that never stopped: its score is replaced (missing_eos_score) or, when
+        # missing_eos_penalty is set, lowered (TRL's rule). Both are in the units of the scores PPO uses
+        # (std of the SFT samples' scores when normalised), so a value means the same against any reward
+        # source; the scale is fixed on the source's own scores, and no clip takes the penalty back.
+        eos_present = rlhf.has_eos(responses, response_mask, self.eos_ids)
+        if self.ppo_cfg.missing_eos_penalty is not None:
+            scores = rlhf.apply_missing_eos_penalty(scores, eos_present, self.ppo_cfg.missing_eos_penalty)
+        else:
+            scores = rlhf.replace_missing_eos_score(scores, eos_present, self.ppo_cfg.missing_eos_score)
+        return raw, scores
+
+    @torch.no_grad()
+    def rollout(self, batch_prompts: list[dict]) -> tuple[Rollout, dict[str, float]]:
+        """Generate, score, and the reference's logprobs (the policy's and the values too, unless the
+        first update pass will give them: fuse_first_pass)."""
+        timings = {}
+        start = time.perf_counter()
+        prompt_ids, prompt_mask, responses, response_mask = self.generate(
+            [p["input_ids"] for p in batch_prompts]
+        )
+        timings["time/generate"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        qr = torch.cat([prompt_ids, responses], dim=1)
+        mask = torch.cat([prompt_mask, response_mask.long()], dim=1)
+        length = responses.shape[1]
+        prompts = [p["prompt"] for p in batch_prompts]
+        completions = self.tokenizer.batch_decode(
+            responses.masked_fill(~response_mask, self.tokenizer.pad_token_id), skip_special_tokens=True
+        )
+        originals = [p["original"] for p in batch_prompts]  # conversations stay conversations for an RM
+        raw, scores = self.score(qr, mask, responses, response_mask, originals, completions)
+        # Scored first: the first batch may fix the scale, and the critic's values are read after it
+        # has been put on that scale.
+        self.put_critic_on_scale()
+        self.announce_scale()
+        logprobs, ref_logprobs, values = [], [], []
+        for s in range(0, qr.shape[0], self.micro):
+            chunk = slice(s, s + self.micro)
+            ref_logprobs.append(self.policy_logprobs(qr[chunk], mask[chunk], responses[chunk], REFERENCE))
+            if not self.fuse_first_pass:
+                logprobs.append(self.policy_logprobs(qr[chunk], mask[chunk], responses[chunk], POLICY))
+                values.append(self.value_estimates(qr[chunk], mask[chunk], length))
+        timings["time/score"] = time.perf_counter() - start
+        rollout = Rollout(
+            qr,
+            mask,
+            responses,
+            response_mask,
+            torch.cat(logprobs) if logprobs else None,
+            torch.cat(ref_logprobs),
+            torch.cat(values) if values else None,
+            raw,
+            scores,
+            prompts,
+            completions,
+        )
+        return rollout, timings

@@ -1,0 +1,194 @@
+"""One PPO step, in the order of its outline ("detail N": docs/ppo-details.md):
+
+1. sample train.batch_size prompts (data order shared by all ranks, each rank takes its slice; the loop);
+2. generate with the policy adapter, KV cache, temperature T, no top-k/top-p (detail 8);
+3. truncate after the first EOS, keep it, pad the rest (detail 3);
+4. reference logprobs and scores; old logprobs (policy) and values in micro-batches of the same
+   size as the update's, so the first update sees exactly the same numbers (detail 15) — or, when an
+   update is a single micro-batch, taken from the first update pass itself (`fuse_first_pass`);
+5. missing-EOS penalty (detail 5), scores on a fixed scale (detail 17; a critic copied from the RM is
+   put on it once it is fixed), per-token KL penalty with the score at the last real token (details 4, 6);
+6. GAE with gamma, lambda; returns before whitening; advantages whitened over real tokens (11, 12);
+7. ppo.epochs epochs over reshuffled minibatches: clipped policy loss + vf_coef * clipped value
+   loss (13, 14);
+8. KL controller update (detail 7), metrics with TRL's names (the loop checkpoints).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import defaultdict
+
+import torch
+
+from ppo_cli import rlhf
+from ppo_cli.dist import DistInfo, all_reduce_mean, all_reduce_sum, average_gradients
+from ppo_cli.ppo.rollout import Rollout
+from ppo_cli.roles import POLICY
+from ppo_cli.trainer import check_finite, optimizer_step
+
+# What the first update pass computed for every row of a fused rollout, reused as epoch 0's only
+# micro-batch: (order, new logprobs, values, entropy).
+FirstPass = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: allocated GPU memory on CUDA, the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def whiten_advantages(adv: torch.Tensor, mask: torch.Tensor, dist_info: DistInfo) -> torch.Tensor:
+    """Advantages whitened over the real tokens of every rank's rows, so every rank scales them alike."""
+    if not dist_info.enabled:
+        return rlhf.masked_whiten(adv, mask)
+    moments = all_reduce_sum(rlhf.masked_moments(adv, mask), dist_info)
+    return rlhf.whiten_from_moments(adv, mask, moments)
+
+
+class StepMixin:
+    """PPOTrainer's step (the trainer holds the roles, optimizer, controllers and config)."""
+
+    def ppo_step(self, batch_prompts: list[dict]) -> tuple[Rollout, dict[str, float]]:
+        """Steps 2-8 on this rank's prompts: the rollout and the step's metrics (mean over ranks)."""
+        step_start = time.perf_counter()
+        ro, timings = self.rollout(batch_prompts)  # 2-5: generate, truncate, score, reference
+        start = time.perf_counter()
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step's updates use
+        kl_coef = self.kl_ctl.value  # the beta this step's rewards use
+        ro, update_stats, non_score = self.update(ro)  # 4-7: old logprobs/values, advantages, epochs
+        self.scheduler.step()
+        timings["time/train"] = time.perf_counter() - start
+        timings["time/step"] = time.perf_counter() - step_start
+        timings["memory/peak_mb"] = peak_memory_mb(self.device)
+        metrics = {**self.step_metrics(ro, non_score, timings), **update_stats}
+        metrics = all_reduce_mean(metrics, self.run.dist)
+        # 8: the KL controller sees the batch-mean KL; n_steps counts episodes, as in Ziegler et al.
+        self.kl_ctl.update(metrics["objective/kl"], self.train_cfg.batch_size * self.run.dist.world_size)
+        metrics.update({"objective/kl_coef": kl_coef, "lr": lr})
+        return ro, metrics
+
+    def update(self, ro: Rollout) -> tuple[Rollout, dict[str, float], torch.Tensor]:
+        """Steps 4-7 on a rollout: old logprobs and values (from the first update pass when the rollout
+        lacks them), rewards and advantages, ppo.epochs of clipped updates. Returns the rollout with its
+        old logprobs and values, the update's stats, and the per-token non-score reward."""
+        self.roles.train(self.cfg.model.gradient_checkpointing)  # dropout is off either way (detail 9)
+        ro, first = self.old_logprobs_and_values(ro)
+        _, non_score, adv, returns = self.advantages(ro)
+        stats = self.train_epochs(ro, adv, returns, first)
+        self.roles.eval()
+        return ro, stats, non_score
+
+    def old_logprobs_and_values(self, ro: Rollout) -> tuple[Rollout, FirstPass | None]:
+        """The rollout with its old logprobs and values, and the first update pass when it gave them.
+
+        When the whole rollout batch is one micro-batch, the first update pass runs on the unchanged
+        policy and value weights over every row: its logprobs and values ARE the old ones (detached).
+        """
+        if ro.logprobs is not None:
+            return ro, None
+        order = torch.randperm(ro.responses.shape[0])  # epoch 0's order, drawn where the epochs would
+        new_lp, vpred, entropy = self.forward_micro(ro, order)
+        ro = dataclasses.replace(
+            ro,
+            logprobs=torch.empty_like(new_lp).index_copy_(0, order, new_lp.detach()),
+            values=torch.empty_like(vpred).index_copy_(0, order, vpred.detach()),
+        )
+        return ro, (order, new_lp, vpred, entropy)
+
+    def advantages(self, ro: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Steps 5-6: (rewards, non-score rewards, advantages, returns), each (B, R)."""
+        rewards, non_score = rlhf.shape_rewards(
+            ro.scores, ro.logprobs, ro.ref_logprobs, ro.response_mask, self.kl_ctl.value
+        )
+        adv, returns = rlhf.gae(rewards, ro.values, ro.response_mask, self.ppo_cfg.gamma, self.ppo_cfg.lam)
+        if self.ppo_cfg.whiten_advantages:
+            adv = whiten_advantages(adv, ro.response_mask, self.run.dist)
+        return rewards, non_score, adv, returns
+
+    def forward_micro(
+        self, ro: Rollout, idx: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Policy logprobs and values of rows `idx`, with gradients (one update micro-batch), and the
+        policy's entropy at each response position (no gradient; for policy/entropy_avg)."""
+        qr, mask = ro.query_responses[idx], ro.attention_mask[idx]
+        new_lp, entropy = self.policy_logprobs(qr, mask, ro.responses[idx], POLICY, with_entropy=True)
+        return new_lp, self.value_estimates(qr, mask, ro.responses.shape[1]), entropy
+
+    def train_epochs(
+        self, ro: Rollout, adv: torch.Tensor, returns: torch.Tensor, first: FirstPass | None
+    ) -> dict[str, float]:
+        """Step 7: ppo.epochs over reshuffled minibatches of micro-batches, one optimizer step each."""
+        stats: dict[str, list[float]] = defaultdict(list)
+        B = ro.responses.shape[0]
+        params = self.policy_params + self.value_params
+        for _epoch in range(self.ppo_cfg.epochs):
+            # Reshuffled every epoch (detail 14); the torch RNG is checkpointed.
+            order = first[0] if first is not None else torch.randperm(B)
+            for mb_start in range(0, B, self.minibatch):
+                mb = order[mb_start : mb_start + self.minibatch]
+                for mi_start in range(0, len(mb), self.micro):
+                    idx = mb[mi_start : mi_start + self.micro]
+                    if first is not None:  # epoch 0's one micro-batch: already forwarded
+                        _, new_lp, vpred, entropy = first
+                        first = None
+                    else:
+                        new_lp, vpred, entropy = self.forward_micro(ro, idx)
+                    pg = rlhf.policy_loss(
+                        new_lp, ro.logprobs[idx], adv[idx], ro.response_mask[idx], self.ppo_cfg.clip_range
+                    )
+                    vf = rlhf.value_loss(
+                        vpred,
+                        ro.values[idx],
+                        returns[idx],
+                        ro.response_mask[idx],
+                        self.ppo_cfg.clip_range_value,
+                    )
+                    loss = pg["loss"] + self.ppo_cfg.vf_coef * vf["loss"]
+                    check_finite(loss.detach(), "the PPO loss", self.step + 1, self.run)
+                    (loss * len(idx) / len(mb)).backward()
+                    for key, value in (
+                        ("policy/approxkl_avg", pg["approxkl"]),
+                        ("policy/clipfrac_avg", pg["clipfrac"]),
+                        ("loss/policy_avg", pg["loss"]),
+                        ("loss/value_avg", vf["loss"]),
+                        ("val/clipfrac_avg", vf["clipfrac"]),
+                        ("val/ratio", pg["ratio"]),
+                    ):
+                        stats[key].append(float(value.detach()))
+                    entropy_avg = rlhf.masked_mean(entropy, ro.response_mask[idx])
+                    stats["policy/entropy_avg"].append(float(entropy_avg))
+                average_gradients(params, self.run.dist)
+                if self.train_cfg.max_grad_norm > 0:
+                    norm = torch.nn.utils.clip_grad_norm_(params, self.train_cfg.max_grad_norm)
+                    check_finite(norm, "the gradient norm", self.step + 1, self.run)
+                optimizer_step(self.optimizer, self.step + 1, self.run)
+                self.optimizer.zero_grad(set_to_none=True)
+        result = {k: sum(v) / len(v) for k, v in stats.items()}
+        # The very first minibatch, before any update: ratio must be exactly 1 there (detail 15).
+        result["policy/first_ratio"] = stats["val/ratio"][0]
+        return result
+
+    def step_metrics(
+        self, ro: Rollout, non_score: torch.Tensor, timings: dict[str, float]
+    ) -> dict[str, float]:
+        mask = ro.response_mask
+        # k1 per sequence: TRL's objective/kl
+        kl = rlhf.masked_sum(ro.logprobs - ro.ref_logprobs, mask, dim=1)
+        non_score_total = rlhf.masked_sum(non_score, mask, dim=1)
+        eos_count = sum(int((ro.responses == e).logical_and(mask).sum()) for e in self.eos_ids)
+        return {
+            "objective/kl": float(kl.mean()),
+            "objective/entropy": float(rlhf.masked_sum(-ro.logprobs, mask, dim=1).mean()),
+            "objective/non_score_reward": float(non_score_total.mean()),
+            "objective/rlhf_reward": float((ro.scores + non_score_total).mean()),
+            "objective/scores": float(ro.raw_scores.mean()),
+            "objective/scores_normalized": float(ro.scores.mean()),
+            "val/num_eos_tokens": float(eos_count),
+            "val/mean_response_length": float(mask.sum(1).float().mean()),
+            **timings,
+        }

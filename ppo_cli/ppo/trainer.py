@@ -1,0 +1,248 @@
+"""PPO as a stage of the shared training loop (loop.py): a PPO step per batch of prompts (step.py),
+then its guards and sample tables; the loop owns checkpoints, resume, the log cadence and the stop.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from ppo_cli import rlhf, sampling
+from ppo_cli.data import EpochBatches
+from ppo_cli.dist import broadcast_parameters
+from ppo_cli.guards import BatchSigns, PPOGuards
+from ppo_cli.loop import LoopStage, LoopState, TrainingLoop
+from ppo_cli.models import autocast_dtype
+from ppo_cli.ppo.rollout import Rollout, RolloutMixin
+from ppo_cli.ppo.scale import RewardScale
+from ppo_cli.ppo.step import StepMixin
+from ppo_cli.roles import Roles
+from ppo_cli.run import StageRun
+from ppo_cli.trainer import build_scheduler
+
+
+class PPOTrainer(RolloutMixin, StepMixin, LoopStage):
+    """PPO on the roles of one base (policy, reference, value, and the reward when it is an adapter).
+
+    The rollout and the step are in rollout.py and step.py; this class holds their state and supplies
+    the loop's hooks (a checkpoint holds the trainable parameters of every role, value head included).
+    """
+
+    def __init__(
+        self,
+        run: StageRun,
+        roles: Roles,
+        tokenizer,
+        prompts: list[dict],
+        reward,
+        eos_ids: list[int],
+        rm_stats: tuple[float, float] | None,
+    ):
+        self.run, self.roles, self.tokenizer = run, roles, tokenizer
+        self.cfg: DictConfig = run.cfg
+        self.ppo_cfg, self.train_cfg, self.gen_cfg = self.cfg.ppo, self.cfg.train, self.cfg.generation
+        self.prompts, self.reward, self.eos_ids = prompts, reward, eos_ids
+        self.device = run.device
+        world = run.dist.world_size
+        # train.batch_size is per rank, like SFT/RM's (TRL's per_device_train_batch_size); every rank
+        # rolls out its own prompts from one shared global order.
+        self.local_batch = self.train_cfg.batch_size
+        self.minibatch = self.local_batch // self.ppo_cfg.num_minibatches
+        self.micro = self.minibatch // self.train_cfg.grad_accum_steps
+        # When the whole rollout batch is one micro-batch, the first update pass runs on the unchanged
+        # policy and value weights over every row: its logprobs and values ARE the old ones. Taking
+        # them from there (detached) saves two of the four scoring passes and makes detail 15 exact by
+        # construction. With several micro-batches the old values must exist for every row before
+        # the first loss (advantages are whitened over the batch), so they get their own pass.
+        self.fuse_first_pass = self.micro == self.local_batch
+        # Every rollout batch is full (pad_last), so every rank runs the same minibatches and collectives.
+        self.batches = EpochBatches(
+            len(prompts), self.train_cfg.batch_size * world, self.train_cfg.seed, pad_last=True
+        )
+        self.policy_params = roles.policy_parameters()
+        self.value_params = roles.value_parameters()
+        broadcast_parameters(self.policy_params + self.value_params, run.dist)
+        value_lr = self.ppo_cfg.value_lr if self.ppo_cfg.value_lr is not None else self.train_cfg.lr
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": self.policy_params, "lr": self.train_cfg.lr},
+                {"params": self.value_params, "lr": value_lr},
+            ],
+            weight_decay=self.train_cfg.weight_decay,
+            eps=1e-5,
+        )
+        self.total_steps = int(self.train_cfg.max_steps)
+        self.scheduler = build_scheduler(self.optimizer, self.train_cfg, self.total_steps)
+        self.kl_ctl = (
+            rlhf.AdaptiveKLController(self.ppo_cfg.kl_coef, self.ppo_cfg.kl_target, self.kl_horizon())
+            if self.ppo_cfg.kl_controller == "adaptive"
+            else rlhf.FixedKLController(self.ppo_cfg.kl_coef)
+        )
+        self.scale = RewardScale(self.ppo_cfg.reward_normalization, rm_stats)
+        self.critic_on_scale = False
+        self.put_critic_on_scale()  # rm_stats: the scale is known already
+        self.scale_announced = False
+        self.episode = 0  # prompts rolled out so far, over all ranks
+        self.watch = PPOGuards(self.gen_cfg.max_new_tokens, self.ppo_cfg.kl_warn)
+        self.base_dtype = roles.model.get_input_embeddings().weight.dtype
+        if autocast_dtype(self.device, self.train_cfg.mixed_precision) is not None:
+            # Under autocast every matmul casts its own operands; peft's cast of each LoRA input to the
+            # adapter's fp32 dtype would only add two full-size copies per LoRA layer and pass.
+            roles.keep_lora_input_dtype()
+        # Pure sampling at temperature T: no top-k/top-p/repetition tricks (neither ours nor the
+        # model's generation_config.json), whose logprobs the scoring passes could not reproduce.
+        # The pad token is never sampled: policy_logprobs gives it no probability either.
+        self.generation_config = sampling.sampling_config(
+            self.gen_cfg.max_new_tokens,
+            self.gen_cfg.temperature,
+            tokenizer.pad_token_id,
+            eos_ids,
+            suppress_pad=True,
+        )
+        # The last step's rollout (for the sample tables) and all-reduced metrics (for the log).
+        self.last_rollout: Rollout | None = None
+        self.last_metrics: dict[str, float] = {}
+        state = LoopState(roles, self.optimizer, self.scheduler, self.batches)
+        self.loop = TrainingLoop(run, state, self.total_steps, self)
+
+    def kl_horizon(self) -> float:
+        """The adaptive controller's horizon in episodes: ppo.kl_horizon, or a tenth of the run's."""
+        if self.ppo_cfg.kl_horizon is not None:
+            return float(self.ppo_cfg.kl_horizon)
+        per_step = self.train_cfg.batch_size * self.run.dist.world_size
+        return rlhf.run_kl_horizon(self.total_steps * per_step, per_step)
+
+    # -- the loop's hooks ------------------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        return self.loop.step
+
+    def fit(self) -> dict[str, float]:
+        """Run the loop; the last step's metrics."""
+        self.loop.fit(self.summary(), self.base_dtype)
+        return self.last_metrics
+
+    def start(self) -> None:
+        self.roles.eval()
+
+    def train_step(self, step: int) -> None:
+        """One rollout + update on this rank's slice of the next batch, then the guards."""
+        rank, world = self.run.dist.rank, self.run.dist.world_size
+        indices = self.batches.next()[rank::world]
+        ro, metrics = self.ppo_step([self.prompts[i] for i in indices])
+        self.episode += self.train_cfg.batch_size * world
+        metrics["episode"] = self.episode
+        self.guards(step, metrics, self.batch_signs(ro))
+        self.last_rollout, self.last_metrics = ro, metrics
+
+    def log_metrics(self, step: int) -> dict[str, float]:
+        return self.last_metrics
+
+    def after_step(self, step: int) -> None:
+        every = self.cfg.sample_every
+        if every > 0 and (step % every == 0 or step == 1):
+            self.show_samples(self.last_rollout, step)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {
+            "kl_controller": self.kl_ctl.state_dict(),
+            "reward_scale": self.scale.state_dict(),
+            "guards": self.watch.state_dict(),
+            "episode": self.episode,
+        }
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.kl_ctl.load_state_dict(state["kl_controller"])
+        self.scale.load_state_dict(state["reward_scale"])
+        self.watch.load_state_dict(state.get("guards", {}))
+        # Every checkpoint follows a rollout, and the rollout that fixed the scale also rescaled the
+        # critic: the restored value head is on the scale already, and must not be rescaled again.
+        self.critic_on_scale = self.scale.fixed_stats() is not None
+        self.episode = int(state["episode"])
+
+    # -- guards and console ---------------------------------------------------------------------
+    def batch_signs(self, ro: Rollout) -> BatchSigns:
+        """What the guards read from a rollout besides the step's metrics (this rank's batch)."""
+        lengths = ro.response_mask.sum(1)
+        kl = rlhf.masked_sum(ro.logprobs - ro.ref_logprobs, ro.response_mask, dim=1)
+        eos = rlhf.has_eos(ro.responses, ro.response_mask, self.eos_ids)
+        return BatchSigns(
+            kl_per_sequence=kl.tolist(),
+            completions=ro.completions,
+            eos_share=float(eos.float().mean()),
+            capped_share=float((lengths >= self.gen_cfg.max_new_tokens).float().mean()),
+        )
+
+    def guards(self, step: int, metrics: dict[str, float], signs: BatchSigns) -> None:
+        for message in self.watch.check(step, metrics, signs):
+            self.run.logger.warn(message)
+
+    def show_samples(self, ro: Rollout, step: int, n: int = 4) -> None:
+        rows = [
+            [ro.prompts[i], ro.completions[i], float(ro.raw_scores[i])]
+            for i in range(min(n, len(ro.prompts)))
+        ]
+        self.run.logger.table(f"samples at step {step}", ["prompt", "completion", "score"], rows, step=step)
+
+    def summary(self) -> dict[str, str]:
+        return {
+            "rollout": f"{self.train_cfg.batch_size} prompts x {self.gen_cfg.max_new_tokens} new tokens, "
+            f"T={self.gen_cfg.temperature}",
+            "ppo": f"{self.ppo_cfg.epochs} epochs x {self.ppo_cfg.num_minibatches} minibatches",
+            "kl penalty": describe_kl_penalty(self.ppo_cfg, self.kl_horizon()),
+            "reward scale": describe_reward_scale(self.ppo_cfg),
+            "device": str(self.device),
+        }
+
+    def announce_scale(self) -> None:
+        """Once the scale is fixed, say once what beta weighs in the reward source's own units."""
+        stats = self.scale.fixed_stats()
+        if self.scale_announced or stats is None:
+            return
+        self.scale_announced = True
+        mean, std = stats
+        beta = self.kl_ctl.value
+        self.run.logger.print(
+            f"reward scale ({self.ppo_cfg.reward_normalization}): mean {mean:.4g}, std {std:.4g}; beta "
+            f"{beta:.4g} per nat on this scale is TRL's kl_coef={beta * std:.3g} on the raw scores."
+        )
+
+    def beta_summary(self, beta: float | None = None) -> dict[str, float]:
+        """beta (the controller's now, or `beta`) in the reward source's raw units, when the scores PPO
+        uses are divided by a std; empty when beta is in raw units already or has no fixed scale."""
+        stats = self.scale.fixed_stats()
+        if stats is None or self.ppo_cfg.reward_normalization == "sft_mean":
+            return {}
+        return {"kl_coef in raw score units": (self.kl_ctl.value if beta is None else beta) * stats[1]}
+
+
+SCALE_UNITS = {
+    "sft_samples": "scores / std of the SFT policy's scores (first batch): beta per std of score per nat",
+    "sft_mean": "scores - mean of the SFT policy's scores (first batch): beta in raw units, TRL's kl_coef",
+    "rm_stats": "scores / std of the RM's training scores: beta per std of score per nat",
+    "whiten": "scores whitened per batch: beta per batch std per nat",
+    "none": "raw scores: beta in raw units, TRL's kl_coef",
+}
+
+
+def describe_kl_penalty(ppo: DictConfig, horizon: float) -> str:
+    """One line for the run's panel: beta and how it moves."""
+    if ppo.kl_controller == "fixed":
+        return f"beta {ppo.kl_coef:g}, fixed"
+    return (
+        f"beta {ppo.kl_coef:g} at the start, adaptive: target {ppo.kl_target:g} nats per response, "
+        f"horizon {horizon:g} episodes"
+    )
+
+
+def describe_reward_scale(ppo: DictConfig) -> str:
+    """One line for the run's panel: the units of the scores (and of beta), and the missing-EOS rule."""
+    if ppo.missing_eos_penalty is not None:
+        eos = f"a response without EOS loses {ppo.missing_eos_penalty:g}"
+    elif ppo.missing_eos_score is not None:
+        eos = f"a response without EOS scores {ppo.missing_eos_score:g}"
+    else:
+        eos = "no missing-EOS penalty"
+    return f"{ppo.reward_normalization}: {SCALE_UNITS[ppo.reward_normalization]}; {eos}"

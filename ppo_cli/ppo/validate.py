@@ -1,0 +1,49 @@
+"""The checks on train-ppo's settings that the config schema cannot express, with the knob to turn."""
+
+from __future__ import annotations
+
+import math
+
+from omegaconf import DictConfig
+
+from ppo_cli.errors import UserError
+from ppo_cli.rlhf import REWARD_NORMALIZATIONS
+
+
+def validate_ppo(cfg: DictConfig) -> None:
+    ppo, train = cfg.ppo, cfg.train
+    if train.max_steps < 1:
+        raise UserError(f"train.max_steps={train.max_steps}: train-ppo needs a positive number of steps.")
+    local = train.batch_size
+    if local < 1 or ppo.num_minibatches < 1 or local % ppo.num_minibatches:
+        raise UserError(
+            f"train.batch_size={local} must be positive and divide by ppo.num_minibatches={ppo.num_minibatches}."
+        )
+    if (local // ppo.num_minibatches) % train.grad_accum_steps:
+        raise UserError(
+            f"the minibatch ({local // ppo.num_minibatches} prompts) must divide by "
+            f"train.grad_accum_steps={train.grad_accum_steps}."
+        )
+    if ppo.epochs < 1:
+        raise UserError(f"ppo.epochs={ppo.epochs} must be at least 1.")
+    if cfg.generation.max_new_tokens < 1:
+        raise UserError(f"generation.max_new_tokens={cfg.generation.max_new_tokens} must be at least 1.")
+    if not cfg.generation.temperature > 0 or not math.isfinite(cfg.generation.temperature):
+        raise UserError(f"generation.temperature={cfg.generation.temperature} must be positive.")
+    if ppo.kl_controller not in ("fixed", "adaptive"):
+        raise UserError(f"ppo.kl_controller={ppo.kl_controller} is not one of fixed, adaptive.")
+    horizon_ok = ppo.kl_horizon is None or ppo.kl_horizon > 0
+    if ppo.kl_controller == "adaptive" and not (ppo.kl_target > 0 and horizon_ok):
+        raise UserError(
+            f"ppo.kl_target={ppo.kl_target} and ppo.kl_horizon={ppo.kl_horizon} must be positive (the "
+            "horizon may be null: a tenth of the run's episodes)."
+        )
+    if ppo.reward_normalization not in REWARD_NORMALIZATIONS:
+        raise UserError(
+            f"ppo.reward_normalization={ppo.reward_normalization} is not one of "
+            f"{', '.join(REWARD_NORMALIZATIONS)}."
+        )
+    if ppo.missing_eos_penalty is not None and ppo.missing_eos_penalty < 0:
+        raise UserError(
+            f"ppo.missing_eos_penalty={ppo.missing_eos_penalty} must be positive (it is subtracted)."
+        )

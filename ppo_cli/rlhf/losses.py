@@ -1,0 +1,130 @@
+"""The PPO policy and value losses, and the reward model's pairwise loss."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ppo_cli.rlhf.stats import masked_mean
+from ppo_cli.rlhf.tokens import _as_bool
+
+
+def policy_loss(
+    new_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float | None = 0.2,
+) -> dict[str, torch.Tensor]:
+    """PPO clipped surrogate loss ([PPO] eq. 7) and its diagnostics.
+
+    Shapes: ``new_logprobs``, ``old_logprobs``, ``advantages``, ``mask`` ``(B, T)`` -> dict of scalars.
+
+    Formula, with ``rho = exp(new - old)`` and ``c = clip_range``::
+
+        pg1 = -A * rho
+        pg2 = -A * clip(rho, 1 - c, 1 + c)
+        loss     = masked_mean(max(pg1, pg2))               (the pessimistic bound)
+        clipfrac = masked_mean([pg2 > pg1])                  (tokens where the clip is active)
+        approxkl = masked_mean(0.5 * (new - old)^2)          (k2 estimator of KL(old || new))
+        ratio    = masked_mean(rho)
+
+    ``approxkl`` uses the ``0.5 * logratio^2`` form of lm-human-preferences / [Huang24] rather than
+    ``mean(old - new)``: it is always >= 0 and less noisy ([Schulman-KL]). Only ``loss`` carries
+    gradient; the diagnostics are detached. ``clip_range=None`` disables clipping.
+    """
+    m = _as_bool(mask)
+    # Zero the log-ratio at pads before exp (see kl_per_token): keeps pads from producing inf/NaN grads.
+    log_ratio = torch.where(
+        m, new_logprobs - old_logprobs, torch.zeros((), dtype=new_logprobs.dtype, device=new_logprobs.device)
+    )
+    ratio = torch.exp(log_ratio)
+    pg_losses1 = -advantages * ratio
+    if clip_range is None:
+        pg_losses2 = pg_losses1
+    else:
+        pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = masked_mean(torch.maximum(pg_losses1, pg_losses2), m)
+    with torch.no_grad():
+        clipfrac = masked_mean((pg_losses2 > pg_losses1).float(), m)
+        approxkl = masked_mean(0.5 * log_ratio.float() ** 2, m)
+        mean_ratio = masked_mean(ratio.float(), m)
+    return {"loss": loss, "clipfrac": clipfrac, "approxkl": approxkl, "ratio": mean_ratio}
+
+
+def value_loss(
+    new_values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float | None = 0.2,
+) -> dict[str, torch.Tensor]:
+    """Clipped value-function loss and its clip fraction.
+
+    Shapes: ``new_values``, ``old_values``, ``returns``, ``mask`` ``(B, T)`` -> dict of scalars.
+
+    Formula, with ``c = clip_range``::
+
+        v_clip   = clip(v, v_old - c, v_old + c)
+        loss     = 0.5 * masked_mean(max((v - R)^2, (v_clip - R)^2))
+        clipfrac = masked_mean([(v_clip - R)^2 > (v - R)^2])
+
+    Why: value clipping keeps the value head from moving far from the values used to compute the
+    advantages in one PPO epoch; lm-human-preferences and TRL use it ([Huang24], "value clipping"),
+    with the same pessimistic ``max`` as the policy loss. ``clip_range=None`` disables clipping.
+    Only ``loss`` carries gradient.
+    """
+    m = _as_bool(mask)
+    if clip_range is None:
+        v_clipped = new_values
+    else:
+        v_clipped = old_values + torch.clamp(new_values - old_values, -clip_range, clip_range)
+    vf_losses1 = (new_values - returns) ** 2
+    vf_losses2 = (v_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(vf_losses1, vf_losses2), m)
+    with torch.no_grad():
+        clipfrac = masked_mean((vf_losses2 > vf_losses1).float(), m)
+    return {"loss": loss, "clipfrac": clipfrac}
+
+
+def pairwise_reward_loss(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    margin: float | torch.Tensor | None = None,
+    center_coef: float = 0.0,
+) -> dict[str, torch.Tensor]:
+    """Bradley-Terry loss for a reward model on (chosen, rejected) pairs.
+
+    Shapes: ``chosen_rewards``, ``rejected_rewards`` ``(B,)`` (or ``(B, 1)``, flattened);
+    ``margin`` scalar or ``(B,)`` -> dict of scalars.
+
+    Formula::
+
+        loss     = mean(-logsigmoid(r_c - r_r - margin)) + center_coef * mean((r_c + r_r)^2)
+        accuracy = mean([r_c > r_r])        (float, margin not applied)
+
+    ``-logsigmoid(d) = -log P(chosen > rejected)`` under Bradley-Terry, as in [Ziegler19]'s reward model
+    (there with 4-way choices). ``margin`` (Llama 2 style) demands the gap exceed the annotated
+    preference strength. The centering term (TRL's ``center_rewards_coefficient``) pulls the mean reward
+    towards 0, since the BT loss only sees differences and leaves the offset free to drift.
+    Also returns ``chosen_mean`` / ``rejected_mean`` (detached) for logging.
+    """
+    r_c = chosen_rewards.reshape(-1)
+    r_r = rejected_rewards.reshape(-1)
+    if r_c.shape != r_r.shape:
+        # Catch (B,) vs (B, k) mix-ups that would otherwise broadcast to (B, B) silently.
+        raise ValueError(
+            f"chosen/rejected shapes differ: {tuple(chosen_rewards.shape)} vs {tuple(rejected_rewards.shape)}"
+        )
+    diff = r_c - r_r
+    if margin is not None:
+        margin_t = torch.as_tensor(margin, dtype=diff.dtype, device=diff.device)
+        diff = diff - margin_t.reshape(-1) if margin_t.ndim > 0 else diff - margin_t
+    loss = -F.logsigmoid(diff).mean()
+    if center_coef:
+        loss = loss + center_coef * ((r_c + r_r) ** 2).mean()
+    with torch.no_grad():
+        accuracy = (r_c > r_r).float().mean()
+        chosen_mean = r_c.float().mean()
+        rejected_mean = r_r.float().mean()
+    return {"loss": loss, "accuracy": accuracy, "chosen_mean": chosen_mean, "rejected_mean": rejected_mean}
