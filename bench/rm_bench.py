@@ -212,9 +212,9 @@ def train_rm_defaults() -> dict:
 
     from omegaconf import OmegaConf
 
-    from ppo_cli import train_rm
     from ppo_cli.app import precheck
     from ppo_cli.reward.scoring import init_score_head
+    from ppo_cli.rm import train as train_rm
 
     cfg = precheck("train_rm", [], "train-rm")
     code = "".join(
@@ -286,7 +286,8 @@ def _head_init(kind: str):
 
 
 def train_rm_with_head_init(kind: str, overrides: list[str]) -> None:
-    from ppo_cli import cli, train_rm
+    from ppo_cli import cli
+    from ppo_cli.rm import train as train_rm
 
     train_rm.init_score_head = _head_init(kind)
     sys.argv = ["ppo-cli", "train-rm", *overrides]

@@ -15,17 +15,17 @@ from ppo_cli import __version__
 # subcommand -> (module, config name, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "train-sft": (
-        "ppo_cli.train_sft",
+        "ppo_cli.sft.train",
         "train_sft",
         "supervised fine-tuning of a LoRA adapter on a base model",
     ),
     "train-rm": (
-        "ppo_cli.train_rm",
+        "ppo_cli.rm.train",
         "train_rm",
         "train a reward model (LoRA adapter + scalar score head) on preference pairs",
     ),
     "train-ppo": (
-        "ppo_cli.train_ppo",
+        "ppo_cli.ppo.train",
         "train_ppo",
         "PPO against a reward model or reward function, KL-penalised to the SFT policy",
     ),

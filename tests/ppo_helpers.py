@@ -118,7 +118,7 @@ def shift_rm_adapter(rm: Path, out: Path, bias: float) -> Path:
 
 def build_tiny_roles(base: str | Path, sft: Path | None, rm: Path | None, targets=LORA_TARGETS):
     """(roles, tokenizer) exactly as train-ppo builds them (`targets` matter only without `sft`)."""
-    from ppo_cli.roles import build_roles
+    from ppo_cli.ppo.roles import build_roles
 
     tokenizer = tokenizer_of(base)
     model = load_base(base, tokenizer)

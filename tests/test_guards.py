@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from ppo_cli.guards import BatchSigns, PPOGuards, distinct_n, kl_t_statistic
+from ppo_cli.ppo.guards import BatchSigns, PPOGuards, distinct_n, kl_t_statistic
 
 
 def test_distinct_n_hand_computed():

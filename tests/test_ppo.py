@@ -63,8 +63,8 @@ from ppo_cli import rlhf
 from ppo_cli.data import pad_left
 from ppo_cli.dist import DistInfo
 from ppo_cli.errors import UserError
+from ppo_cli.ppo.roles import POLICY, REWARD
 from ppo_cli.reward.functions import call_reward_function, load_reward_function
-from ppo_cli.roles import POLICY, REWARD
 
 CONTRACT_METRICS = [
     "objective/kl",
@@ -456,7 +456,7 @@ def test_row18_rank_seeds_differ_data_order_shared(trainer_factory, monkeypatch)
 def test_row19_negative_kl_alarm(trainer_factory, capsys):
     """A significantly negative KL for 3 steps warns once; noise around 0 does not (guards.py has the
     statistics; here the trainer's wiring of them to the console)."""
-    from ppo_cli.guards import BatchSigns
+    from ppo_cli.ppo.guards import BatchSigns
 
     trainer = trainer_factory()
     texts = [f"calm river {i}" for i in range(16)]
@@ -704,7 +704,7 @@ def test_reward_source_mistakes_exit_2_before_loading(tiny, adapters, tmp_path, 
     def no_model(*args, **kwargs):
         raise AssertionError("the base model was loaded before the reward source was checked")
 
-    monkeypatch.setattr("ppo_cli.train_ppo.load_causal_lm", no_model)
+    monkeypatch.setattr("ppo_cli.ppo.train.load_causal_lm", no_model)
     result, out = run_failing(tiny, adapters, tmp_path, case)
     assert_clean_exit_2(result, *needles)
     assert not out.exists()  # nothing written, no model loaded

@@ -1,4 +1,4 @@
-"""PPO's four roles on one base (ppo_cli/roles.py), on the tiny Llama, in-process.
+"""PPO's four roles on one base (ppo_cli/ppo/roles.py), on the tiny Llama, in-process.
 
 Details of docs/ppo-details.md tested here: 1 (pad != eos), 2 (left padding), 4 (reward at the last real token,
 equal to the plain peft RM), 9 (dropout off), 10 (critic initialised from the RM), and the role
@@ -13,7 +13,7 @@ import torch
 from ppo_helpers import build_tiny_roles, load_base, tiny_adapters, tokenizer_of
 
 from ppo_cli import rlhf
-from ppo_cli.roles import POLICY, REFERENCE, REWARD, VALUE, build_roles, disable_dropout
+from ppo_cli.ppo.roles import POLICY, REFERENCE, REWARD, VALUE, build_roles, disable_dropout
 
 PROMPTS = ["Describe the river:", "How was the morning?", "Tell me about a dog:"]
 RESPONSES = [" good happy river.", " sad", " warm bright lovely table window."]
@@ -312,7 +312,7 @@ def test_every_role_leaves_the_trainable_set_as_built(tiny, adapters, with_sft):
 # -- the critic on PPO's score scale -----------------------------------------------------------------
 def test_normalize_head_hand_computed():
     """w' = w / std, b' = (b - mean) / std: the head's outputs become normalize_scores(outputs)."""
-    from ppo_cli.roles import normalize_head
+    from ppo_cli.ppo.roles import normalize_head
 
     weight, bias = torch.tensor([[2.0, -4.0, 1.0]]), torch.tensor([3.0])
     new_weight, new_bias = normalize_head(weight, bias, mean=1.0, std=2.0)

@@ -25,7 +25,7 @@ from ppo_cli.data import (
     turn_end_id,
 )
 from ppo_cli.errors import UserError
-from ppo_cli.preferences import build_pair_examples, encode_pair
+from ppo_cli.rm.pairs import build_pair_examples, encode_pair
 
 SETTINGS = settings(
     max_examples=40,

@@ -526,9 +526,9 @@ def test_optimizer_overflow_is_reported_like_a_nan(tiny, small_sft, tmp_path):
 
 def test_nan_gradient_names_the_step(tiny, small_sft, tmp_path, monkeypatch):
     """A finite loss whose gradient is NaN (d sqrt(x)/dx at 0, times 0) at step 2: the gradient norm check."""
-    import ppo_cli.train_sft
+    import ppo_cli.sft.train
 
-    real_loss = ppo_cli.train_sft.sft_loss
+    real_loss = ppo_cli.sft.train.sft_loss
     calls = {"n": 0}
 
     def loss_with_nan_gradient(model, batch):
@@ -539,7 +539,7 @@ def test_nan_gradient_names_the_step(tiny, small_sft, tmp_path, monkeypatch):
             loss = loss + torch.sqrt((trainable * 0).sum())  # adds 0 to the loss, NaN to the gradient
         return loss, metrics, n_tokens
 
-    monkeypatch.setattr(ppo_cli.train_sft, "sft_loss", loss_with_nan_gradient)
+    monkeypatch.setattr(ppo_cli.sft.train, "sft_loss", loss_with_nan_gradient)
     out = tmp_path / "run"
     result = run_in_process(*sft_args(tiny, small_sft, out, "train.max_steps=3"))
     assert_usage_error(

@@ -18,8 +18,8 @@ from ppo_cli.reward.from_sft import copy_adapter_weights
 from ppo_cli.reward.scoring import gather_last, init_score_head, score_head_name, sequence_scores, unwrap
 from ppo_cli.reward.stats import load_rm_stats
 from ppo_cli.rlhf import last_token_index
+from ppo_cli.rm.train import build_reward_model
 from ppo_cli.tiny import models as tiny_lib
-from ppo_cli.train_rm import build_reward_model
 
 CPU = torch.device("cpu")
 

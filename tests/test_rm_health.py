@@ -55,7 +55,7 @@ def test_train_ppo_reports_the_rm_it_loads(tmp_path):
 
     from omegaconf import OmegaConf
 
-    from ppo_cli.train_ppo import report_rm_health
+    from ppo_cli.ppo.train import report_rm_health
 
     rm = tmp_path / "rm-final"
     rm.mkdir()

@@ -470,7 +470,7 @@ def test_checkpoint_holds_and_restores_every_rng_state_cuda_included(tmp_path, m
 
     from ppo_cli.config import SFTConfig
     from ppo_cli.run import StageRun
-    from ppo_cli.trainer import SupervisedTask, SupervisedTrainer
+    from ppo_cli.supervised import SupervisedTask, SupervisedTrainer
 
     cfg = OmegaConf.structured(SFTConfig)
     cfg.output_dir, cfg.train.device, cfg.train.max_steps = str(tmp_path / "run"), "cpu", 2

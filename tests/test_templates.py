@@ -19,10 +19,10 @@ from ppo_helpers import model_cfg
 from ppo_cli import generate
 from ppo_cli.data import Row, encode_prompt, encode_sft_row
 from ppo_cli.models import eos_token_ids, load_tokenizer
-from ppo_cli.preferences import encode_pair, encode_side
 from ppo_cli.reward import sources
 from ppo_cli.reward.separate import SeparateRewardModel
 from ppo_cli.rlhf import truncate_after_eos
+from ppo_cli.rm.pairs import encode_pair, encode_side
 from ppo_cli.tiny.models import _model_config
 from ppo_cli.tiny.tokenizer import EOS_TOKEN, IM_END, build_tokenizer
 

@@ -15,9 +15,9 @@ from ppo_cli.config import RMConfig
 from ppo_cli.data import Row, load_rows
 from ppo_cli.errors import UserError
 from ppo_cli.models import load_tokenizer, write_product_info
-from ppo_cli.preferences import build_pair_examples, collate_pairs, encode_pair
 from ppo_cli.reward.scoring import sequence_scores
 from ppo_cli.reward.stats import load_rm_stats
+from ppo_cli.rm.pairs import build_pair_examples, collate_pairs, encode_pair
 from ppo_cli.tiny.task import NEUTRAL_WORDS, all_prompts
 
 SPECIAL = "wonderful"

@@ -16,7 +16,7 @@ from ppo_cli.errors import UserError
 from ppo_cli.pipeline.plan import Plan, is_complete, make_plan, record_plan, resume_command
 from ppo_cli.pipeline.recipes import STAGES, apply_cpu_threads, available_recipes, load_hook
 
-STAGE_MODULES = {"sft": "ppo_cli.train_sft", "rm": "ppo_cli.train_rm", "ppo": "ppo_cli.train_ppo"}
+STAGE_MODULES = {"sft": "ppo_cli.sft.train", "rm": "ppo_cli.rm.train", "ppo": "ppo_cli.ppo.train"}
 
 
 def free_memory() -> None:

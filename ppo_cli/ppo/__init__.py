@@ -1,3 +1,4 @@
-"""PPO for train-ppo: rollout.py (generate and score a batch), step.py (one PPO step, in the order of its
-outline), trainer.py (the loop: checkpoints, guards, console), scale.py (the reward scale's state),
-validate.py (the ppo.* settings)."""
+"""The PPO stage: `ppo-cli train-ppo` (train.py). The four roles — policy, reference, reward, value — share
+one base model (roles.py); rollout.py generates and scores a batch, step.py is one PPO step in the order of
+its outline, trainer.py runs the steps in the shared loop (checkpoints, console), guards.py speaks up when a
+run drifts into a known failure, scale.py holds the reward scale's state and validate.py checks ppo.*."""

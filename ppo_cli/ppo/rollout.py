@@ -14,7 +14,7 @@ import torch
 from ppo_cli import rlhf, sampling
 from ppo_cli.data import pad_left
 from ppo_cli.models import autocast
-from ppo_cli.roles import POLICY, REFERENCE
+from ppo_cli.ppo.roles import POLICY, REFERENCE
 
 
 @dataclass(frozen=True)

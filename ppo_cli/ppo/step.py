@@ -24,9 +24,9 @@ import torch
 
 from ppo_cli import rlhf
 from ppo_cli.dist import DistInfo, all_reduce_mean, all_reduce_sum, average_gradients
+from ppo_cli.ppo.roles import POLICY
 from ppo_cli.ppo.rollout import Rollout
-from ppo_cli.roles import POLICY
-from ppo_cli.trainer import check_finite, optimizer_step
+from ppo_cli.supervised import check_finite, optimizer_step
 
 # What the first update pass computed for every row of a fused rollout, reused as epoch 0's only
 # micro-batch: (order, new logprobs, values, entropy).

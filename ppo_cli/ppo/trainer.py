@@ -12,15 +12,15 @@ from omegaconf import DictConfig
 from ppo_cli import rlhf, sampling
 from ppo_cli.data import EpochBatches
 from ppo_cli.dist import broadcast_parameters
-from ppo_cli.guards import BatchSigns, PPOGuards
 from ppo_cli.loop import LoopStage, LoopState, TrainingLoop
 from ppo_cli.models import autocast_dtype
+from ppo_cli.ppo.guards import BatchSigns, PPOGuards
+from ppo_cli.ppo.roles import Roles
 from ppo_cli.ppo.rollout import Rollout, RolloutMixin
 from ppo_cli.ppo.scale import RewardScale
 from ppo_cli.ppo.step import StepMixin
-from ppo_cli.roles import Roles
 from ppo_cli.run import StageRun
-from ppo_cli.trainer import build_scheduler
+from ppo_cli.supervised import build_scheduler
 
 
 class PPOTrainer(RolloutMixin, StepMixin, LoopStage):

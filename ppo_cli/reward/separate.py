@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from ppo_cli.data import prompt_text
-from ppo_cli.preferences import encode_side
 from ppo_cli.reward.scoring import batched_scores
+from ppo_cli.rm.pairs import encode_side
 
 
 def reward_model_ids(tokenizer, prompt: Any, completion: str) -> list[int]:

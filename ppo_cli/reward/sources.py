@@ -84,7 +84,7 @@ class RewardSource:
     kind: str
     func: Callable | None = None
     spec: str | None = None
-    roles: Any = None  # ppo_cli.roles.Roles holding the reward adapter and head
+    roles: Any = None  # ppo_cli.ppo.roles.Roles holding the reward adapter and head
     separate: SeparateRewardModel | None = None
     # The separate RM reads the policy's token ids as they are (same vocabulary): no re-tokenizing.
     same_tokenizer: bool = False

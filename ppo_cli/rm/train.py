@@ -38,14 +38,14 @@ from ppo_cli.models import (
     load_tokenizer,
     local_or_hub,
 )
-from ppo_cli.preferences import build_pair_examples, collate_pairs
 from ppo_cli.reward.from_sft import copy_adapter_weights
 from ppo_cli.reward.health import RMHealth
 from ppo_cli.reward.scoring import batched_scores, init_score_head, score_head_name, sequence_scores
 from ppo_cli.reward.stats import REWARD_MEAN, REWARD_STD
 from ppo_cli.rlhf import pairwise_reward_loss
+from ppo_cli.rm.pairs import build_pair_examples, collate_pairs
 from ppo_cli.run import StageRun
-from ppo_cli.trainer import SupervisedTask, SupervisedTrainer, load_examples, validate_supervised
+from ppo_cli.supervised import SupervisedTask, SupervisedTrainer, load_examples, validate_supervised
 
 STAGE = "rm"
 # Sequences (chosen + rejected) scored after training for reward_mean / reward_std.

@@ -27,12 +27,12 @@ from ppo_cli.models import (
     load_tokenizer,
     read_product_info,
 )
+from ppo_cli.ppo.roles import VALUE, Roles, build_roles
 from ppo_cli.ppo.trainer import PPOTrainer
 from ppo_cli.ppo.validate import validate_ppo
 from ppo_cli.reward.health import RMHealth
 from ppo_cli.reward.sources import build_reward, check_reward_source, rm_shares_base
 from ppo_cli.reward.stats import load_rm_stats
-from ppo_cli.roles import VALUE, Roles, build_roles
 from ppo_cli.run import StageRun
 
 STAGE = "ppo"

@@ -22,7 +22,7 @@ from ppo_cli.models import (
 )
 from ppo_cli.rlhf import position_ids_from_mask
 from ppo_cli.run import StageRun
-from ppo_cli.trainer import SupervisedTask, SupervisedTrainer, load_examples, validate_supervised
+from ppo_cli.supervised import SupervisedTask, SupervisedTrainer, load_examples, validate_supervised
 
 STAGE = "sft"
 
