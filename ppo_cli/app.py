@@ -28,9 +28,11 @@ def fail(message: str, command: str | None = None) -> None:
     text = " ".join(message.split())
     try:
         from rich.console import Console
+        from rich.markup import escape
 
+        # The message is text, not markup: "[truncate, drop]" must print as it is.
         Console(stderr=True, soft_wrap=True, highlight=False).print(
-            f"[bold red]{prefix}[/]{text}", markup=True
+            f"[bold red]{prefix}[/]{escape(text)}", markup=True
         )
     except Exception:  # noqa: BLE001 - printing the error must never raise another one
         print(prefix + text, file=sys.stderr)
@@ -86,6 +88,20 @@ def describe_composition_error(exc: BaseException, command: str, key_prefix: str
     if overridden and any(isinstance(e, ConfigKeyError | ConfigAttributeError) for e in chain):
         return unknown_key_message(overridden[0], command, key_prefix)
     full_key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), None)
+    choices = next(
+        (m for m in (re.search(r"Invalid value '(.*)', expected one of \[(.*)\]", ln) for ln in lines) if m),
+        None,
+    )
+    if choices and full_key:  # a Choice key (ppo_cli/config.py) given a value outside its set
+        from ppo_cli.config import REFUSED_CHOICES
+
+        reason = REFUSED_CHOICES.get((full_key, choices.group(1)))
+        if reason:
+            return reason
+        return (
+            f"{key_prefix}{full_key}={choices.group(1)} is not one of {choices.group(2)}. "
+            f"See every key and its default with `ppo-cli {command} --help`."
+        )
     kept = [
         ln.rstrip(".")
         for ln in lines

@@ -11,10 +11,77 @@ next to the defaults (ppo_cli/schema.py reads them from this file, so every fiel
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+
+class Choice(str, Enum):
+    """A key with a fixed set of values: a value outside it is rejected when Hydra composes the config
+    (exit 2 naming the key and the choices, before any model loads). Members compare equal to, print as
+    and serialise as their plain string value."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+# Values a Choice key refuses with a reason, said instead of the bare list of choices.
+REFUSED_CHOICES = {
+    ("train.mixed_precision", "fp16"): (
+        "train.mixed_precision=fp16 is not supported: fp16's narrow range needs loss scaling, which ppo-cli "
+        "does not do, so small gradients would silently become zero. Use train.mixed_precision=bf16 (GPUs "
+        "from Ampere on, and CPUs) or train.mixed_precision=no (fp32); auto picks bf16 where the hardware "
+        "supports it and fp32 elsewhere."
+    ),
+}
+
+
+class Dtype(Choice):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class Overflow(Choice):
+    truncate = "truncate"
+    drop = "drop"
+
+
+class WandbMode(Choice):
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+class Schedule(Choice):
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+
+
+class MixedPrecision(Choice):
+    auto = "auto"
+    bf16 = "bf16"
+    no = "no"
+
+
+class KLController(Choice):
+    adaptive = "adaptive"
+    fixed = "fixed"
+
+
+class RewardNormalization(Choice):
+    sft_samples = "sft_samples"
+    sft_mean = "sft_mean"
+    rm_stats = "rm_stats"
+    whiten = "whiten"
+    none = "none"
 
 
 @dataclass
@@ -23,7 +90,7 @@ class ModelConfig:
     name_or_path: str = MISSING
     # Weights dtype: auto (bf16 on a GPU that supports it, else fp32; train-ppo's frozen shared base
     # takes the autocast dtype), float32, bfloat16, float16.
-    dtype: str = "auto"
+    dtype: Dtype = Dtype.auto
     # Allow custom modelling code shipped with the model (off: it runs arbitrary code).
     trust_remote_code: bool = False
     # Attention kernel passed to transformers (sdpa, eager, flash_attention_2); null = library default.
@@ -61,7 +128,7 @@ class DataConfig:
     # Tokens per example; longer examples are truncated or dropped (see `overflow`).
     max_length: int = 512
     # What to do with examples longer than max_length: truncate or drop.
-    overflow: str = "truncate"
+    overflow: Overflow = Overflow.truncate
 
 
 @dataclass
@@ -75,7 +142,7 @@ class WandbConfig:
     # Run name; null = the output directory's name.
     name: str | None = None
     # online, offline (no network needed; `wandb sync` later) or disabled.
-    mode: str = "online"
+    mode: WandbMode = WandbMode.online
 
 
 @dataclass
@@ -103,7 +170,7 @@ class TrainConfig:
     # Linear warmup, as a fraction of the total steps.
     warmup_ratio: float = 0.03
     # Schedule after warmup: cosine, linear or constant.
-    lr_scheduler: str = "cosine"
+    lr_scheduler: Schedule = Schedule.cosine
     # Clip the gradient norm to this value (0 = no clipping).
     max_grad_norm: float = 1.0
     # Seed of data order, initialisation and sampling.
@@ -118,7 +185,7 @@ class TrainConfig:
     keep_last: int = 2
     # Autocast: auto (bf16 on a bf16-capable GPU or a CPU with AMX/AVX512-BF16, else none), bf16 (also on
     # any CPU), or no (plain fp32). Trainable weights and optimizer state are fp32 in every case.
-    mixed_precision: str = "auto"
+    mixed_precision: MixedPrecision = MixedPrecision.auto
     # Device: auto (cuda when available), cpu, cuda, cuda:1, ...
     device: str = "auto"
 
@@ -170,7 +237,7 @@ class PPOConfig:
     # of the scores PPO uses (std of the SFT policy's scores under the default normalisation).
     kl_coef: float = 0.15
     # adaptive (Ziegler et al. 2019: beta moves to hold KL near kl_target) or fixed.
-    kl_controller: str = "adaptive"
+    kl_controller: KLController = KLController.adaptive
     # Adaptive controller: target KL in nats per sequence.
     kl_target: float = 6.0
     # Adaptive controller: horizon in episodes; null = a tenth of the run's episodes.
@@ -198,7 +265,7 @@ class PPOConfig:
     whiten_advantages: bool = True
     # Reward scale: sft_samples (mean/std of the first rollout's scores, when the policy is still the SFT
     # policy, fixed for the run), rm_stats (the RM's stored mean/std), whiten (per batch), or none.
-    reward_normalization: str = "sft_samples"
+    reward_normalization: RewardNormalization = RewardNormalization.sft_samples
     # Clip normalised scores to [-c, c] (null = no clip).
     score_clip: float | None = None
     # Learning rate of the value adapter and head (null = train.lr).
@@ -243,7 +310,7 @@ class PromptsConfig:
     # Prompt tokens; longer prompts keep their last max_length tokens (truncate) or are skipped (drop).
     max_length: int = 512
     # truncate or drop.
-    overflow: str = "truncate"
+    overflow: Overflow = Overflow.truncate
     # Use only the first N prompts (null = all).
     limit: int | None = None
 

@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 
 from ppo_cli.app import hydra_app
 from ppo_cli.errors import UserError
+from ppo_cli.logger import make_console
 from ppo_cli.models import (
     adapter_task_type,
     is_adapter_dir,
@@ -59,8 +60,6 @@ def validate(cfg: DictConfig) -> Path:
         raise UserError(
             f"checkpoint={cfg.checkpoint} is a {task} adapter; export handles CAUSAL_LM (SFT, PPO) and SEQ_CLS (RM)."
         )
-    if cfg.model.dtype not in ("auto", *_DTYPES):
-        raise UserError(f"model.dtype={cfg.model.dtype} is not one of auto, float32, bfloat16, float16.")
     output = Path(cfg.output).expanduser()
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise UserError(f"output={cfg.output} already exists and is not empty; choose a new directory.")
@@ -99,7 +98,6 @@ def merge(checkpoint: Path, cfg: DictConfig):
 
 
 def run(cfg: DictConfig) -> Path:
-    from ppo_cli.logger import make_console
 
     console = make_console()
     checkpoint = validate(cfg)

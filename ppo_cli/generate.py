@@ -32,6 +32,7 @@ from ppo_cli import sampling
 from ppo_cli.app import hydra_app
 from ppo_cli.data import encode_prompt, load_rows, pad_left, pad_right, prompt_of, prompt_text
 from ppo_cli.errors import UserError
+from ppo_cli.logger import make_console
 from ppo_cli.models import (
     adapter_task_type,
     eos_token_ids,
@@ -212,8 +213,6 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"generation.temperature={cfg.generation.temperature} must be >= 0 (0 = greedy).")
     if not 0 < cfg.generation.top_p <= 1:
         raise UserError(f"generation.top_p={cfg.generation.top_p} must be in (0, 1].")
-    if cfg.data.overflow not in ("truncate", "drop"):
-        raise UserError(f"data.overflow={cfg.data.overflow} is not one of truncate, drop.")
     if cfg.data.limit is not None and cfg.data.limit < 1:
         raise UserError(f"data.limit={cfg.data.limit} must be at least 1 (or null for all prompts).")
     output = Path(cfg.output)
@@ -301,7 +300,6 @@ def _clip(text: str, limit: int) -> str:
 
 
 def run(cfg: DictConfig) -> list[dict[str, Any]]:
-    from ppo_cli.logger import make_console
 
     console = make_console()
     validate(cfg)

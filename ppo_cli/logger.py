@@ -28,6 +28,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from ppo_cli.models import lora_targets_text
+
 METRICS_FILE = "metrics.jsonl"
 # Line width when the output is not a terminal: rich would otherwise wrap at $COLUMNS (or 80) and cut
 # table cells with "…", and nothing in a file or a pipe limits a line's length.
@@ -181,7 +183,6 @@ class RunLogger:
             self._task = self.progress.add_task("train", total=total_steps, completed=start_step, metrics="")
 
     def _asked_lora(self) -> str:
-        from ppo_cli.models import lora_targets_text
 
         lora = self.cfg.lora
         if not lora.enabled:

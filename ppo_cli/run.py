@@ -21,7 +21,7 @@ from ppo_cli import checkpoint as ckpt
 from ppo_cli.dist import SEED_STRIDE, DistInfo, barrier, broadcast_object, check_in_sync, init_distributed
 from ppo_cli.errors import UserError
 from ppo_cli.logger import RunLogger
-from ppo_cli.models import PRODUCT_FILE, resolve_device
+from ppo_cli.models import PRODUCT_FILE, resolve_device, write_product_info
 from ppo_cli.resume_config import saved_stage
 
 FINAL = "final"
@@ -87,15 +87,6 @@ def validate_train(cfg: DictConfig) -> None:
         raise UserError(
             f"train.max_grad_norm={train.max_grad_norm} must be a finite number (0 = no clipping)."
         )
-    if train.mixed_precision == "fp16":
-        raise UserError(
-            "train.mixed_precision=fp16 is not supported: fp16's narrow range needs loss scaling, which "
-            "ppo-cli does not do, so small gradients would silently become zero. Use train.mixed_precision=bf16 "
-            "(GPUs from Ampere on, and CPUs) or train.mixed_precision=no (fp32); auto picks bf16 where the "
-            "hardware supports it and fp32 elsewhere."
-        )
-    if train.mixed_precision not in ("auto", "bf16", "no"):
-        raise UserError(f"train.mixed_precision={train.mixed_precision} is not one of auto, bf16, no.")
     eval_fraction = OmegaConf.select(cfg, "data.eval_fraction")
     if eval_fraction is not None and not 0 <= eval_fraction < 1:
         raise UserError(f"data.eval_fraction={eval_fraction} must be at least 0 and less than 1.")
@@ -185,8 +176,6 @@ class StageRun:
         tokenizer, `extra_save(dir)` if given, and ppo_cli.json last, which marks the product complete."""
         import os
         import shutil
-
-        from ppo_cli.models import write_product_info
 
         if not self.is_main:
             return

@@ -48,13 +48,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train_cfg: DictConfig, tot
     from transformers import get_scheduler
 
     warmup = int(math.ceil(train_cfg.warmup_ratio * total_steps))
-    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}.get(
-        train_cfg.lr_scheduler
-    )
-    if name is None:
-        raise UserError(
-            f"train.lr_scheduler={train_cfg.lr_scheduler} is not one of cosine, linear, constant."
-        )
+    # transformers' name for each schedule (train.lr_scheduler is a Choice: nothing else gets here).
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[
+        str(train_cfg.lr_scheduler)
+    ]
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=max(total_steps, 1))
 
 
@@ -93,8 +90,6 @@ def optimizer_step(optimizer: torch.optim.Optimizer, step: int, run: StageRun) -
 
 def validate_supervised(cfg: DictConfig) -> None:
     """The data and batch checks that SFT and RM training share, before anything loads."""
-    if cfg.data.overflow not in ("truncate", "drop"):
-        raise UserError(f"data.overflow={cfg.data.overflow} is not one of truncate, drop.")
     if cfg.data.max_length < 2:
         raise UserError(f"data.max_length={cfg.data.max_length} is too small (at least 2 tokens).")
     for key in ("batch_size", "grad_accum_steps", "log_every"):

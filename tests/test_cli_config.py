@@ -476,3 +476,39 @@ def test_printed_resume_command_survives_the_shell_and_hydra(path):
     assert command.startswith("ppo-cli train-ppo ") and command.endswith(" resume=auto")
     overrides = OverridesParser.create().parse_overrides(shlex.split(command)[2:])
     assert [(o.key_or_group, o.value()) for o in overrides] == [("output_dir", path), ("resume", "auto")]
+
+
+@pytest.mark.parametrize(
+    ("command", "key", "choices"),
+    [
+        ("train-sft", "data.overflow", "truncate, drop"),
+        ("train-sft", "train.lr_scheduler", "cosine, linear, constant"),
+        ("train-rm", "train.mixed_precision", "auto, bf16, no"),
+        ("train-rm", "model.dtype", "auto, float32, bfloat16, float16"),
+        ("train-ppo", "ppo.kl_controller", "adaptive, fixed"),
+        ("train-ppo", "ppo.reward_normalization", "sft_samples, sft_mean, rm_stats, whiten, none"),
+        ("generate", "data.overflow", "truncate, drop"),
+    ],
+)
+def test_a_value_outside_a_keys_choices_fails_at_composition(command, key, choices):
+    """Option keys are Choice enums: a bad value is refused when the config composes (exit 2, one
+    paragraph naming the key and its choices), before any file is read or model loaded."""
+    required = {"generate": ["checkpoint=nowhere", "output=out.jsonl", "data.prompts=nowhere.jsonl"]}.get(
+        command, ["model.name_or_path=nowhere", "data.train=nowhere.jsonl"]
+    )
+    result = run_cli_in_process(command, *required, f"{key}=bogus")
+    assert result.returncode == 2
+    assert f"{key}=bogus is not one of {choices}." in " ".join(result.stderr.split())
+    assert "Traceback" not in result.stderr
+
+
+def test_choice_values_print_and_compare_as_plain_strings():
+    from omegaconf import OmegaConf
+
+    from ppo_cli.config import PPOConfig, RewardNormalization
+    from ppo_cli.rlhf import REWARD_NORMALIZATIONS
+
+    ppo = OmegaConf.structured(PPOConfig)
+    assert ppo.kl_controller == "adaptive" and f"{ppo.kl_controller}" == "adaptive"
+    assert "kl_controller: adaptive" in OmegaConf.to_yaml(ppo)
+    assert {m.value for m in RewardNormalization} == set(REWARD_NORMALIZATIONS)

@@ -23,7 +23,7 @@ CPU = torch.device("cpu")
     ],
 )
 def test_autocast_dtype_on_cpu(monkeypatch, native, setting, expected):
-    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(models.devices, "cpu_has_native_bf16", lambda: native)
     assert models.autocast_dtype(CPU, setting) == expected
 
 
@@ -53,11 +53,11 @@ def test_attention_kernel_is_the_math_kernel_for_cpu_bf16_only():
     assert torch.equal(ours, math_grad)
     # Outside it (or for fp32) the flash kernel may be picked: the context is a no-op there.
     assert isinstance(
-        models.attention_kernel(CPU, "no", torch.float32), type(models.contextlib.nullcontext())
+        models.attention_kernel(CPU, "no", torch.float32), type(models.devices.contextlib.nullcontext())
     )
     assert isinstance(
         models.attention_kernel(torch.device("meta"), "bf16", torch.bfloat16),
-        type(models.contextlib.nullcontext()),
+        type(models.devices.contextlib.nullcontext()),
     )
 
 
@@ -141,19 +141,16 @@ def test_every_stage_trains_fp32_weights_on_a_bf16_base(tiny, tmp_path):
 
 
 def test_fp16_mixed_precision_is_refused_with_a_pointer_to_bf16_or_fp32():
-    from omegaconf import OmegaConf
+    from conftest import run_cli_in_process
 
-    from ppo_cli.config import SFTConfig
-    from ppo_cli.errors import UserError
-    from ppo_cli.run import validate_train
-
-    cfg = OmegaConf.structured(SFTConfig)
-    cfg.train.mixed_precision = "fp16"
-    with pytest.raises(UserError) as refused:
-        validate_train(cfg)
-    message = str(refused.value)
+    refused = run_cli_in_process(
+        "train-sft", "model.name_or_path=nowhere", "data.train=nowhere.jsonl", "train.mixed_precision=fp16"
+    )
+    assert refused.returncode == 2
+    message = refused.stderr.strip()
     assert "train.mixed_precision=fp16" in message and "bf16" in message and "no" in message
-    assert "\n" not in message
+    assert "loss scaling" in message
+    assert "\n" not in message  # one paragraph
 
 
 def test_auto_on_a_gpu_without_bf16_is_fp32_not_fp16(monkeypatch):

@@ -14,10 +14,10 @@ from omegaconf import OmegaConf
 from ppo_cli.config import RMConfig
 from ppo_cli.data import pad_left, pad_right
 from ppo_cli.models import load_causal_lm, load_tokenizer, write_product_info
-from ppo_cli.reward.from_sft import copy_adapter_weights
 from ppo_cli.reward.scoring import gather_last, init_score_head, score_head_name, sequence_scores, unwrap
 from ppo_cli.reward.stats import load_rm_stats
 from ppo_cli.rlhf import last_token_index
+from ppo_cli.rm.from_sft import copy_adapter_weights
 from ppo_cli.rm.train import build_reward_model
 from ppo_cli.tiny import models as tiny_lib
 

@@ -12,7 +12,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ppo_cli.app import hydra_app
+from ppo_cli.dist import barrier, broadcast_object, init_distributed
 from ppo_cli.errors import UserError
+from ppo_cli.logger import make_console
 from ppo_cli.pipeline.plan import Plan, is_complete, make_plan, record_plan, resume_command
 from ppo_cli.pipeline.recipes import STAGES, apply_cpu_threads, available_recipes, load_hook
 
@@ -77,7 +79,6 @@ def summary_table(plan: Plan, timings: dict[str, tuple[str, float]]):
 
 
 def print_plan(plan: Plan) -> None:
-    from ppo_cli.logger import make_console
 
     console = make_console()
     for stage in STAGES:
@@ -90,7 +91,6 @@ def print_plan(plan: Plan) -> None:
 
 def execute(plan: Plan, overrides: list[str]) -> dict[str, tuple[str, float]]:
     """Run the plan's stages; returns {stage: (status, seconds)}."""
-    from ppo_cli.logger import make_console
 
     console = make_console()
     timings: dict[str, tuple[str, float]] = {}
@@ -131,8 +131,6 @@ def execute(plan: Plan, overrides: list[str]) -> dict[str, tuple[str, float]]:
 
 def run_pipeline(cfg: DictConfig, overrides: list[str]) -> Plan:
     """The pipeline command: plan, set up, run the stages, report."""
-    from ppo_cli.dist import barrier, broadcast_object, init_distributed
-    from ppo_cli.logger import make_console
 
     console = make_console()
     setup_args = OmegaConf.to_container(cfg.setup, resolve=True) if cfg.setup else {}

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from ppo_cli.errors import UserError
+from ppo_cli.models import has_conv1d_layers, keep_trainable_in_fp32, peft_lora_config
 from ppo_cli.reward.scoring import head_scores
 from ppo_cli.rlhf import position_ids_from_mask
 
@@ -281,8 +282,6 @@ def build_roles(
     from it). Without it the value adapter starts from the policy's weights with a zero head.
     """
     from peft import get_peft_model
-
-    from ppo_cli.models import has_conv1d_layers, keep_trainable_in_fp32, peft_lora_config
 
     for p in base_model.parameters():
         p.requires_grad_(False)

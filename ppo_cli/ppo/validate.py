@@ -7,7 +7,6 @@ import math
 from omegaconf import DictConfig
 
 from ppo_cli.errors import UserError
-from ppo_cli.rlhf import REWARD_NORMALIZATIONS
 
 
 def validate_ppo(cfg: DictConfig) -> None:
@@ -30,18 +29,11 @@ def validate_ppo(cfg: DictConfig) -> None:
         raise UserError(f"generation.max_new_tokens={cfg.generation.max_new_tokens} must be at least 1.")
     if not cfg.generation.temperature > 0 or not math.isfinite(cfg.generation.temperature):
         raise UserError(f"generation.temperature={cfg.generation.temperature} must be positive.")
-    if ppo.kl_controller not in ("fixed", "adaptive"):
-        raise UserError(f"ppo.kl_controller={ppo.kl_controller} is not one of fixed, adaptive.")
     horizon_ok = ppo.kl_horizon is None or ppo.kl_horizon > 0
     if ppo.kl_controller == "adaptive" and not (ppo.kl_target > 0 and horizon_ok):
         raise UserError(
             f"ppo.kl_target={ppo.kl_target} and ppo.kl_horizon={ppo.kl_horizon} must be positive (the "
             "horizon may be null: a tenth of the run's episodes)."
-        )
-    if ppo.reward_normalization not in REWARD_NORMALIZATIONS:
-        raise UserError(
-            f"ppo.reward_normalization={ppo.reward_normalization} is not one of "
-            f"{', '.join(REWARD_NORMALIZATIONS)}."
         )
     if ppo.missing_eos_penalty is not None and ppo.missing_eos_penalty < 0:
         raise UserError(

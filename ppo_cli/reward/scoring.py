@@ -20,6 +20,7 @@ from collections.abc import Iterator
 
 import torch
 
+from ppo_cli.data import pad_right
 from ppo_cli.rlhf import last_token_index, position_ids_from_mask
 
 # ---------------------------------------------------------------------------------------------
@@ -154,7 +155,6 @@ def batched_scores(
     autocast_ctx=contextlib.nullcontext,
 ) -> torch.Tensor:
     """Scores of many token sequences (right-padded in batches of `batch_size`), as a float32 CPU tensor."""
-    from ppo_cli.data import pad_right
 
     out = []
     for start in range(0, len(sequences), batch_size):

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ppo_cli.data import prompt_text
+from ppo_cli.models import is_adapter_dir, load_sequence_classifier, load_tokenizer, recorded_base_model
 from ppo_cli.reward.scoring import batched_scores
 from ppo_cli.rm.pairs import encode_side
 
@@ -35,12 +36,6 @@ class SeparateRewardModel:
     (`reward_model_ids`), or token ids already in its vocabulary (`score_ids`)."""
 
     def __init__(self, path: str, model_cfg, device: torch.device, batch_size: int):
-        from ppo_cli.models import (
-            is_adapter_dir,
-            load_sequence_classifier,
-            load_tokenizer,
-            recorded_base_model,
-        )
 
         self.device, self.batch_size = device, batch_size
         self.tokenizer = load_tokenizer(path, model_cfg.trust_remote_code)

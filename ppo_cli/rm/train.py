@@ -26,6 +26,7 @@ from ppo_cli import checkpoint as ckpt
 from ppo_cli.app import hydra_app
 from ppo_cli.data import LengthReport
 from ppo_cli.errors import UserError
+from ppo_cli.logger import make_console
 from ppo_cli.models import (
     apply_lora,
     autocast,
@@ -38,11 +39,11 @@ from ppo_cli.models import (
     load_tokenizer,
     local_or_hub,
 )
-from ppo_cli.reward.from_sft import copy_adapter_weights
 from ppo_cli.reward.health import RMHealth
 from ppo_cli.reward.scoring import batched_scores, init_score_head, score_head_name, sequence_scores
 from ppo_cli.reward.stats import REWARD_MEAN, REWARD_STD
 from ppo_cli.rlhf import pairwise_reward_loss
+from ppo_cli.rm.from_sft import copy_adapter_weights
 from ppo_cli.rm.pairs import build_pair_examples, collate_pairs
 from ppo_cli.run import StageRun
 from ppo_cli.supervised import SupervisedTask, SupervisedTrainer, load_examples, validate_supervised
@@ -272,8 +273,6 @@ def main(cfg: DictConfig) -> None:
 
     def say(message: str) -> None:
         if run.is_main:
-            from ppo_cli.logger import make_console
-
             make_console().print(message)
 
     def warn(message: str) -> None:
