@@ -454,12 +454,12 @@ def test_disk_full_writing_final_or_metrics(tiny, small_sft, tmp_path, monkeypat
     out = tmp_path / "run"
     full = FULL_DISK["os"]
     if what == "final":
-        import ppo_cli.models
+        import ppo_cli.run
 
         def write_product_info(*args, **kwargs):
             raise OSError(full.errno, full.strerror)
 
-        monkeypatch.setattr(ppo_cli.models, "write_product_info", write_product_info)
+        monkeypatch.setattr(ppo_cli.run, "write_product_info", write_product_info)
         needles = [f"could not write {out}/final", "No space left on device", "resume=auto"]
     else:
         import ppo_cli.logger
