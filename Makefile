@@ -58,5 +58,11 @@ trl112-venv:
 quality: install trl-venv trl112-venv
 	$(PYTHON) bench/quality.py --trl-rm-python $(TRL_VENV)/bin/python --trl-ppo-python $(TRL112_VENV)/bin/python
 
+# Memory plan vs reality: `ppo-cli plan`'s total beside the peak RSS of short CPU runs (two model sizes x fp32/bf16
+# x train-sft/train-ppo); writes bench/results/memory.json.
+.PHONY: bench-memory
+bench-memory: install
+	$(PYTHON) bench/memory.py
+
 clean:
 	rm -rf outputs demo_runs bench/results .pytest_cache

@@ -93,7 +93,7 @@ def describe_composition_error(exc: BaseException, command: str, key_prefix: str
         None,
     )
     if choices and full_key:  # a Choice key (ppo_cli/config.py) given a value outside its set
-        from ppo_cli.config import REFUSED_CHOICES
+        from ppo_cli.choices import REFUSED_CHOICES
 
         reason = REFUSED_CHOICES.get((full_key, choices.group(1)))
         if reason:

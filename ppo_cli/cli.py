@@ -40,7 +40,14 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "sample completions from any stage's final/ (or a base model) into JSONL",
     ),
     "export": ("ppo_cli.export", "export", "merge adapter(s) into a standalone Hugging Face model directory"),
+    "plan": (
+        "ppo_cli.plan.command",
+        "plan",
+        "the peak memory a train-* run will need and whether it fits, before it starts",
+    ),
 }
+# Commands that parse their own arguments (no Hydra app): `plan COMMAND ...` composes COMMAND's config.
+OWN_ARGUMENTS = {"plan"}
 
 # Flags that make Hydra do something other than run one job: no precheck for those.
 _NO_PRECHECK_FLAGS = {
@@ -87,6 +94,9 @@ def main(argv: list[str] | None = None) -> None:
     if command not in COMMANDS:
         fail(f"unknown command '{command}'. Choose one of: {', '.join(COMMANDS)} (see `ppo-cli --help`).")
     module_name, config_name, _ = COMMANDS[command]
+    if command in OWN_ARGUMENTS:
+        importlib.import_module(module_name).main(args[1:])
+        return
     flags, overrides = split_hydra_args(args[1:])
     cfg = None if _NO_PRECHECK_FLAGS.intersection(flags) else precheck(config_name, overrides, command)
     module = importlib.import_module(module_name)

@@ -11,77 +11,21 @@ next to the defaults (ppo_cli/schema.py reads them from this file, so every fiel
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-
-class Choice(str, Enum):
-    """A key with a fixed set of values: a value outside it is rejected when Hydra composes the config
-    (exit 2 naming the key and the choices, before any model loads). Members compare equal to, print as
-    and serialise as their plain string value."""
-
-    def __str__(self) -> str:
-        return self.value
-
-    def __format__(self, spec: str) -> str:
-        return format(self.value, spec)
-
-
-# Values a Choice key refuses with a reason, said instead of the bare list of choices.
-REFUSED_CHOICES = {
-    ("train.mixed_precision", "fp16"): (
-        "train.mixed_precision=fp16 is not supported: fp16's narrow range needs loss scaling, which ppo-cli "
-        "does not do, so small gradients would silently become zero. Use train.mixed_precision=bf16 (GPUs "
-        "from Ampere on, and CPUs) or train.mixed_precision=no (fp32); auto picks bf16 where the hardware "
-        "supports it and fp32 elsewhere."
-    ),
-}
-
-
-class Dtype(Choice):
-    auto = "auto"
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-
-
-class Overflow(Choice):
-    truncate = "truncate"
-    drop = "drop"
-
-
-class WandbMode(Choice):
-    online = "online"
-    offline = "offline"
-    disabled = "disabled"
-
-
-class Schedule(Choice):
-    cosine = "cosine"
-    linear = "linear"
-    constant = "constant"
-
-
-class MixedPrecision(Choice):
-    auto = "auto"
-    bf16 = "bf16"
-    no = "no"
-
-
-class KLController(Choice):
-    adaptive = "adaptive"
-    fixed = "fixed"
-
-
-class RewardNormalization(Choice):
-    sft_samples = "sft_samples"
-    sft_mean = "sft_mean"
-    rm_stats = "rm_stats"
-    whiten = "whiten"
-    none = "none"
+from ppo_cli.choices import (
+    Dtype,
+    KLController,
+    MixedPrecision,
+    Overflow,
+    QuantType,
+    RewardNormalization,
+    Schedule,
+    WandbMode,
+)
 
 
 @dataclass
@@ -99,6 +43,17 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     # Hub revision (branch, tag or commit) of the base model.
     revision: str | None = None
+    # Load the base in 4 bits with bitsandbytes (QLoRA: LoRA adapters train on top; needs lora.enabled).
+    load_in_4bit: bool = False
+    # Load the base in 8 bits with bitsandbytes (LLM.int8; needs lora.enabled).
+    load_in_8bit: bool = False
+    # 4-bit data type: nf4 (NormalFloat, the QLoRA default) or fp4.
+    bnb_4bit_quant_type: QuantType = QuantType.nf4
+    # Quantize the 4-bit quantization constants too (saves ~0.4 bits per weight).
+    bnb_4bit_use_double_quant: bool = False
+    # dtype the 4-bit layers compute in: auto (the autocast dtype where there is one, else float32),
+    # float32, bfloat16, float16.
+    bnb_4bit_compute_dtype: Dtype = Dtype.auto
 
 
 @dataclass
@@ -397,6 +352,19 @@ class PipelineConfig:
     setup: Any = field(default_factory=_open_dict)
 
 
+@dataclass
+class PlanConfig:
+    # Compare the plan's total with this many GB (1e9 bytes) instead of the memory of the device the command
+    # sees (null = free CUDA memory, or total RAM on CPU).
+    device_memory_gb: float | None = None
+
+
+@dataclass
+class PlanCommandConfig:
+    # `ppo-cli plan COMMAND ...`'s own keys; every other override is COMMAND's (see ppo_cli/plan/command.py).
+    plan: PlanConfig = field(default_factory=PlanConfig)
+
+
 def register_configs() -> None:
     """Register the schemas that conf/<stage>.yaml extend (idempotent)."""
     cs = ConfigStore.instance()
@@ -406,3 +374,4 @@ def register_configs() -> None:
     cs.store(name="schema_pipeline", node=PipelineConfig)
     cs.store(name="schema_generate", node=GenerateConfig)
     cs.store(name="schema_export", node=ExportConfig)
+    cs.store(name="schema_plan", node=PlanCommandConfig)

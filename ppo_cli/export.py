@@ -12,6 +12,9 @@ W + (alpha/r) B A computed once at full precision; the tokenizer (with the pad t
 generation config are saved beside the weights. Loading the result needs neither peft nor ppo-cli, and
 its logits equal those of base + adapter. The output directory must not exist or be empty; the model is
 written to a temporary sibling and renamed into place, so a failed export leaves nothing half-written.
+
+An adapter trained on a 4/8-bit base (model.load_in_4bit / load_in_8bit) is merged into the
+full-precision base all the same: export ignores those keys and says so in one line.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ppo_cli.app import hydra_app
 from ppo_cli.errors import UserError
@@ -33,10 +36,12 @@ from ppo_cli.models import (
     load_causal_lm,
     load_sequence_classifier,
     load_tokenizer,
+    quantization_key,
     read_product_info,
     recorded_base_model,
     resolve_device,
 )
+from ppo_cli.resume_config import RUN_MARKER
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -78,6 +83,27 @@ def saved_dtype(cfg_dtype: str, model) -> torch.dtype:
     return stored if isinstance(stored, torch.dtype) else torch.float32
 
 
+def quantized_base_note(checkpoint: Path, cfg: DictConfig) -> str | None:
+    """One line when the command line or the adapter's run (its config.yaml beside final/) asks for a
+    4/8-bit base: export merges into the full-precision base whatever they say, since folding
+    W + (alpha/r) B A into quantized weights would round the adapter away."""
+    run_config = checkpoint.resolve().parent / RUN_MARKER
+    run_model = OmegaConf.load(run_config).get("model") if run_config.is_file() else None
+    asked = quantization_key(cfg.model)
+    trained = quantization_key(run_model) if isinstance(run_model, DictConfig) else None
+    if asked is None and trained is None:
+        return None
+    said = (
+        f"{asked}=true is ignored"
+        if asked
+        else f"the adapter was trained on a base loaded with {trained}=true"
+    )
+    return (
+        f"{said}: export merges the adapter into the full-precision base, never a quantized one (set "
+        "model.dtype to choose the saved dtype)."
+    )
+
+
 def merge(checkpoint: Path, cfg: DictConfig):
     """(merged model, tokenizer, task type, base): the adapter folded into a float32 copy of its base."""
     from peft import PeftModel
@@ -88,6 +114,7 @@ def merge(checkpoint: Path, cfg: DictConfig):
     tokenizer = load_tokenizer(str(checkpoint), cfg.model.trust_remote_code)
     load_cfg = cfg.model.copy()
     load_cfg.dtype = "float32"  # merge at full precision; cast when saving
+    load_cfg.load_in_4bit = load_cfg.load_in_8bit = False  # never into quantized weights
     load = load_sequence_classifier if task == "SEQ_CLS" else load_causal_lm
     model = load(load_cfg, tokenizer, device, name_or_path=base)
     stored = saved_dtype(cfg.model.dtype, model)
@@ -101,6 +128,9 @@ def run(cfg: DictConfig) -> Path:
 
     console = make_console()
     checkpoint = validate(cfg)
+    note = quantized_base_note(checkpoint, cfg)
+    if note:
+        console.print(f"[bold]ppo-cli export[/]: {note}")
     output = Path(cfg.output).expanduser()
     merged, tokenizer, task, base = merge(checkpoint, cfg)
     info = read_product_info(checkpoint, "checkpoint")

@@ -126,7 +126,13 @@ class RunLogger:
     """Console, progress bar, metrics.jsonl and (optionally) wandb for one run."""
 
     def __init__(
-        self, output_dir: Path, cfg: DictConfig, stage: str, enabled: bool = True, lora: str | None = None
+        self,
+        output_dir: Path,
+        cfg: DictConfig,
+        stage: str,
+        enabled: bool = True,
+        lora: str | None = None,
+        memory_plan: str | None = None,
     ):
         self.output_dir = Path(output_dir)
         self.cfg = cfg
@@ -134,6 +140,8 @@ class RunLogger:
         self.enabled = enabled
         # The LoRA row of the start panel: what the model really has (models.describe_lora), when known.
         self.lora = lora
+        # The start panel's "memory plan" row: `ppo-cli plan`'s total for this run (ppo_cli/plan/), when known.
+        self.memory_plan = memory_plan
         self.console = make_console()
         self.progress: Progress | None = None
         # Off a terminal: (first step, total steps, start time) for plain progress lines.
@@ -157,6 +165,7 @@ class RunLogger:
             "steps": f"{total_steps} (batch {self.cfg.train.batch_size} x accum {self.cfg.train.grad_accum_steps}, "
             f"lr {self.cfg.train.lr})",
             "output_dir": str(self.output_dir),
+            **({"memory plan": self.memory_plan} if self.memory_plan else {}),
             **(summary or {}),
         }
         if start_step:

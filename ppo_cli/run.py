@@ -21,7 +21,7 @@ from ppo_cli import checkpoint as ckpt
 from ppo_cli.dist import SEED_STRIDE, DistInfo, barrier, broadcast_object, check_in_sync, init_distributed
 from ppo_cli.errors import UserError
 from ppo_cli.logger import RunLogger
-from ppo_cli.models import PRODUCT_FILE, resolve_device, write_product_info
+from ppo_cli.models import PRODUCT_FILE, check_quantization, resolve_device, write_product_info
 from ppo_cli.resume_config import saved_stage
 
 FINAL = "final"
@@ -90,6 +90,8 @@ def validate_train(cfg: DictConfig) -> None:
     eval_fraction = OmegaConf.select(cfg, "data.eval_fraction")
     if eval_fraction is not None and not 0 <= eval_fraction < 1:
         raise UserError(f"data.eval_fraction={eval_fraction} must be at least 0 and less than 1.")
+    # A 4/8-bit base: bitsandbytes present, a device it serves, LoRA on (quantized weights cannot train).
+    check_quantization(cfg.model, train.device, lora_enabled=bool(cfg.lora.enabled))
 
 
 class StageRun:
@@ -153,7 +155,14 @@ class StageRun:
                 OmegaConf.create({"stage": self.stage, **resolved}), self.output_dir / ckpt.RUN_MARKER
             )
         barrier(self.dist)
-        self.logger = RunLogger(self.output_dir, self.cfg, self.stage, enabled=self.is_main, lora=lora)
+        memory_plan = None
+        if self.is_main:
+            from ppo_cli.plan.command import summary_row
+
+            memory_plan = summary_row(self.cfg, self.stage, self.device)
+        self.logger = RunLogger(
+            self.output_dir, self.cfg, self.stage, enabled=self.is_main, lora=lora, memory_plan=memory_plan
+        )
         self.stop.install()
         return self.logger
 

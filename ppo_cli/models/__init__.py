@@ -1,4 +1,4 @@
-"""Loading base models, tokenizers and adapters; device and precision choices; what a stage's product
+"""Loading base models, tokenizers and adapters; device, precision and quantization choices; what a stage's product
 records. Every stage goes through here, so the rules live in one place (see each module)."""
 
 from ppo_cli.models.devices import (
@@ -31,6 +31,7 @@ from ppo_cli.models.lora import (
     lora_targets_text,
     peft_default_targets,
     peft_lora_config,
+    prepare_quantized,
 )
 from ppo_cli.models.products import (
     PRODUCT_FILE,
@@ -43,6 +44,13 @@ from ppo_cli.models.products import (
     recorded_base_model,
     same_model,
     write_product_info,
+)
+from ppo_cli.models.quantization import (
+    bnb_config,
+    check_quantization,
+    is_quantized,
+    keep_4bit_differentiable,
+    quantization_key,
 )
 
 __all__ = [
@@ -71,6 +79,12 @@ __all__ = [
     "apply_lora",
     "keep_trainable_in_fp32",
     "enable_gradient_checkpointing",
+    "prepare_quantized",
+    "quantization_key",
+    "is_quantized",
+    "keep_4bit_differentiable",
+    "check_quantization",
+    "bnb_config",
     "PRODUCT_FILE",
     "write_product_info",
     "read_product_info",

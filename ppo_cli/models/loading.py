@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from ppo_cli.data import turn_end_id
 from ppo_cli.errors import UserError
 from ppo_cli.models.devices import resolve_dtype
+from ppo_cli.models.quantization import bnb_config
 
 PAD_TOKEN = "<|pad|>"
 
@@ -74,11 +75,16 @@ def local_or_hub(name_or_path: str) -> str:
     return str(path.resolve()) if path.is_dir() else name_or_path
 
 
-def _from_pretrained(cls, name_or_path: str, model_cfg: DictConfig, dtype: torch.dtype, **kwargs: Any):
+def _from_pretrained(
+    cls, name_or_path: str, model_cfg: DictConfig, dtype: torch.dtype, quantization=None, **kwargs: Any
+):
+    """`quantization`: a BitsAndBytesConfig (`kwargs` then hold the device_map that places it)."""
     name_or_path = local_or_hub(name_or_path)
     extra = {}
     if model_cfg.attn_implementation:
         extra["attn_implementation"] = model_cfg.attn_implementation
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
     try:
         return cls.from_pretrained(
             name_or_path,
@@ -111,20 +117,39 @@ def fit_embeddings(model, tokenizer) -> None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
+def _placed(quantization, device: torch.device) -> dict[str, Any]:
+    """from_pretrained's device_map for a quantized base: bitsandbytes quantizes each layer as it is put
+    on the device (a quantized model cannot be moved afterwards, and 8-bit refuses `.to`)."""
+    return {} if quantization is None else {"device_map": {"": str(device)}}
+
+
 def load_causal_lm(
     model_cfg: DictConfig,
     tokenizer,
     device: torch.device,
     name_or_path: str | None = None,
     frozen_compute: torch.dtype | None = None,
+    autocast: torch.dtype | None = None,
 ):
-    """A causal LM on `device`; `frozen_compute`: see `resolve_dtype` (a base that never trains)."""
+    """A causal LM on `device`; `frozen_compute`: see `resolve_dtype` (a base that never trains);
+    `autocast`: the dtype the stage's passes compute in (a 4-bit base's compute dtype under auto).
+
+    A quantized base (model.load_in_4bit / load_in_8bit) keeps model.dtype for the layers that are not
+    quantized: `frozen_compute` does not apply to it (its linear layers are 4 or 8 bits already)."""
     from transformers import AutoModelForCausalLM
 
-    dtype = resolve_dtype(model_cfg.dtype, device, frozen_compute)
-    model = _from_pretrained(AutoModelForCausalLM, name_or_path or model_cfg.name_or_path, model_cfg, dtype)
+    quantization = bnb_config(model_cfg, device, autocast or frozen_compute)
+    dtype = resolve_dtype(model_cfg.dtype, device, None if quantization else frozen_compute)
+    model = _from_pretrained(
+        AutoModelForCausalLM,
+        name_or_path or model_cfg.name_or_path,
+        model_cfg,
+        dtype,
+        quantization,
+        **_placed(quantization, device),
+    )
     fit_embeddings(model, tokenizer)
-    return model.to(device)
+    return model if quantization else model.to(device)
 
 
 def load_sequence_classifier(
@@ -132,19 +157,25 @@ def load_sequence_classifier(
     tokenizer,
     device: torch.device,
     name_or_path: str | None = None,
+    autocast: torch.dtype | None = None,
 ):
+    """A one-label sequence classifier on `device` (`autocast`: see `load_causal_lm`); its score head
+    is never quantized (transformers keeps a model's output layer in full precision)."""
     from transformers import AutoModelForSequenceClassification
 
+    quantization = bnb_config(model_cfg, device, autocast)
     dtype = resolve_dtype(model_cfg.dtype, device)
     model = _from_pretrained(
         AutoModelForSequenceClassification,
         name_or_path or model_cfg.name_or_path,
         model_cfg,
         dtype,
+        quantization,
         num_labels=1,
+        **_placed(quantization, device),
     )
     fit_embeddings(model, tokenizer)
-    return model.to(device)
+    return model if quantization else model.to(device)
 
 
 def eos_token_ids(tokenizer, model) -> list[int]:

@@ -10,6 +10,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ppo_cli.errors import UserError
 from ppo_cli.models.loading import first_line
+from ppo_cli.models.quantization import is_quantized, keep_4bit_differentiable
 
 
 def lora_target_modules(lora_cfg: DictConfig) -> Any:
@@ -104,6 +105,7 @@ def apply_lora(
         return model
     from peft import get_peft_model
 
+    prepare_quantized(model)
     try:
         config = peft_lora_config(lora_cfg, task_type, modules_to_save, dropout, has_conv1d_layers(model))
         return get_peft_model(model, config, adapter_name=adapter_name)
@@ -111,6 +113,18 @@ def apply_lora(
         raise UserError(
             f"cannot apply LoRA with lora.target_modules={lora_cfg.target_modules}: {first_line(exc)}"
         ) from exc
+
+
+def prepare_quantized(model) -> None:
+    """peft's preparation of a 4/8-bit base for LoRA training (a no-op for a full-precision one): every
+    base weight frozen, and the layers left unquantized (embeddings, norms, output head) in fp32, which
+    QLoRA trains against for stability. Gradient checkpointing stays with model.gradient_checkpointing."""
+    if not is_quantized(model):
+        return
+    from peft import prepare_model_for_kbit_training
+
+    prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    keep_4bit_differentiable(model)
 
 
 def keep_trainable_in_fp32(model: torch.nn.Module) -> None:

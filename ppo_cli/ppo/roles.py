@@ -25,7 +25,12 @@ import torch
 from safetensors.torch import load_file
 
 from ppo_cli.errors import UserError
-from ppo_cli.models import has_conv1d_layers, keep_trainable_in_fp32, peft_lora_config
+from ppo_cli.models import (
+    has_conv1d_layers,
+    keep_4bit_differentiable,
+    keep_trainable_in_fp32,
+    peft_lora_config,
+)
 from ppo_cli.reward.scoring import head_scores
 from ppo_cli.rlhf import position_ids_from_mask
 
@@ -285,6 +290,8 @@ def build_roles(
 
     for p in base_model.parameters():
         p.requires_grad_(False)
+    # A 4-bit base: rollouts must not switch its layers to a kernel without a backward.
+    keep_4bit_differentiable(base_model)
     device = next(base_model.parameters()).device
 
     if sft_adapter:

@@ -112,7 +112,8 @@ def main(cfg: DictConfig) -> None:
             "(its final/ppo_cli.json holds reward_mean/reward_std)."
         )
 
-    # The shared base never trains: under bf16 autocast it is held in bf16 (model.dtype=auto).
+    # The shared base never trains: under bf16 autocast it is held in bf16 (model.dtype=auto); a 4/8-bit
+    # base (model.load_in_4bit / load_in_8bit) stays as bitsandbytes quantized it.
     base = load_causal_lm(
         cfg.model, tokenizer, run.device, frozen_compute=autocast_dtype(run.device, cfg.train.mixed_precision)
     )

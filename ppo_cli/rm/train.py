@@ -30,6 +30,7 @@ from ppo_cli.logger import make_console
 from ppo_cli.models import (
     apply_lora,
     autocast,
+    autocast_dtype,
     count_parameters,
     describe_lora,
     enable_gradient_checkpointing,
@@ -38,6 +39,7 @@ from ppo_cli.models import (
     load_sequence_classifier,
     load_tokenizer,
     local_or_hub,
+    prepare_quantized,
 )
 from ppo_cli.reward.health import RMHealth
 from ppo_cli.reward.scoring import batched_scores, init_score_head, score_head_name, sequence_scores
@@ -168,7 +170,9 @@ def build_reward_model(
     `explicit`: the lora.* keys the user set (see `overridden_lora_keys`), None = all of them."""
     from peft import get_peft_model
 
-    model = load_sequence_classifier(cfg.model, tokenizer, device)
+    model = load_sequence_classifier(
+        cfg.model, tokenizer, device, autocast=autocast_dtype(device, cfg.train.mixed_precision)
+    )
     try:
         head = score_head_name(model)
     except ValueError as exc:
@@ -185,6 +189,7 @@ def build_reward_model(
         model = apply_lora(model, cfg.lora, task_type="SEQ_CLS", modules_to_save=[head])
         return model, head, start
     lora_config = sft_lora_config(sft, cfg, head if cfg.lora.enabled else None, warn, explicit)
+    prepare_quantized(model)
     model = get_peft_model(model, lora_config)
     try:
         loaded = copy_adapter_weights(model, sft)

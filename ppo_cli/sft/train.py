@@ -14,6 +14,7 @@ from ppo_cli.app import hydra_app
 from ppo_cli.data import IGNORE_INDEX, LengthReport, build_sft_examples, collate_sft
 from ppo_cli.models import (
     apply_lora,
+    autocast_dtype,
     count_parameters,
     describe_lora,
     enable_gradient_checkpointing,
@@ -60,7 +61,9 @@ def main(cfg: DictConfig) -> None:
         return
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code, cfg.model.revision)
     train, evals = load_examples(cfg, tokenizer, build_sft_examples, print, nothing_left)
-    model = load_causal_lm(cfg.model, tokenizer, run.device)
+    model = load_causal_lm(
+        cfg.model, tokenizer, run.device, autocast=autocast_dtype(run.device, cfg.train.mixed_precision)
+    )
     model = apply_lora(model, cfg.lora, task_type="CAUSAL_LM")
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)

@@ -1,0 +1,173 @@
+#!/usr/bin/env python
+"""`make bench-memory`: `ppo-cli plan`'s total against the peak RSS of real short CPU runs.
+
+Configurations: two random-init Llamas built offline with ppo_cli.tiny (the tests' tiny model and a
+~106M-parameter one with a 32k vocabulary) x fp32 and bf16 (train.mixed_precision) x train-sft and train-ppo (reward_fn, no SFT
+adapter). Each run is a few optimizer steps in its own process; its peak RSS is the ru_maxrss that
+the run reports (VmHWM, see `measure`), which is what the plan counts on CPU (process baseline + checkpoint load + the
+training peak). The plan is asked with the same overrides. Prints plan, measured and their ratio and
+writes bench/results/memory.json; the plan is meant to stay within +-20% of each.
+
+    python bench/memory.py [--reuse] [--out bench/results/memory.json]
+
+--reuse takes the measurements from the previous --out file and only recomputes the plan (for
+calibrating the estimator without re-running the training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+MODELS = {
+    # name -> build_all keyword arguments
+    "tiny": {},
+    # ~106M parameters, a third of them in a 32k-row embedding and lm_head: the logits count as in real models
+    "llama-106m": {"hidden_size": 640, "num_layers": 10, "num_heads": 10, "vocab_multiple": 32000},
+}
+PRECISIONS = {"fp32": "no", "bf16": "bf16"}
+
+
+def build_models(root: Path) -> dict[str, dict[str, Path]]:
+    from ppo_cli.tiny.cache import build_all
+
+    return {name: build_all(root / name, arch="llama", **kwargs) for name, kwargs in MODELS.items()}
+
+
+def command_of(stage: str, paths: dict[str, Path], precision: str, out: Path) -> list[str]:
+    common = [
+        f"model.name_or_path={paths['model']}",
+        f"output_dir={out}",
+        "train.device=cpu",
+        f"train.mixed_precision={PRECISIONS[precision]}",
+        "train.max_steps=2",
+        "train.save_every=0",
+        "train.eval_every=0",
+        "train.log_every=1",
+        "logger.progress=false",
+    ]
+    if stage == "train-sft":
+        # every example is longer than 16 tokens: each micro-batch is 32 x 16
+        return [
+            stage,
+            *common,
+            f"data.train={paths['sft']}",
+            "data.eval_fraction=0",
+            "data.max_length=16",
+            "train.batch_size=32",
+        ]
+    return [
+        stage,
+        *common,
+        f"data.train={paths['prompts']}",
+        "reward_fn=ppo_cli.tiny.task:positive_reward",
+        # prompts truncated to their last 8 tokens; a random model rarely stops before 32 new tokens
+        "data.max_length=8",
+        "generation.max_new_tokens=32",
+        "train.batch_size=16",
+        "ppo.epochs=1",
+        "sample_every=0",
+    ]
+
+
+# The run reports its own peak: ru_maxrss of a child started from this (large) Python process would start
+# at this process's peak (Linux carries it across fork and exec), while VmHWM is the peak RSS of the
+# child's own address space: what ru_maxrss reports for the same command started from a shell.
+_RUN_AND_REPORT = """
+import atexit, sys
+out = sys.argv[1]
+def report():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            open(out, "w").write(line.split()[1])
+atexit.register(report)
+sys.argv = ["ppo-cli", *sys.argv[2:]]
+from ppo_cli.cli import main
+main()
+"""
+
+
+def measure(args: list[str]) -> int:
+    """Peak RSS in bytes of `ppo-cli ARGS` (VmHWM, which Linux reports in KiB)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    with tempfile.TemporaryDirectory() as tmp:
+        peak = Path(tmp) / "peak"
+        result = subprocess.run(
+            [sys.executable, "-c", _RUN_AND_REPORT, str(peak), *args],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            check=False,
+        )
+        if result.returncode != 0 or not peak.is_file():
+            raise SystemExit(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}")
+        return int(peak.read_text()) * 1024
+
+
+def plan_of(args: list[str]) -> dict:
+    """`ppo-cli plan ARGS --json` on the CPU."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "ppo_cli", "plan", *args, "--json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise SystemExit(f"ppo-cli plan {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
+    return json.loads(result.stdout)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "memory.json")
+    parser.add_argument("--reuse", action="store_true", help="reuse the measurements in --out")
+    opts = parser.parse_args()
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
+    previous = {}
+    if opts.reuse and opts.out.is_file():
+        previous = {r["name"]: r["measured_bytes"] for r in json.loads(opts.out.read_text())["runs"]}
+    models = build_models(HERE / "results" / "memory-models")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for model_name, paths in models.items():
+            for stage in ("train-sft", "train-ppo"):
+                for precision in PRECISIONS:
+                    name = f"{model_name} {stage} {precision}"
+                    args = command_of(stage, paths, precision, Path(tmp) / name.replace(" ", "-"))
+                    measured = previous.get(name) or measure(args)
+                    plan = plan_of(args[:1] + [a for a in args[1:] if not a.startswith("output_dir=")])
+                    ratio = plan["total_bytes"] / measured
+                    rows.append(
+                        {
+                            "name": name,
+                            "command": args,
+                            "measured_bytes": measured,
+                            "plan_bytes": plan["total_bytes"],
+                            "ratio": round(ratio, 3),
+                            "parts": plan["parts"],
+                        }
+                    )
+                    print(
+                        f"{name:<28} plan {plan['total_bytes'] / 2**20:8.1f} MiB  measured "
+                        f"{measured / 2**20:8.1f} MiB  ratio {ratio:.2f}",
+                        flush=True,
+                    )
+    worst = max(abs(r["ratio"] - 1) for r in rows)
+    opts.out.write_text(json.dumps({"runs": rows, "worst_relative_error": round(worst, 3)}, indent=2) + "\n")
+    print(f"worst |plan/measured - 1| = {worst:.2f}; wrote {opts.out}")
+
+
+if __name__ == "__main__":
+    main()

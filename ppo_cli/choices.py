@@ -1,0 +1,77 @@
+"""The option keys' value sets (`Choice` enums used by ppo_cli/config.py's fields), and the values refused
+with a reason."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Choice(str, Enum):
+    """A key with a fixed set of values: a value outside it is rejected when Hydra composes the config
+    (exit 2 naming the key and the choices, before any model loads). Members compare equal to, print as
+    and serialise as their plain string value."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+# Values a Choice key refuses with a reason, said instead of the bare list of choices.
+REFUSED_CHOICES = {
+    ("train.mixed_precision", "fp16"): (
+        "train.mixed_precision=fp16 is not supported: fp16's narrow range needs loss scaling, which ppo-cli "
+        "does not do, so small gradients would silently become zero. Use train.mixed_precision=bf16 (GPUs "
+        "from Ampere on, and CPUs) or train.mixed_precision=no (fp32); auto picks bf16 where the hardware "
+        "supports it and fp32 elsewhere."
+    ),
+}
+
+
+class Dtype(Choice):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class QuantType(Choice):
+    nf4 = "nf4"
+    fp4 = "fp4"
+
+
+class Overflow(Choice):
+    truncate = "truncate"
+    drop = "drop"
+
+
+class WandbMode(Choice):
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+class Schedule(Choice):
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+
+
+class MixedPrecision(Choice):
+    auto = "auto"
+    bf16 = "bf16"
+    no = "no"
+
+
+class KLController(Choice):
+    adaptive = "adaptive"
+    fixed = "fixed"
+
+
+class RewardNormalization(Choice):
+    sft_samples = "sft_samples"
+    sft_mean = "sft_mean"
+    rm_stats = "rm_stats"
+    whiten = "whiten"
+    none = "none"

@@ -1,0 +1,270 @@
+"""The memory a training run will need, from numbers only: the model's shape, the LoRA shape, the batch and
+lengths, the dtypes. No torch, no model: `ppo_cli/plan/command.py` reads these numbers from the config.
+
+What is counted (bytes at the peak of a step):
+  base weights       every parameter at its weights dtype; under 4-bit/8-bit quantization the layers'
+                     linear weights at ~4.5/8.5 bits (bitsandbytes' blocks carry a scale), the rest
+                     (embeddings, norms, lm_head) at the compute dtype
+  trainable weights  LoRA A and B of every targeted linear layer (r x in + out x r), fp32; in train-ppo the
+                     policy and value adapters; full fine-tuning: every parameter, fp32
+  gradients          fp32, one per trainable weight
+  AdamW state        fp32 exp_avg and exp_avg_sq: 8 bytes per trainable weight
+  frozen adapters    train-ppo's reference and reward adapters (and the reward head) on the shared base;
+                     the RM's score head and PPO's value head are counted with the trainable weights
+  activations        what the backward pass keeps for one micro-batch (ACTIVATION_* per token and layer),
+                     or with gradient checkpointing each layer's input plus one layer recomputed
+  logits             (batch x positions x vocab): at the activation dtype plus the fp32 copies the loss and
+                     log-softmax make
+  rollout KV cache   train-ppo: 2 (K and V) x layers x prompts x (prompt + response) x kv heads x head dim
+  CPU only           the Python process with torch/transformers imported (PROCESS_BASELINE) and, when
+                     the load converts the checkpoint to another dtype, the file's pages and the converted
+                     copies while it loads, as far as they exceed the step's own tensors (an fp32 file
+                     loaded as fp32 maps its pages as the weights themselves: nothing extra)
+
+The constants were calibrated against the peak RSS of short CPU runs (bench/memory.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+GB = 1e9
+
+# Elements the backward pass keeps per token of one transformer layer. Hidden-sized ones, in the dtype of
+# the residual stream (the weights' dtype: autocast casts only at the matmuls): the two RMS norms' input,
+# statistics and output, the attention and MLP projections' inputs, q/k/v before and after the rotary
+# embedding, the attention output (~16 x hidden). Intermediate-sized ones, in the compute dtype: the MLP's
+# gate, up, activation and product (4 x intermediate). With LoRA dropout on, each targeted layer also keeps
+# its dropout mask and dropped input (2 x its input size). Under autocast over weights of another dtype the
+# matmuls keep their cast inputs too (AUTOCAST_COPIES x hidden).
+ACTIVATION_HIDDEN = 16
+ACTIVATION_INTERMEDIATE = 4
+LORA_DROPOUT_INPUTS = 2
+AUTOCAST_COPIES = 4
+# fp32 copies of the logits the loss (or log-softmax) makes, on top of the logits themselves.
+LOGITS_FP32_COPIES = 2
+# Peak RSS of the Python process once torch, transformers, peft and datasets are imported and a tiny
+# model has run (bench/memory.py: the tiny model's runs are almost only this).
+PROCESS_BASELINE = 500 * 2**20
+# Bits per quantized linear weight (bitsandbytes NF4 / int8 with their per-block scales).
+QUANT_BITS = {4: 4.5, 8: 8.5}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A decoder's shape, from its config."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    tie_word_embeddings: bool
+    # (name, in_features, out_features) of every linear layer in one block; a name may repeat (GPT-2's c_proj)
+    linears: tuple[tuple[str, int, int], ...]
+
+    @property
+    def layer_linear_params(self) -> int:
+        return sum(i * o for _, i, o in self.linears)
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+
+    @property
+    def other_params(self) -> int:
+        """Norms: two per layer and a final one."""
+        return (2 * self.num_layers + 1) * self.hidden_size
+
+    @property
+    def params(self) -> int:
+        return self.num_layers * self.layer_linear_params + self.embedding_params + self.other_params
+
+
+def linears_of(model_type: str, hidden: int, heads: int, kv_heads: int, head_dim: int, inter: int):
+    """The linear layers of one block, by architecture family (Llama-like by default)."""
+    if model_type == "gpt2":
+        return (
+            ("c_attn", hidden, 3 * hidden),
+            ("c_proj", hidden, hidden),
+            ("c_fc", hidden, inter),
+            ("c_proj", inter, hidden),
+        )
+    if model_type == "gpt_neox":
+        return (
+            ("query_key_value", hidden, 3 * hidden),
+            ("dense", hidden, hidden),
+            ("dense_h_to_4h", hidden, inter),
+            ("dense_4h_to_h", inter, hidden),
+        )
+    q, kv = heads * head_dim, kv_heads * head_dim
+    return (
+        ("q_proj", hidden, q),
+        ("k_proj", hidden, kv),
+        ("v_proj", hidden, kv),
+        ("o_proj", q, hidden),
+        ("gate_proj", hidden, inter),
+        ("up_proj", hidden, inter),
+        ("down_proj", inter, hidden),
+    )
+
+
+def targeted(shape: ModelShape, targets: list[str] | str) -> tuple[tuple[str, int, int], ...]:
+    """The linear layers of one block that LoRA adapts. `targets`: module names, or "all-linear" (every
+    linear layer of the blocks; never lm_head)."""
+    if targets == "all-linear":
+        return shape.linears
+    names = set(targets)
+    return tuple(lin for lin in shape.linears if lin[0] in names)
+
+
+def lora_params(shape: ModelShape, targets: list[str] | str, r: int) -> int:
+    """LoRA weights of one adapter: r x (in + out) for every targeted linear layer of every block."""
+    return shape.num_layers * sum(r * (i + o) for _, i, o in targeted(shape, targets))
+
+
+def weight_bytes(shape: ModelShape, weight_bytes_per: float, quant_bits: int | None = None) -> int:
+    """The base's weights: all at `weight_bytes_per`, or its blocks' linear layers quantized."""
+    if quant_bits is None:
+        return int(shape.params * weight_bytes_per)
+    linear = shape.num_layers * shape.layer_linear_params
+    return int(linear * QUANT_BITS[quant_bits] / 8 + (shape.params - linear) * weight_bytes_per)
+
+
+def activation_bytes(
+    shape: ModelShape,
+    batch: int,
+    seq: int,
+    residual_bytes: float,
+    act_bytes: float,
+    checkpointing: bool = False,
+    attention_scores: bool = False,
+    dropout_inputs: int = 0,
+) -> int:
+    """What one forward pass with gradients keeps for its backward, excluding the logits.
+
+    residual_bytes: bytes per element of the residual stream (the weights' dtype); act_bytes: of the
+    matmuls' outputs (the autocast dtype, else the weights'). attention_scores: the attention kernel
+    materialises the (heads x seq x seq) probabilities and keeps them (the math kernel, which ppo-cli uses on
+    CPU in bf16; the fused kernels keep only their output). dropout_inputs: input features of the layers
+    whose LoRA dropout is on, per block."""
+    hidden = (ACTIVATION_HIDDEN * shape.hidden_size + LORA_DROPOUT_INPUTS * dropout_inputs) * residual_bytes
+    if act_bytes != residual_bytes:
+        hidden += AUTOCAST_COPIES * shape.hidden_size * act_bytes
+    per_token = hidden + ACTIVATION_INTERMEDIATE * shape.intermediate_size * act_bytes
+    layer = batch * seq * per_token
+    if attention_scores:
+        layer += 2 * batch * shape.num_heads * seq * seq * act_bytes
+    if checkpointing:
+        # each block's input stays; one block at a time is recomputed with its full activations
+        return int(shape.num_layers * batch * seq * shape.hidden_size * residual_bytes + layer)
+    return int(shape.num_layers * layer)
+
+
+def logits_bytes(shape: ModelShape, batch: int, positions: int, act_bytes: float) -> int:
+    return int(batch * positions * shape.vocab_size * (act_bytes + 4 * LOGITS_FP32_COPIES))
+
+
+def kv_cache_bytes(shape: ModelShape, batch: int, seq: int, act_bytes: float) -> int:
+    return int(2 * shape.num_layers * batch * seq * shape.num_kv_heads * shape.head_dim * act_bytes)
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """What a stage will do, in numbers (ppo_cli/plan/command.py fills it from the config)."""
+
+    stage: str  # sft, rm or ppo
+    micro_batch: int  # sequences per forward pass with gradients
+    seq_len: int  # tokens per sequence (PPO: prompt + response)
+    weight_bytes: float  # bytes per base weight (its dtype)
+    act_bytes: float  # bytes per activation (the autocast dtype, else the weights dtype)
+    lora_r: int | None  # None = full fine-tuning
+    lora_targets: list[str] | str = field(default_factory=list)
+    lora_dropout: bool = False
+    quant_bits: int | None = None  # 4 or 8 = bitsandbytes
+    gradient_checkpointing: bool = False
+    attention_scores: bool = False
+    # train-ppo
+    rollout_batch: int = 0  # prompts per rollout batch (the KV cache and the no-grad scoring passes)
+    response_len: int = 0
+    frozen_adapters: int = 0  # reference and reward adapters on the shared base
+    # CPU: count the process, and the checkpoint file while it loads when its weights are converted to
+    # another dtype (its pages and the converted copies; an fp32 file loaded as fp32 is the weights' memory)
+    cpu: bool = False
+    checkpoint_file_bytes: int = 0
+    load_converts: bool = False
+
+
+def estimate(shape: ModelShape, run: RunShape) -> dict[str, int]:
+    """Bytes of each part at the peak of a training step; their sum is the plan's total."""
+    parts: dict[str, int] = {}
+    if run.cpu:
+        parts["process baseline"] = PROCESS_BASELINE
+        parts["checkpoint load"] = 0  # filled in below, once the step's size is known
+    lora = run.lora_r is not None
+    if lora:
+        parts["base weights"] = weight_bytes(shape, run.weight_bytes, run.quant_bits)
+        adapter = lora_params(shape, run.lora_targets, run.lora_r)
+    else:
+        # every weight trains, in fp32 (keep_trainable_in_fp32)
+        parts["base weights"] = 0
+        adapter = shape.params
+    trainable_adapters = 2 if run.stage == "ppo" else 1  # PPO: policy and value
+    heads = shape.hidden_size + 1
+    trainable = adapter * trainable_adapters + heads * (1 if run.stage in ("rm", "ppo") else 0)
+    parts["trainable weights"] = 4 * trainable
+    parts["gradients"] = 4 * trainable
+    parts["AdamW state"] = 8 * trainable
+    if run.frozen_adapters:
+        parts["frozen adapters"] = 4 * (adapter * run.frozen_adapters + heads)
+    passes = 2 if run.stage in ("ppo", "rm") else 1  # PPO: policy and value; RM: chosen and rejected
+    # quantized layers compute in the compute dtype: so does the residual stream
+    if not lora:
+        residual = 4  # full fine-tuning: every weight fp32
+    else:
+        residual = run.act_bytes if run.quant_bits else run.weight_bytes
+    dropout_inputs = (
+        sum(i for _, i, _ in targeted(shape, run.lora_targets)) if lora and run.lora_dropout else 0
+    )
+    parts["activations"] = passes * activation_bytes(
+        shape,
+        run.micro_batch,
+        run.seq_len,
+        residual,
+        run.act_bytes,
+        run.gradient_checkpointing,
+        run.attention_scores,
+        dropout_inputs,
+    )
+    if run.stage == "sft":
+        parts["logits"] = logits_bytes(shape, run.micro_batch, run.seq_len, run.act_bytes)
+    elif run.stage == "ppo":
+        # the update's logits at response positions, and the rollout's no-grad scoring pass over them
+        parts["logits"] = logits_bytes(
+            shape, run.micro_batch, run.response_len, run.act_bytes
+        ) + logits_bytes(shape, run.rollout_batch, run.response_len, 0)
+        parts["rollout KV cache"] = kv_cache_bytes(shape, run.rollout_batch, run.seq_len, run.act_bytes)
+    if run.cpu:
+        # the load's transient comes before the first step: it adds only where it exceeds the step's tensors
+        step = sum(parts.get(k, 0) for k in ("activations", "logits", "rollout KV cache"))
+        parts["checkpoint load"] = max(0, run.checkpoint_file_bytes - step) if run.load_converts else 0
+    return parts
+
+
+def total(parts: dict[str, int]) -> int:
+    return sum(parts.values())
+
+
+def gb(n: float) -> str:
+    """Bytes as GB with two decimals (1 GB = 1e9 bytes), MB below 0.1 GB."""
+    if n < 0.1 * GB:
+        return f"{n / 1e6:.1f} MB"
+    return f"{n / GB:.2f} GB"
+
+
+def fits(total_bytes: int, device_bytes: float | None) -> bool | None:
+    return None if device_bytes is None or math.isnan(device_bytes) else total_bytes <= device_bytes

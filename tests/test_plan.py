@@ -1,0 +1,286 @@
+"""`ppo-cli plan`: the estimator's arithmetic by hand on a toy shape, the command line (JSON keys, exit 2 on
+a missing model directory or a bad key), and the stages' start-up row."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from conftest import run_cli_in_process
+
+from ppo_cli.plan.estimate import (
+    PROCESS_BASELINE,
+    ModelShape,
+    RunShape,
+    activation_bytes,
+    estimate,
+    gb,
+    kv_cache_bytes,
+    linears_of,
+    logits_bytes,
+    lora_params,
+    total,
+    weight_bytes,
+)
+
+# A toy Llama: hidden 8, 2 layers, 2 heads of 4, one KV head, MLP 16, vocabulary 10, untied lm_head.
+TOY = ModelShape(
+    model_type="llama",
+    vocab_size=10,
+    hidden_size=8,
+    num_layers=2,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=4,
+    intermediate_size=16,
+    tie_word_embeddings=False,
+    linears=linears_of("llama", 8, 2, 1, 4, 16),
+)
+
+
+def test_parameters_of_the_toy_shape():
+    # q 8x8, k 8x4, v 8x4, o 8x8, gate 8x16, up 8x16, down 16x8
+    assert TOY.layer_linear_params == 64 + 32 + 32 + 64 + 128 + 128 + 128 == 576
+    # 2 layers of linears + embeddings and lm_head (10 x 8 each) + 5 norms of 8
+    assert TOY.params == 2 * 576 + 160 + 40 == 1352
+
+
+def test_lora_weights_count_r_times_in_plus_out_of_each_target():
+    assert lora_params(TOY, ["q_proj", "v_proj"], r=2) == 2 * (2 * (8 + 8) + 2 * (8 + 4)) == 112
+    assert lora_params(TOY, "all-linear", r=2) == 2 * 2 * (16 + 12 + 12 + 16 + 24 + 24 + 24) == 512
+    assert lora_params(TOY, ["no_such_module"], r=2) == 0
+
+
+def test_weights_at_their_dtype_or_quantized():
+    assert weight_bytes(TOY, 4) == 4 * 1352
+    # 4-bit: the 1152 linear weights at 4.5 bits = 648 bytes; embeddings and norms (200) in bf16
+    assert weight_bytes(TOY, 2, quant_bits=4) == 648 + 400
+    assert weight_bytes(TOY, 2, quant_bits=8) == int(1152 * 8.5 / 8) + 400
+
+
+def test_activations_by_hand():
+    # per token and layer: 16 x hidden (8) at 4 bytes + 4 x intermediate (16) at 4 bytes = 768 bytes
+    assert activation_bytes(TOY, batch=1, seq=2, residual_bytes=4, act_bytes=4) == 2 * 2 * 768
+    # checkpointing: each layer's input (2 tokens x 8 x 4 bytes) + one layer recomputed (1536)
+    assert activation_bytes(TOY, 1, 2, 4, 4, checkpointing=True) == 2 * 64 + 1536
+    # the math kernel's attention probabilities: 2 x heads x seq^2 per layer
+    assert activation_bytes(TOY, 1, 2, 4, 4, attention_scores=True) == 2 * (1536 + 2 * 2 * 4 * 4)
+    # LoRA dropout on q_proj and v_proj: mask and dropped input of 8 + 8 features, per token and layer
+    assert activation_bytes(TOY, 1, 2, 4, 4, dropout_inputs=16) == 2 * 2 * (768 + 2 * 16 * 4)
+    # bf16 autocast over fp32 weights: the intermediate at 2 bytes, plus 4 x hidden cast copies at 2 bytes
+    assert activation_bytes(TOY, 1, 2, 4, 2) == 2 * 2 * (16 * 8 * 4 + 4 * 8 * 2 + 4 * 16 * 2)
+
+
+def test_logits_and_kv_cache_by_hand():
+    # logits at the activation dtype plus two fp32 copies
+    assert logits_bytes(TOY, batch=2, positions=3, act_bytes=2) == 2 * 3 * 10 * (2 + 8)
+    # K and V x 2 layers x 1 prompt x 3 positions x 1 KV head x 4 x 2 bytes
+    assert kv_cache_bytes(TOY, batch=1, seq=3, act_bytes=2) == 2 * 2 * 3 * 4 * 2
+
+
+def test_sft_parts_add_up_to_the_total():
+    run = RunShape(stage="sft", micro_batch=1, seq_len=2, weight_bytes=4, act_bytes=4, lora_r=2,
+                   lora_targets=["q_proj", "v_proj"])  # fmt: skip
+    parts = estimate(TOY, run)
+    assert parts == {
+        "base weights": 4 * 1352,
+        "trainable weights": 4 * 112,
+        "gradients": 4 * 112,
+        "AdamW state": 8 * 112,
+        "activations": 3072,
+        "logits": 2 * 10 * 12,
+    }
+    assert total(parts) == 5408 + 16 * 112 + 3072 + 240
+
+
+def test_full_fine_tuning_trains_every_weight_in_fp32():
+    parts = estimate(
+        TOY, RunShape(stage="sft", micro_batch=1, seq_len=2, weight_bytes=2, act_bytes=2, lora_r=None)
+    )
+    assert parts["base weights"] == 0
+    assert (parts["trainable weights"], parts["gradients"], parts["AdamW state"]) == (
+        4 * 1352,
+        4 * 1352,
+        8 * 1352,
+    )
+
+
+def test_ppo_trains_policy_and_value_and_holds_the_rollout_cache():
+    run = RunShape(stage="ppo", micro_batch=1, seq_len=3, weight_bytes=4, act_bytes=4, lora_r=2,
+                   lora_targets=["q_proj", "v_proj"], rollout_batch=2, response_len=1, frozen_adapters=1)  # fmt: skip
+    parts = estimate(TOY, run)
+    # policy + value adapters (2 x 112) and the value head (8 + 1)
+    assert parts["trainable weights"] == 4 * (2 * 112 + 9)
+    assert parts["AdamW state"] == 8 * (2 * 112 + 9)
+    # the reference adapter and a head, frozen, fp32
+    assert parts["frozen adapters"] == 4 * (112 + 9)
+    # policy and value passes, 3 tokens each
+    assert parts["activations"] == 2 * 2 * 3 * 768
+    # the update's micro-batch logits + the rollout's no-grad logits, at response positions
+    assert parts["logits"] == 1 * 1 * 10 * 12 + 2 * 1 * 10 * 8
+    assert parts["rollout KV cache"] == 2 * 2 * 2 * 3 * 1 * 4 * 4
+
+
+def test_cpu_counts_the_process_and_a_converting_load():
+    base = dict(
+        stage="sft", micro_batch=1, seq_len=2, weight_bytes=2, act_bytes=2, lora_r=2, lora_targets=["q_proj"]
+    )
+    same = estimate(TOY, RunShape(**base, cpu=True, checkpoint_file_bytes=10**6))
+    assert same["process baseline"] == PROCESS_BASELINE
+    assert same["checkpoint load"] == 0  # the file's dtype is the weights': its pages are the weights
+    converted = estimate(TOY, RunShape(**base, cpu=True, checkpoint_file_bytes=10**6, load_converts=True))
+    step = converted["activations"] + converted["logits"]
+    assert converted["checkpoint load"] == 10**6 - step  # only what the load needs beyond the step
+
+
+def test_gb_formatting():
+    assert gb(1.234e9) == "1.23 GB"
+    assert gb(12_345_678) == "12.3 MB"
+
+
+# --------------------------------------------------------------------------------------- the CLI
+
+
+def plan_json(*args: str) -> dict:
+    result = run_cli_in_process("plan", *args, "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(result.stdout)
+
+
+def test_plan_json_of_train_ppo(tiny):
+    plan = plan_json(
+        "train-ppo",
+        f"model.name_or_path={tiny['model']}",
+        "reward_fn=ppo_cli.tiny.task:positive_reward",
+        "train.device=cpu",
+        "plan.device_memory_gb=1000",
+    )
+    assert {"total_bytes", "parts", "device", "fits"} <= set(plan)
+    assert plan["device"] == "cpu" and plan["fits"] is True
+    assert plan["total_bytes"] == sum(plan["parts"].values())
+    assert {"base weights", "trainable weights", "gradients", "AdamW state", "activations"} <= set(
+        plan["parts"]
+    )
+    assert plan["parts"]["rollout KV cache"] > 0
+    assert plan["suggestions"] == []
+
+
+def test_plan_that_does_not_fit_suggests_changes_with_their_totals(tiny):
+    plan = plan_json(
+        "train-sft",
+        f"model.name_or_path={tiny['model']}",
+        "train.device=cpu",
+        "train.batch_size=64",
+        "data.max_length=512",
+        "plan.device_memory_gb=0.6",
+    )
+    assert plan["fits"] is False
+    first = plan["suggestions"][0]
+    assert first["overrides"] == ["model.gradient_checkpointing=true"]
+    assert first["total_bytes"] < plan["total_bytes"]
+    totals = [s["total_bytes"] for s in plan["suggestions"]]
+    assert totals == sorted(totals, reverse=True)
+
+
+def test_plan_of_train_rm_has_no_logits_and_two_sequences_per_pair(tiny):
+    common = (f"model.name_or_path={tiny['model']}", "train.device=cpu", "train.mixed_precision=no")
+    rm = plan_json("train-rm", *common)
+    sft = plan_json("train-sft", *common)
+    assert "logits" not in rm["parts"] and "logits" in sft["parts"]
+    assert rm["parts"]["activations"] > sft["parts"]["activations"]
+
+
+def test_plan_table_says_what_is_counted(tiny):
+    result = run_cli_in_process(
+        "plan", "train-sft", f"model.name_or_path={tiny['model']}", "train.device=cpu"
+    )
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert "peak memory on cpu" in text and "total" in text and "fits" in text
+    assert "counted on cpu: peak RSS of the process" in text
+
+
+def test_gradient_checkpointing_and_overrides_change_the_plan(tiny):
+    common = ("train-sft", f"model.name_or_path={tiny['model']}", "train.device=cpu", "train.batch_size=16")
+    plain = plan_json(*common)
+    checkpointed = plan_json(*common, "model.gradient_checkpointing=true")
+    assert checkpointed["parts"]["activations"] < plain["parts"]["activations"]
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (("train-sft", "model.name_or_path=/no/such/model/dir"), "no such directory"),
+        (("train-sft", "model.name_or_path=/tmp", "train.lrr=1"), "unknown key train.lrr"),
+        (("train-sft", "model.name_or_path=/tmp", "plan.device_memory=1"), "unknown key plan.device_memory"),
+        (("train-sft", "plan.device_memory_gb=0"), "plan.device_memory_gb=0"),
+        (("generate",), "train-sft, train-rm, train-ppo"),
+        (("train-sft", "--cfg"), "unknown flag --cfg"),
+        (("train-sft",), "missing required value for model.name_or_path"),
+    ],
+)
+def test_plan_mistakes_exit_2(args, needle):
+    result = run_cli_in_process("plan", *args)
+    assert result.returncode == 2, result.stdout + result.stderr
+    paragraph = result.stderr.strip()
+    assert paragraph.startswith("ppo-cli plan: error: "), paragraph
+    assert "\n" not in paragraph and "Traceback" not in paragraph
+    assert needle in paragraph, paragraph
+
+
+def test_plan_help_exits_0():
+    result = run_cli_in_process("plan", "--help")
+    assert result.returncode == 0
+    assert "usage: ppo-cli plan COMMAND" in result.stdout
+
+
+# ---------------------------------------------------------------------------- the stages' start row
+
+
+def test_stage_start_panel_shows_the_memory_plan(tiny, tmp_path, capsys):
+    import torch
+
+    from ppo_cli.app import precheck
+    from ppo_cli.logger import RunLogger
+    from ppo_cli.plan.command import summary_row
+
+    cfg = precheck(
+        "train_sft",
+        [f"model.name_or_path={tiny['model']}", f"data.train={tiny['sft']}", f"output_dir={tmp_path}"],
+        "train-sft",
+    )
+    row = summary_row(cfg, "sft", torch.device("cpu"))
+    assert re.fullmatch(
+        r"\d+\.\d+ (GB|MB) peak on cpu \(ppo-cli plan train-sft \.\.\. for the parts\)", row
+    ), row
+    cfg.logger.progress = False
+    RunLogger(tmp_path, cfg, "sft", memory_plan=row).start(total_steps=1)
+    out = " ".join(capsys.readouterr().out.replace("│", " ").split())
+    assert f"memory plan {row}" in out
+
+
+def test_train_sft_start_panel_has_the_memory_plan_row(tiny, tmp_path):
+    result = run_cli_in_process(
+        "train-sft",
+        f"model.name_or_path={tiny['model']}",
+        f"data.train={tiny['sft']}",
+        f"output_dir={tmp_path / 'run'}",
+        "train.device=cpu",
+        "train.max_steps=1",
+        "train.batch_size=2",
+        "logger.progress=false",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = " ".join(result.stdout.replace("│", " ").split())
+    assert re.search(r"memory plan \d+\.\d+ (GB|MB) peak on cpu \(ppo-cli plan train-sft", text), text
+
+
+def test_summary_row_never_stops_a_run(tmp_path):
+    import torch
+    from omegaconf import OmegaConf
+
+    from ppo_cli.plan.command import summary_row
+
+    cfg = OmegaConf.create({"model": {"name_or_path": str(tmp_path / "gone")}})
+    assert summary_row(cfg, "sft", torch.device("cpu")) is None
