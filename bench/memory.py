@@ -3,7 +3,8 @@
 
 Configurations: two random-init Llamas built offline with ppo_cli.tiny (the tests' tiny model and a
 ~106M-parameter one with a 32k vocabulary) x fp32 and bf16 (train.mixed_precision) x train-sft and train-ppo (reward_fn, no SFT
-adapter). Each run is a few optimizer steps in its own process; its peak RSS is the ru_maxrss that
+adapter), and the same with a 4-bit base (model.load_in_4bit, fp32 compute) plus one 8-bit row. Each run
+is a few optimizer steps in its own process; its peak RSS is the ru_maxrss that
 the run reports (VmHWM, see `measure`), which is what the plan counts on CPU (process baseline + checkpoint load + the
 training peak). The plan is asked with the same overrides. Prints plan, measured and their ratio and
 writes bench/results/memory.json; the plan is meant to stay within +-20% of each.
@@ -33,6 +34,21 @@ MODELS = {
     "llama-106m": {"hidden_size": 640, "num_layers": 10, "num_heads": 10, "vocab_multiple": 32000},
 }
 PRECISIONS = {"fp32": "no", "bf16": "bf16"}
+# quantized bases (bitsandbytes; on CPU the checkpoint loads in full precision, then quantizes)
+QUANTIZED = {"4bit": "model.load_in_4bit=true", "8bit": "model.load_in_8bit=true"}
+
+
+def configurations() -> list[tuple[str, str, str, str | None]]:
+    """(model, stage, precision, quantization) of every row."""
+    rows = [
+        (model, stage, precision, None)
+        for model in MODELS
+        for stage in ("train-sft", "train-ppo")
+        for precision in PRECISIONS
+    ]
+    rows += [(model, stage, "fp32", "4bit") for model in MODELS for stage in ("train-sft", "train-ppo")]
+    rows.append(("llama-106m", "train-sft", "fp32", "8bit"))
+    return rows
 
 
 def build_models(root: Path) -> dict[str, dict[str, Path]]:
@@ -41,9 +57,12 @@ def build_models(root: Path) -> dict[str, dict[str, Path]]:
     return {name: build_all(root / name, arch="llama", **kwargs) for name, kwargs in MODELS.items()}
 
 
-def command_of(stage: str, paths: dict[str, Path], precision: str, out: Path) -> list[str]:
+def command_of(
+    stage: str, paths: dict[str, Path], precision: str, out: Path, quantized: str | None = None
+) -> list[str]:
     common = [
         f"model.name_or_path={paths['model']}",
+        *([QUANTIZED[quantized]] if quantized else []),
         f"output_dir={out}",
         "train.device=cpu",
         f"train.mixed_precision={PRECISIONS[precision]}",
@@ -141,29 +160,29 @@ def main() -> None:
     models = build_models(HERE / "results" / "memory-models")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for model_name, paths in models.items():
-            for stage in ("train-sft", "train-ppo"):
-                for precision in PRECISIONS:
-                    name = f"{model_name} {stage} {precision}"
-                    args = command_of(stage, paths, precision, Path(tmp) / name.replace(" ", "-"))
-                    measured = previous.get(name) or measure(args)
-                    plan = plan_of(args[:1] + [a for a in args[1:] if not a.startswith("output_dir=")])
-                    ratio = plan["total_bytes"] / measured
-                    rows.append(
-                        {
-                            "name": name,
-                            "command": args,
-                            "measured_bytes": measured,
-                            "plan_bytes": plan["total_bytes"],
-                            "ratio": round(ratio, 3),
-                            "parts": plan["parts"],
-                        }
-                    )
-                    print(
-                        f"{name:<28} plan {plan['total_bytes'] / 2**20:8.1f} MiB  measured "
-                        f"{measured / 2**20:8.1f} MiB  ratio {ratio:.2f}",
-                        flush=True,
-                    )
+        for model_name, stage, precision, quantized in configurations():
+            name = f"{model_name} {stage} {precision}" + (f" {quantized}" if quantized else "")
+            args = command_of(
+                stage, models[model_name], precision, Path(tmp) / name.replace(" ", "-"), quantized
+            )
+            measured = previous.get(name) or measure(args)
+            plan = plan_of(args[:1] + [a for a in args[1:] if not a.startswith("output_dir=")])
+            ratio = plan["total_bytes"] / measured
+            rows.append(
+                {
+                    "name": name,
+                    "command": args,
+                    "measured_bytes": measured,
+                    "plan_bytes": plan["total_bytes"],
+                    "ratio": round(ratio, 3),
+                    "parts": plan["parts"],
+                }
+            )
+            print(
+                f"{name:<33} plan {plan['total_bytes'] / 2**20:8.1f} MiB  measured "
+                f"{measured / 2**20:8.1f} MiB  ratio {ratio:.2f}",
+                flush=True,
+            )
     worst = max(abs(r["ratio"] - 1) for r in rows)
     opts.out.write_text(json.dumps({"runs": rows, "worst_relative_error": round(worst, 3)}, indent=2) + "\n")
     print(f"worst |plan/measured - 1| = {worst:.2f}; wrote {opts.out}")

@@ -357,6 +357,10 @@ class PlanConfig:
     # Compare the plan's total with this many GB (1e9 bytes) instead of the memory of the device the command
     # sees (null = free CUDA memory, or total RAM on CPU).
     device_memory_gb: float | None = None
+    # The device the plan assumes instead of the one train.device resolves to here (cpu, cuda, cuda:1):
+    # plan a GPU run from a machine without one. It changes only the plan's assumptions (cuda: a GPU that
+    # supports bf16; nothing from the file load is counted on it), never the command's config.
+    device: str | None = None
 
 
 @dataclass

@@ -134,6 +134,28 @@ def test_cpu_counts_the_process_and_a_converting_load():
     assert converted["checkpoint load"] == 10**6 - step  # only what the load needs beyond the step
 
 
+def test_cpu_quantized_base_keeps_the_file_mapped_when_its_other_layers_alias_it():
+    base = dict(stage="sft", micro_batch=1, seq_len=2, weight_bytes=4, act_bytes=4, lora_r=2,
+                lora_targets=["q_proj"], quant_bits=4, cpu=True, checkpoint_file_bytes=4 * 1352)  # fmt: skip
+    mapped = estimate(TOY, RunShape(**base, load_converts=True, file_stays_mapped=True))
+    # the 1152 linear weights at 4.5 bits (648 bytes) + embeddings and norms (200) in fp32
+    assert mapped["base weights"] == 648 + 800
+    # the fp32 file stays resident: its pages of the 1152 linear weights come on top of their 4-bit copies
+    assert mapped["checkpoint load"] == 4 * 1352 - 800 == 4 * 1152
+    # converted on load (e.g. model.dtype=bfloat16): the file is only a transient, beyond the step's tensors
+    converted = estimate(TOY, RunShape(**base, load_converts=True))
+    step = converted["activations"] + converted["logits"]
+    assert converted["checkpoint load"] == 4 * 1352 - step
+
+
+def test_quantized_base_keeps_its_residual_stream_in_the_unquantized_layers_dtype():
+    run = RunShape(stage="sft", micro_batch=1, seq_len=2, weight_bytes=4, act_bytes=2, lora_r=2,
+                   lora_targets=["q_proj"], quant_bits=4)  # fmt: skip
+    # fp32 residual (16 x hidden x 4 bytes), bf16 cast copies (4 x hidden x 2) and intermediate (4 x 16 x 2),
+    # per token (2) and layer (2)
+    assert estimate(TOY, run)["activations"] == 2 * 2 * (16 * 8 * 4 + 4 * 8 * 2 + 4 * 16 * 2)
+
+
 def test_gb_formatting():
     assert gb(1.234e9) == "1.23 GB"
     assert gb(12_345_678) == "12.3 MB"
@@ -201,6 +223,21 @@ def test_plan_table_says_what_is_counted(tiny):
     assert "counted on cpu: peak RSS of the process" in text
 
 
+def test_plan_device_plans_for_a_gpu_from_anywhere(tiny):
+    plan = plan_json(
+        "train-sft",
+        f"model.name_or_path={tiny['model']}",
+        "lora.enabled=true",
+        "plan.device=cuda",
+        "plan.device_memory_gb=24",
+    )
+    assert plan["device"] == "cuda" and plan["fits"] is True
+    # on a GPU nothing of the process or the file load is counted, and model.dtype=auto is bf16
+    assert "process baseline" not in plan["parts"] and "checkpoint load" not in plan["parts"]
+    assert plan["parts"]["base weights"] == 2 * plan["parameters"]
+    assert "torch.cuda.max_memory_allocated" in plan["counted"]
+
+
 def test_gradient_checkpointing_and_overrides_change_the_plan(tiny):
     common = ("train-sft", f"model.name_or_path={tiny['model']}", "train.device=cpu", "train.batch_size=16")
     plain = plan_json(*common)
@@ -215,6 +252,7 @@ def test_gradient_checkpointing_and_overrides_change_the_plan(tiny):
         (("train-sft", "model.name_or_path=/tmp", "train.lrr=1"), "unknown key train.lrr"),
         (("train-sft", "model.name_or_path=/tmp", "plan.device_memory=1"), "unknown key plan.device_memory"),
         (("train-sft", "plan.device_memory_gb=0"), "plan.device_memory_gb=0"),
+        (("train-sft", "plan.device=tpu"), "plan.device=tpu is not a device"),
         (("generate",), "train-sft, train-rm, train-ppo"),
         (("train-sft", "--cfg"), "unknown flag --cfg"),
         (("train-sft",), "missing required value for model.name_or_path"),

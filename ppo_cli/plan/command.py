@@ -6,7 +6,9 @@ How the command line composes: the first argument is the training command. Every
 schema; an unknown key, a wrong type or a value outside a key's choices is exit 2), and train-rm and
 train-ppo take model.name_or_path from sft_checkpoint as they do. Keys under `plan.` are plan's own
 (PlanConfig in ppo_cli/config.py): `plan.device_memory_gb=24` compares the total with 24 GB instead of
-the memory of the device the command sees. `--json` prints one JSON object instead of the table.
+the memory of the device the command sees; `plan.device=cuda` plans for that device instead of the one
+train.device resolves to here (a GPU run planned from a machine without one). `--json` prints one JSON
+object instead of the table.
 
 Only the model's config is read (AutoConfig: a Hub id or a local directory), never its weights; the
 numbers are ppo_cli/plan/estimate.py's.
@@ -44,11 +46,13 @@ STAGES = {"train-sft": "sft", "train-rm": "rm", "train-ppo": "ppo"}
 
 def usage() -> str:
     return (
-        "usage: ppo-cli plan COMMAND [key=value ...] [plan.device_memory_gb=GB] [--json]\n\n"
+        "usage: ppo-cli plan COMMAND [key=value ...] [plan.device_memory_gb=GB] [plan.device=DEVICE]\n"
+        "                    [--json]\n\n"
         "The peak memory a run of COMMAND (train-sft, train-rm or train-ppo) with these overrides will need\n"
         "on the device it would use, and whether it fits: base weights, LoRA weights, gradients, AdamW\n"
         "state, activations, logits and (train-ppo) the rollout KV cache. Reads the model's config only.\n\n"
         "  plan.device_memory_gb=GB  compare with GB instead of the device's memory\n"
+        "  plan.device=DEVICE        plan for DEVICE (cpu, cuda, cuda:1) instead of train.device's device here\n"
         "  --json                    one JSON object: total_bytes, parts, device, fits, suggestions"
     )
 
@@ -60,6 +64,8 @@ def device_memory(device, override_gb: float | None) -> float | None:
     if device.type == "cuda":
         import torch
 
+        if not torch.cuda.is_available():  # plan.device=cuda on a machine without one
+            return None
         free, _ = torch.cuda.mem_get_info(device)
         return float(free)
     if device.type == "cpu":
@@ -73,17 +79,23 @@ def device_memory(device, override_gb: float | None) -> float | None:
 def memory_source(device, override_gb: float | None) -> str:
     if override_gb is not None:
         return "plan.device_memory_gb"
+    if device_memory(device, None) is None:
+        return "unknown"
     return {"cuda": "free CUDA memory", "cpu": "total RAM"}.get(device.type, "unknown")
 
 
 COUNTED = {
     "cpu": (
         "peak RSS of the process: the Python process with torch and transformers imported, the checkpoint "
-        "file's pages while it loads, and the training step's tensors"
+        "file's pages and the converted weights while it loads (a 4/8-bit base is read in full precision, "
+        "then quantized; where its unquantized layers keep the file's dtype, the whole file stays mapped for "
+        "the run), and the training step's tensors"
     ),
     "cuda": (
-        "peak memory allocated by tensors (torch.cuda.max_memory_allocated); the CUDA context "
-        "(~0.3-1 GB) and the caching allocator's slack come on top"
+        "peak memory allocated by tensors (torch.cuda.max_memory_allocated): the weights as they sit on the "
+        "GPU (a 4/8-bit base quantized, layer by layer as it loads) and the training step's tensors; the "
+        "checkpoint file is read in CPU RAM, not counted here; the CUDA context (~0.3-1 GB) and the caching "
+        "allocator's slack come on top"
     ),
 }
 
@@ -192,8 +204,8 @@ def print_table(plan: dict[str, Any]) -> None:
         console.print(f"{i}. {' '.join(change['overrides'])}: {gb(change['total_bytes'])} ({verdict})")
 
 
-def plan_overrides(overrides: list[str]) -> float | None:
-    """plan.* keys, checked against PlanConfig."""
+def plan_overrides(overrides: list[str]) -> DictConfig:
+    """plan.* keys, checked against PlanConfig: its values."""
     from ppo_cli.config import PlanConfig
     from ppo_cli.schema import did_you_mean
 
@@ -211,7 +223,16 @@ def plan_overrides(overrides: list[str]) -> float | None:
     value = schema.device_memory_gb
     if value is not None and not value > 0:
         raise UserError(f"plan.device_memory_gb={value} must be a number of GB above 0.")
-    return value
+    if schema.device is not None:
+        import torch
+
+        try:
+            kind = torch.device(schema.device).type
+        except RuntimeError:
+            kind = None
+        if kind not in ("cpu", "cuda", "mps"):
+            raise UserError(f"plan.device={schema.device} is not a device: use cpu, cuda, cuda:N or mps.")
+    return schema
 
 
 def compose(command: str, overrides: list[str]) -> DictConfig:
@@ -256,7 +277,7 @@ def main(args: list[str]) -> None:
     overrides = [a for a in rest if not a.startswith("-")]
     quiet_libraries()
     try:
-        override_gb = plan_overrides([o for o in overrides if o.startswith("plan.")])
+        own = plan_overrides([o for o in overrides if o.startswith("plan.")])
         cfg = compose(command, [o for o in overrides if not o.startswith("plan.")])
         module = {"train-sft": None, "train-rm": "ppo_cli.rm.train", "train-ppo": "ppo_cli.ppo.train"}[
             command
@@ -270,7 +291,13 @@ def main(args: list[str]) -> None:
                 "missing required value for model.name_or_path: set it on the command line, e.g. "
                 "model.name_or_path=Qwen/Qwen2.5-0.5B."
             )
-        plan = make_plan(cfg, command, override_gb=override_gb)
+        if own.device is not None:
+            import torch
+
+            device = torch.device(own.device)
+        else:
+            device = None
+        plan = make_plan(cfg, command, device, own.device_memory_gb)
     except UserError as exc:
         fail(str(exc), COMMAND)
     if "--json" in flags:

@@ -2,9 +2,10 @@
 lengths, the dtypes. No torch, no model: `ppo_cli/plan/command.py` reads these numbers from the config.
 
 What is counted (bytes at the peak of a step):
-  base weights       every parameter at its weights dtype; under 4-bit/8-bit quantization the layers'
+  base weights       every parameter at its weights dtype; under 4-bit/8-bit quantization the blocks'
                      linear weights at ~4.5/8.5 bits (bitsandbytes' blocks carry a scale), the rest
-                     (embeddings, norms, lm_head) at the compute dtype
+                     (embeddings, norms, lm_head) at their dtype: fp32 where peft prepares the base for
+                     training (train-sft, train-rm), model.dtype on train-ppo's shared base
   trainable weights  LoRA A and B of every targeted linear layer (r x in + out x r), fp32; in train-ppo the
                      policy and value adapters; full fine-tuning: every parameter, fp32
   gradients          fp32, one per trainable weight
@@ -19,7 +20,10 @@ What is counted (bytes at the peak of a step):
   CPU only           the Python process with torch/transformers imported (PROCESS_BASELINE) and, when
                      the load converts the checkpoint to another dtype, the file's pages and the converted
                      copies while it loads, as far as they exceed the step's own tensors (an fp32 file
-                     loaded as fp32 maps its pages as the weights themselves: nothing extra)
+                     loaded as fp32 maps its pages as the weights themselves: nothing extra). A 4/8-bit
+                     base reads every full-precision weight to quantize it; when its unquantized layers
+                     keep the file's dtype they stay the file's mapped pages, and the whole file, its
+                     full-precision linear weights included, stays resident for the whole run
 
 The constants were calibrated against the peak RSS of short CPU runs (bench/memory.py).
 """
@@ -197,6 +201,9 @@ class RunShape:
     cpu: bool = False
     checkpoint_file_bytes: int = 0
     load_converts: bool = False
+    # CPU, a 4/8-bit base whose unquantized layers alias the file (loaded at its dtype): the file's pages of
+    # the linear weights, read to quantize them, stay resident beside their quantized copies
+    file_stays_mapped: bool = False
 
 
 def estimate(shape: ModelShape, run: RunShape) -> dict[str, int]:
@@ -222,11 +229,9 @@ def estimate(shape: ModelShape, run: RunShape) -> dict[str, int]:
     if run.frozen_adapters:
         parts["frozen adapters"] = 4 * (adapter * run.frozen_adapters + heads)
     passes = 2 if run.stage in ("ppo", "rm") else 1  # PPO: policy and value; RM: chosen and rejected
-    # quantized layers compute in the compute dtype: so does the residual stream
-    if not lora:
-        residual = 4  # full fine-tuning: every weight fp32
-    else:
-        residual = run.act_bytes if run.quant_bits else run.weight_bytes
+    # the residual stream is in the dtype of the unquantized layers (embeddings, norms); bitsandbytes' layers
+    # compute in their compute dtype but return their input's
+    residual = run.weight_bytes if lora else 4  # full fine-tuning: every weight fp32
     dropout_inputs = (
         sum(i for _, i, _ in targeted(shape, run.lora_targets)) if lora and run.lora_dropout else 0
     )
@@ -251,7 +256,11 @@ def estimate(shape: ModelShape, run: RunShape) -> dict[str, int]:
     if run.cpu:
         # the load's transient comes before the first step: it adds only where it exceeds the step's tensors
         step = sum(parts.get(k, 0) for k in ("activations", "logits", "rollout KV cache"))
-        parts["checkpoint load"] = max(0, run.checkpoint_file_bytes - step) if run.load_converts else 0
+        if run.file_stays_mapped:  # not a transient: resident through the step
+            rest = shape.params - shape.num_layers * shape.layer_linear_params
+            parts["checkpoint load"] = max(0, run.checkpoint_file_bytes - int(rest * run.weight_bytes))
+        elif run.load_converts:
+            parts["checkpoint load"] = max(0, run.checkpoint_file_bytes - step)
     return parts
 
 

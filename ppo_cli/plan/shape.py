@@ -146,9 +146,21 @@ def run_shape(
 
     from ppo_cli.models import autocast_dtype, resolve_dtype
 
-    compute = autocast_dtype(device, str(cfg.train.mixed_precision))
-    frozen_compute = compute if stage == "ppo" else None
-    weights = resolve_dtype(str(cfg.model.dtype), device, frozen_compute)
+    mixed, dtype, bits = str(cfg.train.mixed_precision), str(cfg.model.dtype), quant_bits(cfg)
+    compute = autocast_dtype(device, mixed)
+    # a quantized base keeps model.dtype for the layers left unquantized (the loader ignores frozen_compute)
+    frozen_compute = compute if stage == "ppo" and bits is None else None
+    weights = resolve_dtype(dtype, device, frozen_compute)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        # a GPU planned from a machine without one (plan.device): assume one that supports bf16 (Ampere or
+        # later), where auto means bf16 for both
+        compute = torch.bfloat16 if mixed in ("auto", "bf16") else None
+        weights = torch.bfloat16 if dtype == "auto" else weights
+    load_bytes = torch.finfo(weights).bits // 8
+    if bits is not None and stage != "ppo":
+        # peft's prepare_model_for_kbit_training (models.prepare_quantized) casts the unquantized layers to
+        # fp32; train-ppo's shared base skips it and keeps them at model.dtype
+        weights = torch.float32
     weight_bytes = torch.finfo(weights).bits // 8
     act_bytes = torch.finfo(compute).bits // 8 if compute is not None else weight_bytes
     r, targets = policy_lora(cfg, shape)
@@ -171,7 +183,7 @@ def run_shape(
         lora_targets=targets,
         # train-ppo forces LoRA dropout off (it would break the ratio)
         lora_dropout=stage != "ppo" and float(cfg.lora.dropout) > 0,
-        quant_bits=quant_bits(cfg),
+        quant_bits=bits,
         gradient_checkpointing=bool(cfg.model.gradient_checkpointing),
         # eager attention, and the CPU's math kernel under bf16 (models.devices.attention_kernel), keep the
         # attention probabilities
@@ -182,7 +194,11 @@ def run_shape(
         frozen_adapters=frozen_adapters(cfg) if stage == "ppo" else 0,
         cpu=device.type == "cpu",
         checkpoint_file_bytes=checkpoint_bytes if device.type == "cpu" else 0,
-        load_converts=weight_bytes != stored_bytes or quant_bits(cfg) is not None,
+        load_converts=load_bytes != stored_bytes or bits is not None,
+        # loaded at the file's dtype and kept there, the unquantized layers are the file's mapped pages
+        file_stays_mapped=device.type == "cpu"
+        and bits is not None
+        and load_bytes == weight_bytes == stored_bytes,
     )
 
 
