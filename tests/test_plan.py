@@ -322,3 +322,29 @@ def test_summary_row_never_stops_a_run(tmp_path):
 
     cfg = OmegaConf.create({"model": {"name_or_path": str(tmp_path / "gone")}})
     assert summary_row(cfg, "sft", torch.device("cpu")) is None
+
+
+def test_plan_reads_the_sequence_lengths_of_local_data(tiny, tmp_path):
+    """Activations follow the longest prompt the data gives, not data.max_length (an upper bound that can be
+    several times the real peak); data that is not local files falls back to the bound and says so."""
+    short, long_ = tmp_path / "short.jsonl", tmp_path / "long.jsonl"
+    short.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["Say hi:", "Tell me about rain:"]))
+    long_.write_text(
+        "".join(json.dumps({"prompt": p}) + "\n" for p in ["Say hi:", "Tell me about rain " + "and snow " * 30])
+    )
+
+    def plan_of(data: str) -> dict:
+        return plan_json(
+            "train-ppo",
+            f"model.name_or_path={tiny['model']}",
+            f"data.train={data}",
+            "reward_fn=ppo_cli.tiny.task:positive_reward",
+            "train.device=cpu",
+            "data.max_length=256",
+        )
+
+    p_short, p_long, p_hub = plan_of(str(short)), plan_of(str(long_)), plan_of("someone/prompts")
+    assert p_short["lengths"].startswith("longest prompt of the first 2 rows of data.train:")
+    assert "not local files" in p_hub["lengths"]
+    act = [p["parts"]["activations"] for p in (p_short, p_long, p_hub)]
+    assert act[0] < act[1] < act[2]

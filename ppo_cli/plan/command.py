@@ -28,6 +28,7 @@ from ppo_cli.errors import UserError
 from ppo_cli.plan.estimate import ModelShape, RunShape, estimate, fits, gb, total
 from ppo_cli.plan.shape import (
     checkpoint_file_bytes,
+    data_length,
     load_model_config,
     model_shape,
     run_shape,
@@ -146,7 +147,8 @@ def make_plan(cfg: DictConfig, command: str, device=None, override_gb: float | N
     if stage == "rm":  # a sequence classifier: a score head instead of the lm_head
         shape = dataclasses.replace(shape, tie_word_embeddings=True)
     file_bytes = checkpoint_file_bytes(cfg.model.name_or_path, shape, config)
-    run = run_shape(cfg, stage, shape, device, file_bytes, stored_dtype_bytes(config))
+    data_tokens, lengths = data_length(cfg, stage)
+    run = run_shape(cfg, stage, shape, device, file_bytes, stored_dtype_bytes(config), data_tokens)
     parts = estimate(shape, run)
     separate = separate_reward_model_bytes(cfg, run) if stage == "ppo" else 0
     if separate:
@@ -163,6 +165,7 @@ def make_plan(cfg: DictConfig, command: str, device=None, override_gb: float | N
         "total_bytes": total_bytes,
         "fits": fits(total_bytes, limit),
         "parts": parts,
+        "lengths": lengths,
         "counted": COUNTED.get(device.type, COUNTED["cuda"]),
         "suggestions": suggestions(shape, run, cfg, limit),
     }
@@ -198,6 +201,7 @@ def print_table(plan: dict[str, Any]) -> None:
         table.add_row("fits", "yes" if plan["fits"] else "[bold red]no[/]")
     console.print(table)
     console.print(f"model: {plan['model']} ({plan['parameters']:,} parameters)")
+    console.print(f"sequence lengths: {plan['lengths']}.")
     console.print(f"counted on {plan['device']}: {plan['counted']}.")
     for i, change in enumerate(plan["suggestions"], 1):
         verdict = "fits" if change["fits"] else "does not fit yet"

@@ -138,10 +138,67 @@ def quant_bits(cfg: DictConfig) -> int | None:
     return None
 
 
+# Rows of data.train read to find the longest sequence: enough to meet a dataset's long tail, bounded so that
+# a plan (and the start-up table's row) stays quick on a large dataset.
+DATA_ROWS_READ = 5000
+
+
+def data_length(cfg: DictConfig, stage: str) -> tuple[int | None, str]:
+    """The longest sequence among the first DATA_ROWS_READ rows of data.train, tokenized as the stage will
+    (prompts for train-ppo, prompt + completion for train-sft, the longer side of a pair for train-rm),
+    capped at data.max_length; and how the lengths were found. (None, why) when data.train is not local
+    files or cannot be read: the plan then assumes data.max_length, an upper bound."""
+    max_length = int(cfg.data.max_length)
+    spec = OmegaConf.select(cfg, "data.train")
+    files = list(spec) if OmegaConf.is_list(spec) else [spec]
+    if not files or not all(isinstance(f, str) and Path(f).expanduser().is_file() for f in files):
+        return None, f"data.max_length={max_length} tokens (data.train is not local files: not read)"
+    try:
+        from ppo_cli.data import build_prompts, build_sft_examples, load_rows
+        from ppo_cli.models import load_tokenizer
+        from ppo_cli.rm.pairs import build_pair_examples
+
+        build = {"ppo": build_prompts, "sft": build_sft_examples, "rm": build_pair_examples}[stage]
+        tokenizer = load_tokenizer(
+            str(cfg.model.name_or_path),
+            bool(cfg.model.trust_remote_code),
+            OmegaConf.select(cfg, "model.revision"),
+        )
+        rows = load_rows(spec, "data.train", str(cfg.data.split))[:DATA_ROWS_READ]
+        examples, _ = build(tokenizer, rows, max_length, str(cfg.data.overflow))
+    except Exception as exc:  # noqa: BLE001 - a plan is a hint: unreadable data falls back to the bound
+        return (
+            None,
+            f"data.max_length={max_length} tokens (data.train could not be read: {type(exc).__name__})",
+        )
+    longest = max(
+        (
+            len(v)
+            for ex in examples
+            for v in ex.values()
+            if isinstance(v, list) and v and isinstance(v[0], int)
+        ),
+        default=max_length,
+    )
+    longest = min(longest, max_length)
+    what = {"ppo": "prompt", "sft": "example", "rm": "side of a pair"}[stage]
+    return (
+        longest,
+        f"longest {what} of the first {min(len(rows), DATA_ROWS_READ):,} rows of data.train: {longest} tokens",
+    )
+
+
 def run_shape(
-    cfg: DictConfig, stage: str, shape: ModelShape, device, checkpoint_bytes: int, stored_bytes: int = 4
+    cfg: DictConfig,
+    stage: str,
+    shape: ModelShape,
+    device,
+    checkpoint_bytes: int,
+    stored_bytes: int = 4,
+    data_tokens: int | None = None,
 ) -> RunShape:
-    """What the stage will do with `cfg` on `device`, as numbers."""
+    """What the stage will do with `cfg` on `device`, as numbers. `data_tokens`: the longest prompt (train-ppo)
+    or example the data gives (`data_length`); None = data.max_length."""
     import torch
 
     from ppo_cli.models import autocast_dtype, resolve_dtype
@@ -170,9 +227,9 @@ def run_shape(
         minibatch = max(1, batch // max(1, int(cfg.ppo.num_minibatches)))
         micro = max(1, minibatch // accum)
         response = int(cfg.generation.max_new_tokens)
-        seq = int(cfg.data.max_length) + response
+        seq = (data_tokens or int(cfg.data.max_length)) + response
     else:
-        micro, response, seq = batch, 0, int(cfg.data.max_length)
+        micro, response, seq = batch, 0, data_tokens or int(cfg.data.max_length)
     return RunShape(
         stage=stage,
         micro_batch=micro,
