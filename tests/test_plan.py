@@ -330,7 +330,9 @@ def test_plan_reads_the_sequence_lengths_of_local_data(tiny, tmp_path):
     short, long_ = tmp_path / "short.jsonl", tmp_path / "long.jsonl"
     short.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["Say hi:", "Tell me about rain:"]))
     long_.write_text(
-        "".join(json.dumps({"prompt": p}) + "\n" for p in ["Say hi:", "Tell me about rain " + "and snow " * 30])
+        "".join(
+            json.dumps({"prompt": p}) + "\n" for p in ["Say hi:", "Tell me about rain " + "and snow " * 30]
+        )
     )
 
     def plan_of(data: str) -> dict:
