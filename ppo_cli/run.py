@@ -144,10 +144,11 @@ class StageRun:
         barrier(self.dist)
         return True
 
-    def start(self, lora: str | None = None) -> RunLogger:
+    def start(self, lora: str | None = None, data_tokens: int | None = None) -> RunLogger:
         """Create the output dir, write config.yaml, and open the logger (rank 0 writes).
 
-        lora: the start panel's LoRA row (models.describe_lora of the model being trained)."""
+        lora: the start panel's LoRA row (models.describe_lora of the model being trained); data_tokens: the
+        longest sequence of the loaded examples, for the memory plan's row (plan.shape.longest_tokens)."""
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             resolved = OmegaConf.to_container(self.cfg, resolve=True)
@@ -159,7 +160,7 @@ class StageRun:
         if self.is_main:
             from ppo_cli.plan.command import summary_row
 
-            memory_plan = summary_row(self.cfg, self.stage, self.device)
+            memory_plan = summary_row(self.cfg, self.stage, self.device, data_tokens)
         self.logger = RunLogger(
             self.output_dir, self.cfg, self.stage, enabled=self.is_main, lora=lora, memory_plan=memory_plan
         )

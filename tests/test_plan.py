@@ -350,3 +350,27 @@ def test_plan_reads_the_sequence_lengths_of_local_data(tiny, tmp_path):
     assert "not local files" in p_hub["lengths"]
     act = [p["parts"]["activations"] for p in (p_short, p_long, p_hub)]
     assert act[0] < act[1] < act[2]
+
+
+def test_stage_start_row_uses_the_examples_the_stage_loaded(tiny, tmp_path, monkeypatch):
+    """At start-up the stage hands the plan the longest sequence of the examples it has already encoded:
+    data.train is not read and tokenized a second time (the plan's own reader would fail here)."""
+    import ppo_cli.plan.command
+
+    def no_second_read(*args, **kwargs):
+        raise AssertionError("data.train read again at start-up")
+
+    monkeypatch.setattr(ppo_cli.plan.command, "data_length", no_second_read)
+    result = run_cli_in_process(
+        "train-sft",
+        f"model.name_or_path={tiny['model']}",
+        f"data.train={tiny['sft']}",
+        f"output_dir={tmp_path / 'run'}",
+        "train.device=cpu",
+        "train.max_steps=1",
+        "train.batch_size=2",
+        "logger.progress=false",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = " ".join(result.stdout.replace("│", " ").split())
+    assert re.search(r"memory plan \d+\.\d+ (GB|MB) peak on cpu", text), text

@@ -136,8 +136,16 @@ def suggestions(shape: ModelShape, run: RunShape, cfg: DictConfig, limit: float 
     return found
 
 
-def make_plan(cfg: DictConfig, command: str, device=None, override_gb: float | None = None) -> dict[str, Any]:
-    """The plan of `command` with the composed `cfg`: one dict (the --json object)."""
+def make_plan(
+    cfg: DictConfig,
+    command: str,
+    device=None,
+    override_gb: float | None = None,
+    data_tokens: int | None = None,
+) -> dict[str, Any]:
+    """The plan of `command` with the composed `cfg`: one dict (the --json object). `data_tokens`: the
+    longest sequence of the data when the caller has already encoded it (a stage at start-up); otherwise
+    the plan reads data.train itself (`data_length`)."""
     from ppo_cli.models import resolve_device
 
     stage = STAGES[command]
@@ -147,7 +155,10 @@ def make_plan(cfg: DictConfig, command: str, device=None, override_gb: float | N
     if stage == "rm":  # a sequence classifier: a score head instead of the lm_head
         shape = dataclasses.replace(shape, tie_word_embeddings=True)
     file_bytes = checkpoint_file_bytes(cfg.model.name_or_path, shape, config)
-    data_tokens, lengths = data_length(cfg, stage)
+    if data_tokens is None:
+        data_tokens, lengths = data_length(cfg, stage)
+    else:
+        lengths = f"longest sequence of data.train as the run encoded it: {data_tokens} tokens"
     run = run_shape(cfg, stage, shape, device, file_bytes, stored_dtype_bytes(config), data_tokens)
     parts = estimate(shape, run)
     separate = separate_reward_model_bytes(cfg, run) if stage == "ppo" else 0
@@ -171,10 +182,12 @@ def make_plan(cfg: DictConfig, command: str, device=None, override_gb: float | N
     }
 
 
-def summary_row(cfg: DictConfig, stage: str, device) -> str | None:
-    """The stages' start-up row: the plan's total, or None when it cannot be made (never an error)."""
+def summary_row(cfg: DictConfig, stage: str, device, data_tokens: int | None = None) -> str | None:
+    """The stages' start-up row: the plan's total, or None when it cannot be made (never an error).
+    `data_tokens`: the longest sequence of the examples the stage has already loaded (`longest_tokens`), so
+    that start-up does not read and tokenize data.train a second time."""
     try:
-        plan = make_plan(cfg, f"train-{stage}", device)
+        plan = make_plan(cfg, f"train-{stage}", device, data_tokens=data_tokens)
     except Exception:  # noqa: BLE001 - a plan is a hint: it must never stop a run
         return None
     return (

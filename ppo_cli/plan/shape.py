@@ -143,6 +143,21 @@ def quant_bits(cfg: DictConfig) -> int | None:
 DATA_ROWS_READ = 5000
 
 
+def longest_tokens(examples: list[dict], max_length: int) -> int:
+    """The longest token sequence among encoded examples (any list-of-ids value: prompt, example, either
+    side of a pair), capped at max_length; max_length when there are none."""
+    longest = max(
+        (
+            len(v)
+            for ex in examples
+            for v in ex.values()
+            if isinstance(v, list) and v and isinstance(v[0], int)
+        ),
+        default=max_length,
+    )
+    return min(longest, max_length)
+
+
 def data_length(cfg: DictConfig, stage: str) -> tuple[int | None, str]:
     """The longest sequence among the first DATA_ROWS_READ rows of data.train, tokenized as the stage will
     (prompts for train-ppo, prompt + completion for train-sft, the longer side of a pair for train-rm),
@@ -171,16 +186,7 @@ def data_length(cfg: DictConfig, stage: str) -> tuple[int | None, str]:
             None,
             f"data.max_length={max_length} tokens (data.train could not be read: {type(exc).__name__})",
         )
-    longest = max(
-        (
-            len(v)
-            for ex in examples
-            for v in ex.values()
-            if isinstance(v, list) and v and isinstance(v[0], int)
-        ),
-        default=max_length,
-    )
-    longest = min(longest, max_length)
+    longest = longest_tokens(examples, max_length)
     what = {"ppo": "prompt", "sft": "example", "rm": "side of a pair"}[stage]
     return (
         longest,

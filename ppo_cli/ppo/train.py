@@ -27,6 +27,7 @@ from ppo_cli.models import (
     load_tokenizer,
     read_product_info,
 )
+from ppo_cli.plan.shape import longest_tokens
 from ppo_cli.ppo.roles import VALUE, Roles, build_roles
 from ppo_cli.ppo.trainer import PPOTrainer
 from ppo_cli.ppo.validate import validate_ppo
@@ -133,7 +134,10 @@ def main(cfg: DictConfig) -> None:
     )
     trainable, total = count_parameters(roles)
     # The policy's shape is the SFT adapter's when there is one, whatever lora.* says.
-    logger = run.start(lora=describe_lora(roles.model, None if sft_adapter else cfg.lora.target_modules))
+    logger = run.start(
+        lora=describe_lora(roles.model, None if sft_adapter else cfg.lora.target_modules),
+        data_tokens=longest_tokens(prompts, cfg.data.max_length),
+    )
     report_rm_health(cfg, logger)
     trainer = PPOTrainer(
         run, roles, tokenizer, prompts, reward, eos_token_ids(tokenizer, base), rm_statistics(cfg)

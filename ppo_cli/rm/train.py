@@ -41,6 +41,7 @@ from ppo_cli.models import (
     local_or_hub,
     prepare_quantized,
 )
+from ppo_cli.plan.shape import longest_tokens
 from ppo_cli.reward.health import RMHealth
 from ppo_cli.reward.scoring import batched_scores, init_score_head, score_head_name, sequence_scores
 from ppo_cli.reward.stats import REWARD_MEAN, REWARD_STD
@@ -294,7 +295,10 @@ def main(cfg: DictConfig) -> None:
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     trainable, total = count_parameters(model)
-    logger = run.start(lora=describe_lora(model, cfg.lora.target_modules))
+    logger = run.start(
+        lora=describe_lora(model, cfg.lora.target_modules),
+        data_tokens=longest_tokens(train, cfg.data.max_length),
+    )
 
     def save_final() -> None:
         mean, std, n = reward_stats(model, train, tokenizer.pad_token_id, cfg, run.device)

@@ -21,6 +21,7 @@ from ppo_cli.models import (
     load_causal_lm,
     load_tokenizer,
 )
+from ppo_cli.plan.shape import longest_tokens
 from ppo_cli.rlhf import position_ids_from_mask
 from ppo_cli.run import StageRun
 from ppo_cli.supervised import SupervisedTask, SupervisedTrainer, load_examples, validate_supervised
@@ -68,7 +69,10 @@ def main(cfg: DictConfig) -> None:
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     trainable, total = count_parameters(model)
-    logger = run.start(lora=describe_lora(model, cfg.lora.target_modules))
+    logger = run.start(
+        lora=describe_lora(model, cfg.lora.target_modules),
+        data_tokens=longest_tokens(train, cfg.data.max_length),
+    )
     task = SupervisedTask(
         model=model,
         train_examples=train,
