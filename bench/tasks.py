@@ -195,13 +195,12 @@ def pretraining_sequences(tokenizer, n: int, seed: int) -> list[list[int]]:
 def build_base(spec: TaskSpec, out_dir: Path, batch_size: int = 32, lr: float = 2e-3) -> dict[str, Any]:
     """Pretrain a Llama of the spec's shape on the corpus (full parameters, warmup + cosine to 10%);
     returns its parameter count and first/last losses."""
-    import math
 
     import torch
     from transformers import AutoModelForCausalLM
 
     from ppo_cli.tiny.models import _model_config, embedding_rows
-    from ppo_cli.tiny.pretrain import _pretrain_step
+    from ppo_cli.tiny.pretrain import _pretrain_step, pretraining_optimizer
     from ppo_cli.tiny.tokenizer import build_tokenizer, save_tokenizer
 
     tokenizer = build_tokenizer()
@@ -218,15 +217,7 @@ def build_base(spec: TaskSpec, out_dir: Path, batch_size: int = 32, lr: float = 
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     steps = spec.pretrain_steps
     sequences = pretraining_sequences(tokenizer, steps * batch_size, spec.model_seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    warmup = max(1, steps // 10)
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    optimizer, scheduler = pretraining_optimizer(model, steps, lr)
     model.train()
     losses = []
     for step in range(steps):

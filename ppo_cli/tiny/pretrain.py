@@ -34,6 +34,24 @@ def pretraining_texts(tokenizer: PreTrainedTokenizerFast, n: int, seed: int = 0)
     return sequences
 
 
+def pretraining_optimizer(model, steps: int, lr: float):
+    """AdamW and its schedule for `steps` of full-parameter pretraining: linear warmup over the first tenth,
+    then cosine decay to a tenth of `lr`. Returns (optimizer, scheduler)."""
+    import math
+
+    import torch
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warmup = max(1, steps // 10)
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
 def pretrain(
     model,
     tokenizer: PreTrainedTokenizerFast,
@@ -47,21 +65,12 @@ def pretrain(
     A few hundred steps turn the random-init model into a base that "speaks" the task: it continues a prompt
     with task words and ends with EOS, like a small pretrained LM. Returns the loss of every step.
     """
-    import math
 
     import torch
 
     sequences = pretraining_texts(tokenizer, steps * batch_size, seed)
     eos = tokenizer.eos_token_id
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    warmup = max(1, steps // 10)
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    optimizer, scheduler = pretraining_optimizer(model, steps, lr)
     model.train()
     losses = []
     # One thread: the matrices are too small to gain from more, a busy machine makes extra threads much
