@@ -26,6 +26,7 @@ from ppo_cli.errors import UserError
 from ppo_cli.logger import Throughput
 from ppo_cli.loop import LoopStage, LoopState, TrainingLoop
 from ppo_cli.models import autocast, keep_trainable_in_fp32
+from ppo_cli.models.devices import release_freed_cpu_memory
 from ppo_cli.run import StageRun, TrainingDiverged
 
 # loss_fn(model, batch) -> (loss, metrics to average over the logging window, tokens in the batch)
@@ -211,6 +212,7 @@ class SupervisedTrainer(LoopStage):
             with no_sync, autocast(self.run.device, self.train_cfg.mixed_precision):
                 loss, metrics, n_tokens = self.task.loss_fn(self.ddp_model, batch)
             (loss / len(micro)).backward()
+            release_freed_cpu_memory(self.run.device)
             total_loss += loss.item() / len(micro)
             self.throughput.add(n_tokens)
             for key, value in metrics.items():

