@@ -3,7 +3,8 @@
 
 Configurations: two random-init Llamas built offline with ppo_cli.tiny (the tests' tiny model and a
 ~106M-parameter one with a 32k vocabulary) x fp32 and bf16 (train.mixed_precision) x train-sft and train-ppo (reward_fn, no SFT
-adapter), and the same with a 4-bit base (model.load_in_4bit, fp32 compute) plus one 8-bit row. Each run
+adapter), and the same with a 4-bit base (model.load_in_4bit, fp32 compute) plus one 8-bit row; and a ~267M Llama's
+train-ppo with the command's own defaults (default precision and 4-bit), two steps at lr 0. Each run
 is a few optimizer steps in its own process; its peak RSS is the ru_maxrss that
 the run reports (VmHWM, see `measure`), which is what the plan counts on CPU (process baseline + checkpoint load + the
 training peak). The plan is asked with the same overrides. Prints plan, measured and their ratio and
@@ -32,7 +33,12 @@ MODELS = {
     "tiny": {},
     # ~106M parameters, a third of them in a 32k-row embedding and lm_head: the logits count as in real models
     "llama-106m": {"hidden_size": 640, "num_layers": 10, "num_heads": 10, "vocab_multiple": 32000},
+    # ~267M parameters: run with train-ppo's own defaults (batch, lengths read from the data), not the
+    # short settings of the other rows
+    "llama-267m": {"hidden_size": 1024, "num_layers": 12, "num_heads": 16, "vocab_multiple": 32000},
 }
+# Models whose rows use the command's defaults ("defaults" in the precision column)
+DEFAULTS_ONLY = ("llama-267m",)
 PRECISIONS = {"fp32": "no", "bf16": "bf16"}
 # quantized bases (bitsandbytes; on CPU the checkpoint loads in full precision, then quantizes)
 QUANTIZED = {"4bit": "model.load_in_4bit=true", "8bit": "model.load_in_8bit=true"}
@@ -40,14 +46,16 @@ QUANTIZED = {"4bit": "model.load_in_4bit=true", "8bit": "model.load_in_8bit=true
 
 def configurations() -> list[tuple[str, str, str, str | None]]:
     """(model, stage, precision, quantization) of every row."""
+    short = [m for m in MODELS if m not in DEFAULTS_ONLY]
     rows = [
         (model, stage, precision, None)
-        for model in MODELS
+        for model in short
         for stage in ("train-sft", "train-ppo")
         for precision in PRECISIONS
     ]
-    rows += [(model, stage, "fp32", "4bit") for model in MODELS for stage in ("train-sft", "train-ppo")]
+    rows += [(model, stage, "fp32", "4bit") for model in short for stage in ("train-sft", "train-ppo")]
     rows.append(("llama-106m", "train-sft", "fp32", "8bit"))
+    rows += [(model, "train-ppo", "defaults", q) for model in DEFAULTS_ONLY for q in (None, "4bit")]
     return rows
 
 
@@ -60,6 +68,19 @@ def build_models(root: Path) -> dict[str, dict[str, Path]]:
 def command_of(
     stage: str, paths: dict[str, Path], precision: str, out: Path, quantized: str | None = None
 ) -> list[str]:
+    if precision == "defaults":  # the command's defaults, two steps at lr 0 (the PPO invariants hold)
+        return [
+            stage,
+            f"model.name_or_path={paths['model']}",
+            *([QUANTIZED[quantized]] if quantized else []),
+            f"output_dir={out}",
+            f"data.train={paths['prompts']}",
+            "reward_fn=ppo_cli.tiny.task:positive_reward",
+            "train.max_steps=2",
+            "train.lr=0",
+            "logger.progress=false",
+            "sample_every=0",
+        ]
     common = [
         f"model.name_or_path={paths['model']}",
         *([QUANTIZED[quantized]] if quantized else []),
