@@ -75,3 +75,27 @@ class RewardNormalization(Choice):
     rm_stats = "rm_stats"
     whiten = "whiten"
     none = "none"
+
+
+class AdvantageEstimator(Choice):
+    gae = "gae"
+    grpo = "grpo"
+    rloo = "rloo"
+    reinforce_plus_plus = "reinforce_plus_plus"
+
+
+class KLIn(Choice):
+    reward = "reward"
+    loss = "loss"
+
+
+class KLEstimator(Choice):
+    k1 = "k1"
+    k2 = "k2"
+    k3 = "k3"
+
+
+class LossAggregation(Choice):
+    token_mean = "token_mean"
+    seq_mean_token_mean = "seq_mean_token_mean"
+    seq_mean_token_sum = "seq_mean_token_sum"

@@ -17,8 +17,12 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from ppo_cli.choices import (
+    AdvantageEstimator,
     Dtype,
     KLController,
+    KLEstimator,
+    KLIn,
+    LossAggregation,
     MixedPrecision,
     Overflow,
     QuantType,
@@ -187,7 +191,31 @@ class GenerationConfig:
 
 
 @dataclass
+class RolloutConfig(GenerationConfig):
+    # Responses sampled per prompt (a group); grpo and rloo need at least 2. A rollout batch holds
+    # train.batch_size x samples_per_prompt sequences.
+    samples_per_prompt: int = 1
+
+
+@dataclass
 class PPOConfig:
+    # How advantages are estimated (docs/ppo-details.md, "Advantage estimators"): gae (a critic, PPO),
+    # grpo (group mean baseline scaled by the group's std), rloo (leave-one-out baseline) or
+    # reinforce_plus_plus (reward-to-go whitened over the batch); the last three train no critic.
+    advantage_estimator: AdvantageEstimator = AdvantageEstimator.gae
+    # grpo: divide by the group's std (false = Dr. GRPO's unscaled advantages).
+    norm_adv_by_std: bool = True
+    # Where the KL to the reference goes: reward (a per-token penalty, PPO's) or loss (a term beside the
+    # policy loss, GRPO's); null = the estimator's own (grpo: loss; gae, rloo, reinforce_plus_plus: reward).
+    kl_in: KLIn | None = None
+    # The per-token KL estimator: k1 (log-ratio), k2 (half its square) or k3 (exp(-x) + x - 1, GRPO's);
+    # null = k1 in the reward, k3 in the loss.
+    kl_estimator: KLEstimator | None = None
+    # How token losses become the loss: token_mean (over the minibatch's tokens), seq_mean_token_mean
+    # (per sequence, then over sequences: GRPO's), seq_mean_token_sum (per-sequence sums over
+    # generation.max_new_tokens, then over sequences: Dr. GRPO's); null = grpo: seq_mean_token_mean,
+    # others: token_mean.
+    loss_aggregation: LossAggregation | None = None
     # Initial KL coefficient beta of the per-token penalty -beta * (logp - logp_ref), per nat, in the units
     # of the scores PPO uses (std of the SFT policy's scores under the default normalisation).
     kl_coef: float = 0.15
@@ -216,8 +244,9 @@ class PPOConfig:
     # Or: the score that replaces the score of every response that never emits EOS, in the units of the
     # scores PPO uses (-1 = one SFT-sample std below their mean); null = off (TRL's behaviour).
     missing_eos_score: float | None = -1.0
-    # Whiten advantages over valid tokens.
-    whiten_advantages: bool = True
+    # Whiten advantages over the valid tokens of the batch; null = the estimator's own (gae and
+    # reinforce_plus_plus: yes; grpo and rloo: no, their group baseline already centres them).
+    whiten_advantages: bool | None = None
     # Reward scale: sft_samples (mean/std of the first rollout's scores, when the policy is still the SFT
     # policy, fixed for the run), rm_stats (the RM's stored mean/std), whiten (per batch), or none.
     reward_normalization: RewardNormalization = RewardNormalization.sft_samples
@@ -238,7 +267,7 @@ class PPOStageConfig(StageConfig):
     # A `package.module:function` scoring (prompts, completions) -> list[float], instead of an RM.
     reward_fn: str | None = None
     # Sampling of the rollouts.
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    generation: RolloutConfig = field(default_factory=RolloutConfig)
     # The PPO update, KL penalty and reward scaling.
     ppo: PPOConfig = field(default_factory=PPOConfig)
     # Show a table of sample completions every N steps (0 = never).

@@ -116,7 +116,9 @@ def shift_rm_adapter(rm: Path, out: Path, bias: float) -> Path:
     return out
 
 
-def build_tiny_roles(base: str | Path, sft: Path | None, rm: Path | None, targets=LORA_TARGETS):
+def build_tiny_roles(
+    base: str | Path, sft: Path | None, rm: Path | None, targets=LORA_TARGETS, critic: bool = True
+):
     """(roles, tokenizer) exactly as train-ppo builds them (`targets` matter only without `sft`)."""
     from ppo_cli.ppo.roles import build_roles
 
@@ -124,7 +126,7 @@ def build_tiny_roles(base: str | Path, sft: Path | None, rm: Path | None, target
     model = load_base(base, tokenizer)
     lora = OmegaConf.create({"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": targets})
     roles = build_roles(
-        model, lora, str(sft) if sft else None, str(rm) if rm else None, model.config.hidden_size
+        model, lora, str(sft) if sft else None, str(rm) if rm else None, model.config.hidden_size, critic
     )
     roles.eval()
     return roles, tokenizer

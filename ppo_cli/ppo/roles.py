@@ -142,7 +142,7 @@ class Roles(torch.nn.Module):
     def __init__(
         self,
         peft_model,
-        value_head: torch.nn.Linear,
+        value_head: torch.nn.Linear | None,
         reward_head: torch.nn.Linear | None,
         has_reference_adapter: bool,
     ):
@@ -152,7 +152,7 @@ class Roles(torch.nn.Module):
         self.reward_head = reward_head
         self.has_reference_adapter = has_reference_adapter
         # The critic on the RM's raw scale (a copy of its head) rather than at zero.
-        self.value_head_from_reward = reward_head is not None
+        self.value_head_from_reward = reward_head is not None and value_head is not None
         causal_lm = peft_model.get_base_model()
         self.trunk = getattr(causal_lm, causal_lm.base_model_prefix)
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -246,7 +246,14 @@ class Roles(torch.nn.Module):
     def policy_parameters(self) -> list[torch.nn.Parameter]:
         return [p for n, p in self.model.named_parameters() if f".{POLICY}." in n and p.requires_grad]
 
+    @property
+    def has_critic(self) -> bool:
+        return self.value_head is not None
+
     def value_parameters(self) -> list[torch.nn.Parameter]:
+        """The value adapter's and head's parameters; none without a critic."""
+        if self.value_head is None:
+            return []
         adapter = [p for n, p in self.model.named_parameters() if f".{VALUE}." in n and p.requires_grad]
         return adapter + list(self.value_head.parameters())
 
@@ -278,9 +285,16 @@ def _copy_adapter(peft_model, source: str, target: str) -> None:
 
 
 def build_roles(
-    base_model, lora_cfg, sft_adapter: str | None, reward_adapter: str | None, hidden_size: int
+    base_model,
+    lora_cfg,
+    sft_adapter: str | None,
+    reward_adapter: str | None,
+    hidden_size: int,
+    critic: bool = True,
 ) -> Roles:
     """Put the roles on `base_model` (a frozen CausalLM).
+
+    critic: add the value adapter and head (GAE); a critic-free estimator runs without them.
 
     sft_adapter: the SFT stage's final/ when it is a LoRA adapter (policy + reference start from it).
     reward_adapter: our RM's final/ when it shares this base (reward adapter + head; the value starts
@@ -319,7 +333,7 @@ def build_roles(
                 f"reward_checkpoint={reward_adapter}: no score head saved with the adapter "
                 "(expected peft modules_to_save, e.g. 'score')."
             )
-        for name in (REWARD, VALUE):
+        for name in (REWARD, VALUE) if critic else (REWARD,):
             model.add_adapter(name, lora_config_from(rm_config))
             _load_lora_tensors(model, lora_tensors, name, f"reward_checkpoint={reward_adapter}")
         weight = head_tensors["weight"].to(device, torch.float32)
@@ -335,15 +349,18 @@ def build_roles(
                 if head_module.bias is not None:
                     head_module.bias.copy_(bias)
         reward_head.requires_grad_(False)
-    else:
+    elif critic:
         model.add_adapter(VALUE, policy_config)
         _copy_adapter(model, POLICY, VALUE)
         torch.nn.init.zeros_(value_head.weight)
+    if not critic:
+        value_head = None
 
     # Exactly the policy and value adapters train; peft's add_adapter may have changed flags.
     for name, param in model.named_parameters():
         param.requires_grad_(f".{POLICY}." in name or f".{VALUE}." in name)
-    value_head.requires_grad_(True)
+    if value_head is not None:
+        value_head.requires_grad_(True)
     keep_trainable_in_fp32(model)  # peft upcasts LoRA weights by default; this does not depend on it
     disable_dropout(model)
     roles = Roles(model, value_head, reward_head, has_reference_adapter=sft_tensors is not None)

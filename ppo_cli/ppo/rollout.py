@@ -26,7 +26,7 @@ class Rollout:
     responses: torch.Tensor  # (B, R)
     response_mask: torch.Tensor  # (B, R) bool: real response tokens, up to and including EOS
     # (B, R) policy logprobs at sampling time ("old") and values; None when the first update pass
-    # provides them (fuse_first_pass).
+    # provides them (fuse_first_pass); values are None too without a critic.
     logprobs: torch.Tensor | None
     ref_logprobs: torch.Tensor  # (B, R)
     values: torch.Tensor | None
@@ -92,7 +92,7 @@ class RolloutMixin:
         stats = self.scale.fixed_stats()
         if self.critic_on_scale or stats is None:
             return
-        if self.roles.value_head_from_reward:
+        if self.roles.value_head is not None and self.roles.value_head_from_reward:
             self.roles.put_value_head_on_scale(*stats)
         self.critic_on_scale = True
 
@@ -143,7 +143,8 @@ class RolloutMixin:
             ref_logprobs.append(self.policy_logprobs(qr[chunk], mask[chunk], responses[chunk], REFERENCE))
             if not self.fuse_first_pass:
                 logprobs.append(self.policy_logprobs(qr[chunk], mask[chunk], responses[chunk], POLICY))
-                values.append(self.value_estimates(qr[chunk], mask[chunk], length))
+                if self.estimation.critic:
+                    values.append(self.value_estimates(qr[chunk], mask[chunk], length))
         timings["time/score"] = time.perf_counter() - start
         rollout = Rollout(
             qr,

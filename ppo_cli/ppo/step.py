@@ -25,6 +25,7 @@ import torch
 from ppo_cli import rlhf
 from ppo_cli.dist import DistInfo, all_reduce_mean, all_reduce_sum, average_gradients
 from ppo_cli.models.devices import release_freed_cpu_memory
+from ppo_cli.ppo.estimators import critic_free_advantages
 from ppo_cli.ppo.roles import POLICY
 from ppo_cli.ppo.rollout import Rollout
 from ppo_cli.supervised import check_finite, optimizer_step
@@ -69,7 +70,7 @@ class StepMixin:
         metrics = {**self.step_metrics(ro, non_score, timings), **update_stats}
         metrics = all_reduce_mean(metrics, self.run.dist)
         # 8: the KL controller sees the batch-mean KL; n_steps counts episodes, as in Ziegler et al.
-        self.kl_ctl.update(metrics["objective/kl"], self.train_cfg.batch_size * self.run.dist.world_size)
+        self.kl_ctl.update(metrics["objective/kl"], self.episodes_per_step)
         metrics.update({"objective/kl_coef": kl_coef, "lr": lr})
         return ro, metrics
 
@@ -97,17 +98,27 @@ class StepMixin:
         ro = dataclasses.replace(
             ro,
             logprobs=torch.empty_like(new_lp).index_copy_(0, order, new_lp.detach()),
-            values=torch.empty_like(vpred).index_copy_(0, order, vpred.detach()),
+            values=None if vpred is None else torch.empty_like(vpred).index_copy_(0, order, vpred.detach()),
         )
         return ro, (order, new_lp, vpred, entropy)
 
     def advantages(self, ro: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Steps 5-6: (rewards, non-score rewards, advantages, returns), each (B, R)."""
+        """Steps 5-6: (rewards, non-score rewards, advantages, returns), each (B, R).
+
+        The KL penalty is in the rewards unless the estimator puts it in the loss (train_epochs); the
+        critic-free estimators take their baseline from the rollout itself (ppo/estimators.py)."""
+        est = self.estimation
+        beta = self.kl_ctl.value if est.kl_in == "reward" else 0.0
         rewards, non_score = rlhf.shape_rewards(
-            ro.scores, ro.logprobs, ro.ref_logprobs, ro.response_mask, self.kl_ctl.value
+            ro.scores, ro.logprobs, ro.ref_logprobs, ro.response_mask, beta, est.kl_estimator
         )
-        adv, returns = rlhf.gae(rewards, ro.values, ro.response_mask, self.ppo_cfg.gamma, self.ppo_cfg.lam)
-        if self.ppo_cfg.whiten_advantages:
+        if est.critic:
+            adv, returns = rlhf.gae(
+                rewards, ro.values, ro.response_mask, self.ppo_cfg.gamma, self.ppo_cfg.lam
+            )
+        else:
+            adv, returns = critic_free_advantages(est, rewards, ro.response_mask, self.ppo_cfg.gamma)
+        if est.whiten:
             adv = whiten_advantages(adv, ro.response_mask, self.run.dist)
         return rewards, non_score, adv, returns
 
@@ -118,7 +129,8 @@ class StepMixin:
         policy's entropy at each response position (no gradient; for policy/entropy_avg)."""
         qr, mask = ro.query_responses[idx], ro.attention_mask[idx]
         new_lp, entropy = self.policy_logprobs(qr, mask, ro.responses[idx], POLICY, with_entropy=True)
-        return new_lp, self.value_estimates(qr, mask, ro.responses.shape[1]), entropy
+        values = self.value_estimates(qr, mask, ro.responses.shape[1]) if self.estimation.critic else None
+        return new_lp, values, entropy
 
     def train_epochs(
         self, ro: Rollout, adv: torch.Tensor, returns: torch.Tensor, first: FirstPass | None
@@ -139,28 +151,14 @@ class StepMixin:
                         first = None
                     else:
                         new_lp, vpred, entropy = self.forward_micro(ro, idx)
-                    pg = rlhf.policy_loss(
-                        new_lp, ro.logprobs[idx], adv[idx], ro.response_mask[idx], self.ppo_cfg.clip_range
+                    losses = self.micro_losses(ro, idx, new_lp, vpred, adv, returns)
+                    loss = sum(
+                        losses.pop(name) for name in ("loss", "value_term", "kl_term") if name in losses
                     )
-                    vf = rlhf.value_loss(
-                        vpred,
-                        ro.values[idx],
-                        returns[idx],
-                        ro.response_mask[idx],
-                        self.ppo_cfg.clip_range_value,
-                    )
-                    loss = pg["loss"] + self.ppo_cfg.vf_coef * vf["loss"]
                     check_finite(loss.detach(), "the PPO loss", self.step + 1, self.run)
                     (loss * len(idx) / len(mb)).backward()
                     release_freed_cpu_memory(self.run.device)
-                    for key, value in (
-                        ("policy/approxkl_avg", pg["approxkl"]),
-                        ("policy/clipfrac_avg", pg["clipfrac"]),
-                        ("loss/policy_avg", pg["loss"]),
-                        ("loss/value_avg", vf["loss"]),
-                        ("val/clipfrac_avg", vf["clipfrac"]),
-                        ("val/ratio", pg["ratio"]),
-                    ):
+                    for key, value in losses.items():
                         stats[key].append(float(value.detach()))
                     entropy_avg = rlhf.masked_mean(entropy, ro.response_mask[idx])
                     stats["policy/entropy_avg"].append(float(entropy_avg))
@@ -174,6 +172,45 @@ class StepMixin:
         # The very first minibatch, before any update: ratio must be exactly 1 there (detail 15).
         result["policy/first_ratio"] = stats["val/ratio"][0]
         return result
+
+    def micro_losses(
+        self,
+        ro: Rollout,
+        idx: torch.Tensor,
+        new_lp: torch.Tensor,
+        vpred: torch.Tensor | None,
+        adv: torch.Tensor,
+        returns: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """One micro-batch's loss terms ("loss": the clipped policy loss; "value_term": vf_coef x the
+        clipped value loss, with a critic; "kl_term": beta x the KL estimate, when the KL is in the loss)
+        and the metrics beside them, with TRL's names."""
+        est, mask = self.estimation, ro.response_mask[idx]
+        pg = rlhf.policy_loss(
+            new_lp,
+            ro.logprobs[idx],
+            adv[idx],
+            mask,
+            self.ppo_cfg.clip_range,
+            est.loss_aggregation,
+            self.gen_cfg.max_new_tokens,
+        )
+        out = {
+            "loss": pg["loss"],
+            "policy/approxkl_avg": pg["approxkl"],
+            "policy/clipfrac_avg": pg["clipfrac"],
+            "loss/policy_avg": pg["loss"],
+            "val/ratio": pg["ratio"],
+        }
+        if vpred is not None:
+            vf = rlhf.value_loss(vpred, ro.values[idx], returns[idx], mask, self.ppo_cfg.clip_range_value)
+            out.update({"value_term": self.ppo_cfg.vf_coef * vf["loss"], "loss/value_avg": vf["loss"],
+                        "val/clipfrac_avg": vf["clipfrac"]})  # fmt: skip
+        if est.kl_in == "loss":
+            kl = rlhf.kl_estimate(new_lp, ro.ref_logprobs[idx], mask, est.kl_estimator)
+            kl_loss = rlhf.aggregate_loss(kl, mask, est.loss_aggregation, self.gen_cfg.max_new_tokens)
+            out.update({"kl_term": self.kl_ctl.value * kl_loss, "loss/kl_avg": kl_loss})
+        return out
 
     def step_metrics(
         self, ro: Rollout, non_score: torch.Tensor, timings: dict[str, float]

@@ -2,7 +2,8 @@
 
 Setup reads the SFT adapter (policy + reference), the reward source (RM adapter on the same base,
 a separate reward model, or a Python function), the prompts, and hands everything to PPOTrainer.
-final/ is the policy as a plain peft adapter on the base; final/value/ holds the value adapter and head.
+final/ is the policy as a plain peft adapter on the base; final/value/ holds the value adapter and head
+(with a critic: ppo.advantage_estimator=gae).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ppo_cli.models import (
     read_product_info,
 )
 from ppo_cli.plan.shape import longest_tokens
+from ppo_cli.ppo.estimators import resolve_estimation
 from ppo_cli.ppo.roles import VALUE, Roles, build_roles
 from ppo_cli.ppo.trainer import PPOTrainer
 from ppo_cli.ppo.validate import validate_ppo
@@ -121,7 +123,10 @@ def main(cfg: DictConfig) -> None:
     sft_adapter = cfg.sft_checkpoint if cfg.sft_checkpoint and is_adapter_dir(cfg.sft_checkpoint) else None
     hidden = base.get_input_embeddings().weight.shape[1]
     hidden = getattr(base.config, "hidden_size", hidden)
-    roles = build_roles(base, cfg.lora, sft_adapter, cfg.reward_checkpoint if shared_rm else None, hidden)
+    critic = resolve_estimation(cfg.ppo, cfg.generation).critic
+    roles = build_roles(
+        base, cfg.lora, sft_adapter, cfg.reward_checkpoint if shared_rm else None, hidden, critic=critic
+    )
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(roles.model)
     reward = build_reward(
@@ -144,7 +149,8 @@ def main(cfg: DictConfig) -> None:
     )
     logger.print(
         f"roles on one base: policy + reference ({'SFT adapter' if sft_adapter else 'base'}), reward "
-        f"({'RM adapter' if shared_rm else ('reward_fn' if cfg.reward_fn else 'separate model')}), value; "
+        f"({'RM adapter' if shared_rm else ('reward_fn' if cfg.reward_fn else 'separate model')})"
+        f"{', value' if critic else ', no critic'}; "
         f"{trainable:,} trainable of {total:,} parameters"
     )
     metrics = trainer.fit()
@@ -157,7 +163,7 @@ def main(cfg: DictConfig) -> None:
             # `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), final)` of
             # the README would fail on their shape.
             save_kwargs={"selected_adapters": ["default"], "save_embedding_layers": False},
-            extra_save=lambda final_dir: save_value(roles, final_dir),
+            extra_save=(lambda final_dir: save_value(roles, final_dir)) if critic else None,
             reward_source=cfg.reward_checkpoint or cfg.reward_fn,
         )
     summary = {

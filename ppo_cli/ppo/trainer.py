@@ -14,6 +14,7 @@ from ppo_cli.data import EpochBatches
 from ppo_cli.dist import broadcast_parameters
 from ppo_cli.loop import LoopStage, LoopState, TrainingLoop
 from ppo_cli.models import autocast_dtype
+from ppo_cli.ppo.estimators import Estimation, resolve_estimation
 from ppo_cli.ppo.guards import BatchSigns, PPOGuards
 from ppo_cli.ppo.roles import Roles
 from ppo_cli.ppo.rollout import Rollout, RolloutMixin
@@ -48,7 +49,11 @@ class PPOTrainer(RolloutMixin, StepMixin, LoopStage):
         world = run.dist.world_size
         # train.batch_size is per rank, like SFT/RM's (TRL's per_device_train_batch_size); every rank
         # rolls out its own prompts from one shared global order.
-        self.local_batch = self.train_cfg.batch_size
+        self.estimation = resolve_estimation(self.ppo_cfg, self.gen_cfg)
+        # A rollout holds samples_per_prompt responses to each of the rank's train.batch_size prompts, each
+        # prompt's in consecutive rows (a group never spans ranks or is split before its advantages).
+        self.group_size = self.estimation.group_size
+        self.local_batch = self.train_cfg.batch_size * self.group_size
         self.minibatch = self.local_batch // self.ppo_cfg.num_minibatches
         self.micro = self.minibatch // self.train_cfg.grad_accum_steps
         # When the whole rollout batch is one micro-batch, the first update pass runs on the unchanged
@@ -65,14 +70,10 @@ class PPOTrainer(RolloutMixin, StepMixin, LoopStage):
         self.value_params = roles.value_parameters()
         broadcast_parameters(self.policy_params + self.value_params, run.dist)
         value_lr = self.ppo_cfg.value_lr if self.ppo_cfg.value_lr is not None else self.train_cfg.lr
-        self.optimizer = torch.optim.AdamW(
-            [
-                {"params": self.policy_params, "lr": self.train_cfg.lr},
-                {"params": self.value_params, "lr": value_lr},
-            ],
-            weight_decay=self.train_cfg.weight_decay,
-            eps=1e-5,
-        )
+        groups = [{"params": self.policy_params, "lr": self.train_cfg.lr}]
+        if self.value_params:  # no critic: no value group
+            groups.append({"params": self.value_params, "lr": value_lr})
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=self.train_cfg.weight_decay, eps=1e-5)
         self.total_steps = int(self.train_cfg.max_steps)
         self.scheduler = build_scheduler(self.optimizer, self.train_cfg, self.total_steps)
         self.kl_ctl = (
@@ -111,8 +112,12 @@ class PPOTrainer(RolloutMixin, StepMixin, LoopStage):
         """The adaptive controller's horizon in episodes: ppo.kl_horizon, or a tenth of the run's."""
         if self.ppo_cfg.kl_horizon is not None:
             return float(self.ppo_cfg.kl_horizon)
-        per_step = self.train_cfg.batch_size * self.run.dist.world_size
-        return rlhf.run_kl_horizon(self.total_steps * per_step, per_step)
+        return rlhf.run_kl_horizon(self.total_steps * self.episodes_per_step, self.episodes_per_step)
+
+    @property
+    def episodes_per_step(self) -> int:
+        """Responses sampled per step over all ranks (each is an episode)."""
+        return self.local_batch * self.run.dist.world_size
 
     # -- the loop's hooks ------------------------------------------------------------------------
     @property
@@ -131,8 +136,8 @@ class PPOTrainer(RolloutMixin, StepMixin, LoopStage):
         """One rollout + update on this rank's slice of the next batch, then the guards."""
         rank, world = self.run.dist.rank, self.run.dist.world_size
         indices = self.batches.next()[rank::world]
-        ro, metrics = self.ppo_step([self.prompts[i] for i in indices])
-        self.episode += self.train_cfg.batch_size * world
+        ro, metrics = self.ppo_step([self.prompts[i] for i in indices for _ in range(self.group_size)])
+        self.episode += self.episodes_per_step
         metrics["episode"] = self.episode
         self.guards(step, metrics, self.batch_signs(ro))
         self.last_rollout, self.last_metrics = ro, metrics
@@ -188,10 +193,11 @@ class PPOTrainer(RolloutMixin, StepMixin, LoopStage):
 
     def summary(self) -> dict[str, str]:
         return {
-            "rollout": f"{self.train_cfg.batch_size} prompts x {self.gen_cfg.max_new_tokens} new tokens, "
-            f"T={self.gen_cfg.temperature}",
+            "rollout": f"{self.train_cfg.batch_size} prompts x {self.group_size} samples x "
+            f"{self.gen_cfg.max_new_tokens} new tokens, T={self.gen_cfg.temperature}",
+            "advantages": describe_estimation(self.estimation),
             "ppo": f"{self.ppo_cfg.epochs} epochs x {self.ppo_cfg.num_minibatches} minibatches",
-            "kl penalty": describe_kl_penalty(self.ppo_cfg, self.kl_horizon()),
+            "kl penalty": describe_kl_penalty(self.ppo_cfg, self.kl_horizon(), self.estimation),
             "reward scale": describe_reward_scale(self.ppo_cfg),
             "device": str(self.device),
         }
@@ -227,12 +233,25 @@ SCALE_UNITS = {
 }
 
 
-def describe_kl_penalty(ppo: DictConfig, horizon: float) -> str:
-    """One line for the run's panel: beta and how it moves."""
+def describe_estimation(est: Estimation) -> str:
+    """One line for the run's panel: the estimator, its baseline and the loss's aggregation."""
+    baseline = {
+        "gae": "GAE with a critic (value adapter and head)",
+        "grpo": f"GRPO: group mean{' / group std' if est.norm_adv_by_std else ''} baseline, no critic",
+        "rloo": "RLOO: leave-one-out baseline, no critic",
+        "reinforce_plus_plus": "REINFORCE++: reward-to-go, no critic",
+    }[est.estimator]
+    whiten = "whitened" if est.whiten else "not whitened"
+    return f"{baseline}; {whiten}; loss {est.loss_aggregation}"
+
+
+def describe_kl_penalty(ppo: DictConfig, horizon: float, est: Estimation | None = None) -> str:
+    """One line for the run's panel: beta, where the KL goes, and how beta moves."""
+    where = "" if est is None else f" ({est.kl_estimator} in the {est.kl_in})"
     if ppo.kl_controller == "fixed":
-        return f"beta {ppo.kl_coef:g}, fixed"
+        return f"beta {ppo.kl_coef:g}{where}, fixed"
     return (
-        f"beta {ppo.kl_coef:g} at the start, adaptive: target {ppo.kl_target:g} nats per response, "
+        f"beta {ppo.kl_coef:g}{where} at the start, adaptive: target {ppo.kl_target:g} nats per response, "
         f"horizon {horizon:g} episodes"
     )
 

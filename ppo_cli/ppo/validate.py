@@ -7,20 +7,23 @@ import math
 from omegaconf import DictConfig
 
 from ppo_cli.errors import UserError
+from ppo_cli.ppo.estimators import resolve_estimation
 
 
 def validate_ppo(cfg: DictConfig) -> None:
     ppo, train = cfg.ppo, cfg.train
     if train.max_steps < 1:
         raise UserError(f"train.max_steps={train.max_steps}: train-ppo needs a positive number of steps.")
-    local = train.batch_size
-    if local < 1 or ppo.num_minibatches < 1 or local % ppo.num_minibatches:
-        raise UserError(
-            f"train.batch_size={local} must be positive and divide by ppo.num_minibatches={ppo.num_minibatches}."
-        )
+    group = resolve_estimation(ppo, cfg.generation).group_size  # samples per prompt, checked there
+    local = train.batch_size * group  # sequences per rollout batch on this rank
+    rows = f"train.batch_size={train.batch_size}" + (
+        f" x generation.samples_per_prompt={group} = {local} sequences" if group > 1 else ""
+    )
+    if train.batch_size < 1 or ppo.num_minibatches < 1 or local % ppo.num_minibatches:
+        raise UserError(f"{rows} must be positive and divide by ppo.num_minibatches={ppo.num_minibatches}.")
     if (local // ppo.num_minibatches) % train.grad_accum_steps:
         raise UserError(
-            f"the minibatch ({local // ppo.num_minibatches} prompts) must divide by "
+            f"the minibatch ({local // ppo.num_minibatches} sequences) must divide by "
             f"train.grad_accum_steps={train.grad_accum_steps}."
         )
     if ppo.epochs < 1:

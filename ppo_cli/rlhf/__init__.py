@@ -11,7 +11,7 @@ Conventions used throughout this package:
   loss; the caller decides what carries gradient.
 
 Modules: tokens (masks, EOS, logprobs/entropy), stats (masked statistics, whitening), rewards
-(score scaling, missing-EOS rules, KL-shaped rewards), advantages (GAE), losses (PPO, RM), kl
+(score scaling, missing-EOS rules, KL-shaped rewards), advantages (GAE and the critic-free estimators), losses (PPO, RM), kl
 (controllers).
 
 References cited in comments:
@@ -21,17 +21,30 @@ References cited in comments:
 * [Ziegler19] D. Ziegler et al., "Fine-Tuning Language Models from Human Preferences", 2019
   (arXiv:1909.08593).
 * [Schulman-KL] J. Schulman, "Approximating KL Divergence", http://joschu.net/blog/kl-approx.html, 2020.
+* [GRPO] Z. Shao et al., "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language
+  Models", 2024 (arXiv:2402.03300). [DrGRPO] Z. Liu et al., "Understanding R1-Zero-Like Training: A
+  Critical Perspective", 2025 (arXiv:2503.20783). [RLOO] A. Ahmadian et al., "Back to Basics: Revisiting
+  REINFORCE Style Optimization for Learning from Human Feedback in LLMs", 2024 (arXiv:2402.14740).
+  [RPP] J. Hu, "REINFORCE++: A Simple and Efficient Approach for Aligning Large Language Models", 2025
+  (arXiv:2501.03262).
 * [GAE] J. Schulman et al., "High-Dimensional Continuous Control Using Generalized Advantage
   Estimation", 2015. [PPO] J. Schulman et al., "Proximal Policy Optimization Algorithms", 2017.
 """
 
-from ppo_cli.rlhf.advantages import gae
+from ppo_cli.rlhf.advantages import (
+    gae,
+    group_advantages,
+    leave_one_out_advantages,
+    per_token,
+    reward_to_go,
+)
 from ppo_cli.rlhf.kl import (
     AdaptiveKLController,
     FixedKLController,
     run_kl_horizon,
 )
 from ppo_cli.rlhf.losses import (
+    aggregate_loss,
     pairwise_reward_loss,
     policy_loss,
     value_loss,
@@ -41,6 +54,7 @@ from ppo_cli.rlhf.rewards import (
     apply_missing_eos_penalty,
     batch_score_stats,
     clip_scores,
+    kl_estimate,
     kl_per_token,
     normalize_scores,
     replace_missing_eos_score,
@@ -75,7 +89,13 @@ __all__ = [
     "clip_scores",
     "entropy_from_logits",
     "first_true_indices",
+    "aggregate_loss",
     "gae",
+    "group_advantages",
+    "kl_estimate",
+    "leave_one_out_advantages",
+    "per_token",
+    "reward_to_go",
     "has_eos",
     "kl_per_token",
     "last_token_index",

@@ -9,12 +9,42 @@ from ppo_cli.rlhf.stats import masked_mean
 from ppo_cli.rlhf.tokens import _as_bool
 
 
+def aggregate_loss(
+    token_losses: torch.Tensor, mask: torch.Tensor, mode: str = "token_mean", max_tokens: int | None = None
+) -> torch.Tensor:
+    """One loss from per-token losses; the modes weigh tokens of long and short sequences differently.
+
+    Shapes: ``token_losses``, ``mask`` ``(B, T)`` -> scalar.
+
+    Formula, with ``n_b`` the real tokens of row b and ``L`` ``max_tokens`` (default ``T``)::
+
+        token_mean          = sum_b,t l / sum_b n_b       every token weighs the same (PPO, DAPO)
+        seq_mean_token_mean = mean_b (sum_t l / n_b)      every sequence weighs the same ([GRPO] eq. 3)
+        seq_mean_token_sum  = mean_b (sum_t l / L)        [DrGRPO]: a constant normaliser, so neither
+                                                          long nor short responses are favoured
+
+    Rows without a real token count as sequences with a zero loss in the per-sequence modes.
+    """
+    m = _as_bool(mask)
+    zero = torch.zeros((), dtype=token_losses.dtype, device=token_losses.device)
+    masked = torch.where(m, token_losses, zero)
+    if mode == "token_mean":
+        return masked_mean(token_losses, m)
+    if mode == "seq_mean_token_mean":
+        return (masked.sum(-1) / m.sum(-1).clamp(min=1)).mean()
+    if mode == "seq_mean_token_sum":
+        return (masked.sum(-1) / float(max_tokens or token_losses.shape[-1])).mean()
+    raise ValueError(f"unknown loss aggregation {mode!r}")
+
+
 def policy_loss(
     new_logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_range: float | None = 0.2,
+    aggregation: str = "token_mean",
+    max_tokens: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """PPO clipped surrogate loss ([PPO] eq. 7) and its diagnostics.
 
@@ -24,7 +54,8 @@ def policy_loss(
 
         pg1 = -A * rho
         pg2 = -A * clip(rho, 1 - c, 1 + c)
-        loss     = masked_mean(max(pg1, pg2))               (the pessimistic bound)
+        loss     = aggregate(max(pg1, pg2))                 (the pessimistic bound; token mean by
+                                                             default, see :func:`aggregate_loss`)
         clipfrac = masked_mean([pg2 > pg1])                  (tokens where the clip is active)
         approxkl = masked_mean(0.5 * (new - old)^2)          (k2 estimator of KL(old || new))
         ratio    = masked_mean(rho)
@@ -44,7 +75,7 @@ def policy_loss(
         pg_losses2 = pg_losses1
     else:
         pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(pg_losses1, pg_losses2), m)
+    loss = aggregate_loss(torch.maximum(pg_losses1, pg_losses2), m, aggregation, max_tokens)
     with torch.no_grad():
         clipfrac = masked_mean((pg_losses2 > pg_losses1).float(), m)
         approxkl = masked_mean(0.5 * log_ratio.float() ** 2, m)

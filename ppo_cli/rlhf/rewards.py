@@ -24,12 +24,43 @@ def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch
     return torch.where(m, kl, torch.zeros((), dtype=kl.dtype, device=kl.device))
 
 
+def kl_estimate(
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, estimator: str = "k1"
+) -> torch.Tensor:
+    """Per-token estimate of ``KL(pi || pi_ref)`` by one of [Schulman-KL]'s estimators.
+
+    Shapes: ``logprobs``, ``ref_logprobs``, ``mask`` ``(B, T)`` -> ``(B, T)``, 0 where ``mask`` is 0.
+
+    Formula, with ``x = logprobs - ref_logprobs`` (log pi / pi_ref at the sampled token)::
+
+        k1 = x                     unbiased, can be negative (:func:`kl_per_token`)
+        k2 = x^2 / 2               biased, >= 0, low variance
+        k3 = exp(-x) + x - 1       unbiased, >= 0 ([GRPO] eq. 4's KL term)
+
+    Gradients flow through both inputs; as a loss term the caller passes the new logprobs with
+    gradient and the reference's without.
+    """
+    m = _as_bool(mask)
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    x = torch.where(m, logprobs - ref_logprobs, zero)
+    if estimator == "k1":
+        kl = x
+    elif estimator == "k2":
+        kl = 0.5 * x**2
+    elif estimator == "k3":
+        kl = torch.exp(-x) + x - 1.0
+    else:
+        raise ValueError(f"unknown KL estimator {estimator!r}: k1, k2 or k3")
+    return torch.where(m, kl, zero)
+
+
 def shape_rewards(
     scores: torch.Tensor,
     logprobs: torch.Tensor,
     ref_logprobs: torch.Tensor,
     mask: torch.Tensor,
     kl_coef: float | torch.Tensor,
+    kl_estimator: str = "k1",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token PPO rewards: a KL penalty on every token plus the sequence score on the last one.
 
@@ -45,10 +76,11 @@ def shape_rewards(
     The score goes on the last real token (the EOS when there is one), not on the last column, so that
     a right-padded row still receives it ([Huang24], "reward at the EOS token"). A row with no valid
     token at all gets no score (there is no token to credit and GAE would ignore it anyway).
-    The KL term is :func:`kl_per_token` (``k1``), as in lm-human-preferences and TRL.
+    The KL term is :func:`kl_per_token` (``k1``), as in lm-human-preferences and TRL, unless
+    ``kl_estimator`` names another of :func:`kl_estimate`'s.
     """
     m = _as_bool(mask)
-    kl = kl_per_token(logprobs, ref_logprobs, m)
+    kl = kl_estimate(logprobs, ref_logprobs, m, kl_estimator)
     non_score_rewards = -kl_coef * kl
     last = last_token_index(m)
     score_on_last = torch.zeros_like(non_score_rewards)
