@@ -122,6 +122,28 @@ def test_ppo_trains_policy_and_value_and_holds_the_rollout_cache():
     assert parts["rollout KV cache"] == 2 * 2 * 2 * 3 * 1 * 4 * 4
 
 
+def test_critic_free_ppo_has_no_value_adapter_head_or_pass():
+    run = RunShape(stage="ppo", micro_batch=1, seq_len=3, weight_bytes=4, act_bytes=4, lora_r=2,
+                   lora_targets=["q_proj", "v_proj"], rollout_batch=2, response_len=1, frozen_adapters=1,
+                   critic=False)  # fmt: skip
+    parts = estimate(TOY, run)
+    assert parts["trainable weights"] == 4 * 112  # the policy adapter alone
+    assert parts["AdamW state"] == 8 * 112
+    assert parts["activations"] == 1 * 2 * 3 * 768  # the policy's pass alone
+
+
+def test_plan_of_a_critic_free_run_counts_every_sample_of_each_prompt(tiny):
+    args = ["train-ppo", f"model.name_or_path={tiny['model']}", f"data.train={tiny['prompts']}",
+            "reward_fn=m:f", "train.device=cpu", "train.batch_size=2"]  # fmt: skip
+    gae = plan_json(*args, "generation.samples_per_prompt=4")
+    grpo = plan_json(*args, "generation.samples_per_prompt=4", "ppo.advantage_estimator=grpo")
+    one = plan_json(*args, "ppo.advantage_estimator=grpo", "generation.samples_per_prompt=2")
+    assert grpo["parts"]["trainable weights"] < gae["parts"]["trainable weights"]
+    assert grpo["parts"]["activations"] * 2 == gae["parts"]["activations"]  # no value pass
+    # 2 prompts x 4 samples: twice the rollout cache of 2 x 2
+    assert grpo["parts"]["rollout KV cache"] == 2 * one["parts"]["rollout KV cache"]
+
+
 def test_cpu_counts_the_process_and_a_converting_load():
     base = dict(
         stage="sft", micro_batch=1, seq_len=2, weight_bytes=2, act_bytes=2, lora_r=2, lora_targets=["q_proj"]

@@ -7,7 +7,7 @@ What is counted (bytes at the peak of a step):
                      (embeddings, norms, lm_head) at their dtype: fp32 where peft prepares the base for
                      training (train-sft, train-rm), model.dtype on train-ppo's shared base
   trainable weights  LoRA A and B of every targeted linear layer (r x in + out x r), fp32; in train-ppo the
-                     policy and value adapters; full fine-tuning: every parameter, fp32
+                     policy and value adapters (the policy alone with a critic-free estimator); full fine-tuning: every parameter, fp32
   gradients          fp32, one per trainable weight
   AdamW state        fp32 exp_avg and exp_avg_sq: 8 bytes per trainable weight
   frozen adapters    train-ppo's reference and reward adapters (and the reward head) on the shared base;
@@ -196,6 +196,7 @@ class RunShape:
     rollout_batch: int = 0  # prompts per rollout batch (the KV cache and the no-grad scoring passes)
     response_len: int = 0
     frozen_adapters: int = 0  # reference and reward adapters on the shared base
+    critic: bool = True  # train-ppo's value adapter, head and passes (gae); the critic-free estimators: none
     # CPU: count the process, and the checkpoint file while it loads when its weights are converted to
     # another dtype (its pages and the converted copies; an fp32 file loaded as fp32 is the weights' memory)
     cpu: bool = False
@@ -220,15 +221,16 @@ def estimate(shape: ModelShape, run: RunShape) -> dict[str, int]:
         # every weight trains, in fp32 (keep_trainable_in_fp32)
         parts["base weights"] = 0
         adapter = shape.params
-    trainable_adapters = 2 if run.stage == "ppo" else 1  # PPO: policy and value
+    ppo_critic = run.stage == "ppo" and run.critic
+    trainable_adapters = 2 if ppo_critic else 1  # PPO: policy and value
     heads = shape.hidden_size + 1
-    trainable = adapter * trainable_adapters + heads * (1 if run.stage in ("rm", "ppo") else 0)
+    trainable = adapter * trainable_adapters + heads * (1 if run.stage == "rm" or ppo_critic else 0)
     parts["trainable weights"] = 4 * trainable
     parts["gradients"] = 4 * trainable
     parts["AdamW state"] = 8 * trainable
     if run.frozen_adapters:
         parts["frozen adapters"] = 4 * (adapter * run.frozen_adapters + heads)
-    passes = 2 if run.stage in ("ppo", "rm") else 1  # PPO: policy and value; RM: chosen and rejected
+    passes = 2 if run.stage == "rm" or ppo_critic else 1  # PPO: policy and value; RM: chosen and rejected
     # the residual stream is in the dtype of the unquantized layers (embeddings, norms); bitsandbytes' layers
     # compute in their compute dtype but return their input's
     residual = run.weight_bytes if lora else 4  # full fine-tuning: every weight fp32

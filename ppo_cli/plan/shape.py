@@ -229,7 +229,11 @@ def run_shape(
     r, targets = policy_lora(cfg, shape)
     batch = int(cfg.train.batch_size)
     accum = max(1, int(cfg.train.grad_accum_steps))
+    critic = True
     if stage == "ppo":
+        # a rollout holds samples_per_prompt responses to each prompt; only gae trains a critic
+        batch *= int(OmegaConf.select(cfg, "generation.samples_per_prompt", default=1) or 1)
+        critic = str(OmegaConf.select(cfg, "ppo.advantage_estimator", default="gae")) == "gae"
         minibatch = max(1, batch // max(1, int(cfg.ppo.num_minibatches)))
         micro = max(1, minibatch // accum)
         response = int(cfg.generation.max_new_tokens)
@@ -253,6 +257,7 @@ def run_shape(
         attention_scores=(device.type == "cpu" and 2 in (act_bytes, weight_bytes))
         or OmegaConf.select(cfg, "model.attn_implementation") == "eager",
         rollout_batch=batch if stage == "ppo" else 0,
+        critic=critic,
         response_len=response,
         frozen_adapters=frozen_adapters(cfg) if stage == "ppo" else 0,
         cpu=device.type == "cpu",
