@@ -22,11 +22,18 @@ the table goes to the console and to bench/results/quality/results.md (+ results
 
     python bench/quality.py [--tasks sentiment,format_length] [--steps 80] [--batch-size 32] [--lr 1e-3]
                             [--samples 4] [--skip-trl] [--variant NAME=OVERRIDE,OVERRIDE ...]
+                            [--estimators gae,grpo,... [--samples-per-prompt 4] [--trl-grpo-lr LR,...]]
                             [--trl-rm-python PY] [--trl-ppo-python PY] [--root DIR] [--results DIR]
 
 `--variant NAME=A,B` adds ppo-cli rows with train-ppo overrides A and B (used to choose the defaults, e.g.
 `--variant beta0.15=ppo.kl_coef=0.15`); `--no-defaults` leaves out the rows of the defaults. TRL's rows
 are skipped with a note when its environments are missing (bench/README.md).
+
+`--estimators gae,grpo,rloo,reinforce_plus_plus` adds a second table, on the gold reward and one episode
+budget (`--batch-size` episodes per step): `ppo-cli train-ppo ppo.advantage_estimator=E
+generation.samples_per_prompt=K train.batch_size=B/K` for each critic-free E (K = `--samples-per-prompt`,
+4), GAE-PPO with B prompts x 1 sample (the defaults' gold row), and TRL 1.16's GRPOTrainer with B/K prompts
+x K samples (bench/trl_grpo.py; `--trl-grpo-lr 1e-3,3e-4` for several learning rates, default --lr).
 """
 
 from __future__ import annotations
@@ -55,6 +62,8 @@ DEFAULT_TASKS = "sentiment,format_length"
 # (trl==1.12.0, the last release with its PPOTrainer) create.
 TRL_RM_PYTHON = os.environ.get("TRL_PYTHON", str(HERE / "results" / "trl116-venv" / "bin" / "python"))
 TRL_PPO_PYTHON = os.environ.get("TRL_PPO_PYTHON", str(HERE / "results" / "trl112-venv" / "bin" / "python"))
+# ppo.advantage_estimator's values (`--estimators`): GAE-PPO and the critic-free group estimators.
+ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_plus_plus")
 # What the judge samples: the rollouts' settings of train-ppo's defaults (and TRL's run).
 MAX_NEW_TOKENS = 64
 TEMPERATURE = 0.7
@@ -75,6 +84,11 @@ class Job:
     seconds: float | None = None
     cached: bool = False
 
+    @property
+    def seconds_file(self) -> Path:
+        """Where a finished job's seconds are kept, so that a cached job still has them."""
+        return self.log.with_suffix(".seconds")
+
 
 def run_jobs(jobs: list[Job], threads: int, force: bool, workers: int = 2) -> None:
     """Run every job whose product is missing, `workers` at a time (two cores: two one-thread runs).
@@ -88,6 +102,8 @@ def run_jobs(jobs: list[Job], threads: int, force: bool, workers: int = 2) -> No
         if job.done.exists() and not force:
             job.cached = True
             finished.add(job.name)
+            if job.seconds_file.is_file():
+                job.seconds = float(job.seconds_file.read_text())
     todo = sorted((j for j in jobs if not j.cached), key=lambda j: j.lane != "trl")
     known = {j.name for j in jobs}
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
@@ -117,6 +133,7 @@ def run_jobs(jobs: list[Job], threads: int, force: bool, workers: int = 2) -> No
                     print(f"{job.name} FAILED ({rc}), log {job.log}:\n{tail}", flush=True)
                 else:
                     print(f"{job.name} done in {job.seconds:.0f} s", flush=True)
+                    job.seconds_file.write_text(f"{job.seconds:.1f}\n")
                     finished.add(job.name)
                 lock.notify_all()
 
@@ -190,7 +207,7 @@ def task_jobs(task: str, args, variants: dict[str, list[str]]) -> tuple[list[Job
     runs = args.results / "runs" / task / f"{build_id(paths['info'])}-{defaults_id()}"
     py = sys.executable
     jobs: list[Job] = []
-    products: dict = {"policies": {}, "rms": {}, "paths": paths, "prompts": prompts}
+    products: dict = {"policies": {}, "rms": {}, "paths": paths, "prompts": prompts, "critic_free": {}}
 
     rm_dir = runs / "rm-ppo-cli"
     jobs.append(
@@ -209,7 +226,6 @@ def task_jobs(task: str, args, variants: dict[str, list[str]]) -> tuple[list[Job
         f"sft_checkpoint={paths['sft']}",
         f"data.train={prompts['train']}",
         f"train.max_steps={args.steps}",
-        f"train.batch_size={args.batch_size}",
         f"train.lr={args.lr}",
         f"train.seed={args.seed}",
         "train.save_every=0",
@@ -221,26 +237,50 @@ def task_jobs(task: str, args, variants: dict[str, list[str]]) -> tuple[list[Job
         "gold": ([f"reward_fn={quality_tasks.reward_fn_spec(task)}"], []),
         "rm": ([f"reward_checkpoint={rm_dir / 'final'}"], [f"{task}/rm-ppo-cli"]),
     }
+
+    def ppo_cli_row(
+        variant: str, source: str, overrides: list[str], batch_size: int, main_table: bool
+    ) -> str:
+        """Add (once) the train-ppo job of a variant and reward source; returns its policy's name."""
+        name = f"ppo-cli[{variant}]/{source}"
+        if name in products["policies"]:
+            products["policies"][name]["main"] |= main_table
+            return name
+        reward, after = sources[source]
+        out = runs / f"ppo-cli-{variant}-{source}"
+        job = Job(
+            f"{task}/{name}",
+            "cli",
+            [py, "-m", "ppo_cli", "train-ppo", *reward, *ppo_common, f"train.batch_size={batch_size}", *overrides,
+             f"output_dir={out}"],
+            out / "final" / "adapter_config.json",
+            runs / "logs" / f"ppo-cli-{variant}-{source}.log",
+            after,
+        )  # fmt: skip
+        jobs.append(job)
+        products["policies"][name] = {
+            "model": paths["base"], "adapter": out / "final", "rm": "ppo-cli", "source": source,
+            "metrics": out / "metrics.jsonl", "job": job, "main": main_table,
+        }  # fmt: skip
+        return name
+
     for variant, overrides in variants.items():
-        for source, (reward, after) in sources.items():
-            if source not in args.sources:
-                continue
-            name = f"ppo-cli[{variant}]/{source}"
-            out = runs / f"ppo-cli-{variant}-{source}"
-            jobs.append(
-                Job(
-                    f"{task}/{name}",
-                    "cli",
-                    [py, "-m", "ppo_cli", "train-ppo", *reward, *ppo_common, *overrides, f"output_dir={out}"],
-                    out / "final" / "adapter_config.json",
-                    runs / "logs" / f"ppo-cli-{variant}-{source}.log",
-                    after,
-                )
-            )
-            products["policies"][name] = {
-                "model": paths["base"], "adapter": out / "final", "rm": "ppo-cli", "source": source,
-                "metrics": out / "metrics.jsonl",
-            }  # fmt: skip
+        for source in sources:
+            if source in args.sources:
+                ppo_cli_row(variant, source, overrides, args.batch_size, True)
+    # Critic-free estimators against GAE-PPO, gold reward, one budget: --batch-size episodes per step, as
+    # --batch-size prompts x 1 sample (GAE) or --batch-size / K prompts x K samples (the others).
+    group = args.samples_per_prompt
+    for estimator in args.estimators:
+        if estimator == "gae":
+            name = ppo_cli_row("defaults", "gold", [], args.batch_size, False)
+            products["critic_free"]["ppo-cli gae"] = {"policy": name, "rollout": f"{args.batch_size} x 1"}
+            continue
+        overrides = [f"ppo.advantage_estimator={estimator}", f"generation.samples_per_prompt={group}"]
+        name = ppo_cli_row(estimator, "gold", overrides, args.batch_size // group, False)
+        products["critic_free"][f"ppo-cli {estimator}"] = {
+            "policy": name, "rollout": f"{args.batch_size // group} x {group}"
+        }  # fmt: skip
 
     if not args.skip_trl:
         defaults = cli_defaults("train_rm")
@@ -281,8 +321,35 @@ def task_jobs(task: str, args, variants: dict[str, list[str]]) -> tuple[list[Job
             )  # fmt: skip
             products["policies"][f"trl/{source}"] = {
                 "model": out / "policy", "adapter": None, "rm": "trl", "source": source,
-                "metrics": out / "metrics.jsonl",
+                "metrics": out / "metrics.jsonl", "job": jobs[-1], "main": True,
             }  # fmt: skip
+        for grpo_lr in args.trl_grpo_lr if args.estimators else []:
+            # TRL 1.16's GRPO beside the critic-free rows: the same prompts x samples per step
+            tag = "" if grpo_lr == args.lr else f"-lr{grpo_lr:g}"
+            out = runs / f"trl-grpo{tag}-gold"
+            jobs.append(
+                Job(
+                    f"{task}/trl-grpo{tag}/gold",
+                    "trl",
+                    [args.trl_rm_python, str(HERE / "trl_grpo.py"), str(paths["base"]), str(paths["sft"]),
+                     str(prompts["train"]), str(out), "--reward-fn", quality_tasks.reward_fn_spec(task),
+                     f"--steps={args.steps}", f"--batch-size={args.batch_size // group}",
+                     f"--num-generations={group}", f"--lr={grpo_lr}", f"--seed={args.seed}",
+                     f"--max-completion-length={MAX_NEW_TOKENS}", f"--temperature={TEMPERATURE}"],
+                    out / "done.json",
+                    runs / "logs" / f"trl-grpo{tag}-gold.log",
+                )
+            )  # fmt: skip
+            name = f"trl-grpo{tag}/gold"
+            products["policies"][name] = {
+                "model": out / "policy", "adapter": None, "rm": "trl", "source": "gold",
+                "metrics": out / "metrics.jsonl", "job": jobs[-1], "main": False,
+            }  # fmt: skip
+            label = "TRL 1.16 GRPO" + (f" (lr {grpo_lr:g})" if tag else "")
+            products["critic_free"][label] = {
+                "policy": name,
+                "rollout": f"{args.batch_size // group} x {group}",
+            }
     return jobs, products
 
 
@@ -320,6 +387,13 @@ def judge_products(task: str, products: dict, args) -> dict:
             result["policies"][name].update(
                 {"rm": p["rm"], "source": p["source"], "train_kl": final_train_kl(p["metrics"])}
             )
+            if not p["main"]:  # a critic-free comparison's row only
+                result["policies"][name]["main"] = False
+    if products["critic_free"]:
+        result["critic_free"] = {
+            label: {**row, "job_seconds": products["policies"][row["policy"]]["job"].seconds}
+            for label, row in products["critic_free"].items()
+        }
     return result
 
 
@@ -345,7 +419,7 @@ def markdown(results: dict[str, dict], notes: list[str]) -> str:
             f"{sft['words']:.1f} |"
         )
         for name, m in res["policies"].items():
-            if name == "sft":
+            if name == "sft" or not m.get("main", True):
                 continue
             gold = m["source"] == "gold"
             acc = "" if gold else f"{res['rm_accuracy'][m['rm']]:.3f}"
@@ -356,6 +430,33 @@ def markdown(results: dict[str, dict], notes: list[str]) -> str:
                 f"{m['rm_win'][m['rm']]:.3f} | {m['eos']:.2f} | {m['distinct2']:.2f} | {m['words']:.1f} |"
             )
     return "\n".join(lines + [""] + notes)
+
+
+def critic_free_markdown(results: dict[str, dict], note: str) -> str:
+    """The critic-free estimators beside GAE-PPO and TRL's GRPO, all on the gold reward."""
+    lines = [
+        "| task | trainer | prompts x samples per step | gold lift | final KL | training s | EOS rate | "
+        "distinct-2 | words |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for task, res in results.items():
+        if "critic_free" not in res:
+            continue
+        sft = res["policies"]["sft"]
+        lines.append(
+            f"| {task} | SFT | | gold {sft['gold']:.3f} | 0 | | {sft['eos']:.2f} | {sft['distinct2']:.2f} | "
+            f"{sft['words']:.1f} |"
+        )
+        for label, row in res["critic_free"].items():
+            m = res["policies"].get(row["policy"])
+            if m is None:  # not trained (a TRL environment missing)
+                continue
+            seconds = "" if row["job_seconds"] is None else f"{row['job_seconds']:.0f}"
+            lines.append(
+                f"| {task} | {label} | {row['rollout']} | {m['gold_lift']:+.3f} | {m['kl']:.1f} | {seconds} | "
+                f"{m['eos']:.2f} | {m['distinct2']:.2f} | {m['words']:.1f} |"
+            )
+    return "\n".join(lines + ["", note])
 
 
 def parse_variants(items: list[str], defaults_row: bool) -> dict[str, list[str]]:
@@ -378,6 +479,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=OVERRIDES")
     parser.add_argument("--no-defaults", action="store_true", help="only the --variant rows of ppo-cli")
     parser.add_argument("--skip-trl", action="store_true")
+    parser.add_argument(
+        "--estimators",
+        default="",
+        help=f"critic-free comparison on the gold reward: from {', '.join(ESTIMATORS)} (+ TRL 1.16's GRPO)",
+    )
+    parser.add_argument(
+        "--samples-per-prompt", type=int, default=4, help="group size of the critic-free rows"
+    )
+    parser.add_argument("--trl-grpo-lr", default="", help="TRL GRPO learning rates, comma-separated (--lr)")
     parser.add_argument("--trl-rm-python", default=TRL_RM_PYTHON, help="a Python with trl 1.16")
     parser.add_argument("--trl-ppo-python", default=TRL_PPO_PYTHON, help="a Python with trl==1.12.0")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each run")
@@ -388,6 +498,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--force", action="store_true", help="redo cached runs")
     args = parser.parse_args(argv)
     args.sources = args.sources.split(",")
+    args.estimators = [e for e in args.estimators.split(",") if e]
+    if set(args.estimators) - set(ESTIMATORS):
+        parser.error(f"--estimators: choose from {', '.join(ESTIMATORS)}")
+    if args.estimators and args.batch_size % args.samples_per_prompt:
+        parser.error("--batch-size (episodes per step) must be a multiple of --samples-per-prompt")
+    args.trl_grpo_lr = [float(x) for x in args.trl_grpo_lr.split(",") if x] or [args.lr]
     task_names = args.tasks.split(",")
     notes = []
     trl_missing = [p for p in (args.trl_ppo_python, args.trl_rm_python) if not Path(p).is_file()]
@@ -424,6 +540,15 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.samples} samples; wall time {wall / 60:.1f} min."
     )
     table = markdown(results, notes)
+    if args.estimators:
+        group = args.samples_per_prompt
+        table += "\n\n" + critic_free_markdown(
+            results,
+            f"Critic-free estimators on the gold reward, {args.steps} steps x {args.batch_size} episodes "
+            f"({args.batch_size // group} prompts x {group} samples; GAE: {args.batch_size} x 1), lr {args.lr} "
+            f"(TRL GRPO: {', '.join(f'{x:g}' for x in args.trl_grpo_lr)}); training s = the job's wall "
+            "seconds (model loading included, two jobs at once).",
+        )
     args.results.mkdir(parents=True, exist_ok=True)
     out = args.out or args.results / "results.json"
     timings = {j.name: (None if j.cached else round(j.seconds or 0, 1)) for j in jobs}
