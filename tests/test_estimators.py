@@ -1,7 +1,7 @@
 """The advantage estimators (ppo.advantage_estimator): each one's arithmetic by hand, the settings each
 resolves to, and train-ppo with every critic-free one: groups of samples per prompt, no critic, the lr=0
 invariants, exact resume. The whitening over ranks that reinforce_plus_plus uses is GAE's
-(test_distributed.py::test_whitening_spans_ranks)."""
+(test_distributed.py::test_helpers_on_two_gloo_ranks)."""
 
 from __future__ import annotations
 
