@@ -104,8 +104,11 @@ def test_sft_two_ranks(tiny, tmp_path):
     assert result.stdout.count("train-sft finished") == 1
 
 
-def test_ppo_two_ranks(tiny, tmp_path):
+@pytest.mark.parametrize("estimator", ["gae", "grpo"])
+def test_ppo_two_ranks(tiny, tmp_path, estimator):
+    """GAE-PPO, and GRPO with 2 samples per prompt (no critic: only the policy's gradients are averaged)."""
     out = tmp_path / "ppo"
+    samples = 1 if estimator == "gae" else 2
     result = torchrun(
         "train-ppo",
         f"model.name_or_path={tiny['model']}",
@@ -116,6 +119,8 @@ def test_ppo_two_ranks(tiny, tmp_path):
         "train.save_every=1",
         "train.batch_size=4",
         "generation.max_new_tokens=6",
+        f"ppo.advantage_estimator={estimator}",
+        f"generation.samples_per_prompt={samples}",
         "sample_every=0",
         cwd=tmp_path,
     )
@@ -123,8 +128,8 @@ def test_ppo_two_ranks(tiny, tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
     metrics = _metrics(out)
     assert [m["step"] for m in metrics] == [1, 2]
-    # episodes count prompts over both ranks
-    assert metrics[-1]["episode"] == 2 * 4 * 2
+    # episodes count responses over both ranks
+    assert metrics[-1]["episode"] == 2 * 4 * samples * 2
     assert metrics[0]["objective/kl"] == 0.0
 
 
