@@ -45,9 +45,15 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "plan",
         "the peak memory a train-* run will need and whether it fits, before it starts",
     ),
+    "plot": (
+        "ppo_cli.plots",
+        "plot",
+        "overlay the curves of several runs (a sweep, seeds) into PNGs: ppo-cli plot RUN_DIR ... output=DIR",
+    ),
 }
-# Commands that parse their own arguments (no Hydra app): `plan COMMAND ...` composes COMMAND's config.
-OWN_ARGUMENTS = {"plan"}
+# Commands that parse their own arguments (no Hydra app): `plan COMMAND ...` composes COMMAND's config,
+# `plot` takes run directories as plain arguments.
+OWN_ARGUMENTS = {"plan", "plot"}
 
 # Flags that make Hydra do something other than run one job: no precheck for those.
 _NO_PRECHECK_FLAGS = {

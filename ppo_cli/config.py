@@ -105,9 +105,18 @@ class WandbConfig:
 
 
 @dataclass
+class TensorBoardConfig:
+    # Write TensorBoard event files to output_dir/tensorboard: the metrics.jsonl scalars under the same
+    # names, and the samples tables as text (`tensorboard --logdir OUTPUT_DIR`).
+    enabled: bool = False
+
+
+@dataclass
 class LoggerConfig:
     # Weights & Biases settings.
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    # TensorBoard settings (beside metrics.jsonl and wandb).
+    tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig)
     # Show progress: a live bar on a terminal, one plain line per logged step elsewhere (a file, a pipe).
     progress: bool = True
 
@@ -161,7 +170,8 @@ class StageConfig:
     data: DataConfig = field(default_factory=DataConfig)
     # Optimisation, schedule, checkpoints, precision and device.
     train: TrainConfig = field(default_factory=TrainConfig)
-    # Console, metrics and Weights & Biases (group logger=default, wandb or wandb-offline).
+    # Console, metrics.jsonl, plots/, Weights & Biases and TensorBoard (group logger=default, wandb,
+    # wandb-offline or tensorboard).
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     # Where the run writes; a fresh timestamped directory under outputs/<stage>/ by default.
     output_dir: str = MISSING
@@ -398,6 +408,16 @@ class PlanCommandConfig:
     plan: PlanConfig = field(default_factory=PlanConfig)
 
 
+@dataclass
+class PlotCommandConfig:
+    """`ppo-cli plot RUN_DIR [RUN_DIR ...]`'s keys; the run directories are plain arguments (ppo_cli/plots.py)."""
+
+    # Directory the PNGs are written to (created if needed).
+    output: str = MISSING
+    # EMA weight in [0, 1) of the thick (smoothed) curves; null = set by the number of logged points.
+    smoothing: float | None = None
+
+
 def register_configs() -> None:
     """Register the schemas that conf/<stage>.yaml extend (idempotent)."""
     cs = ConfigStore.instance()
@@ -408,3 +428,4 @@ def register_configs() -> None:
     cs.store(name="schema_generate", node=GenerateConfig)
     cs.store(name="schema_export", node=ExportConfig)
     cs.store(name="schema_plan", node=PlanCommandConfig)
+    cs.store(name="schema_plot", node=PlotCommandConfig)

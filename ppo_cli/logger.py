@@ -1,4 +1,5 @@
-"""What a run shows and records: rich console for people, metrics.jsonl and wandb for tools.
+"""What a run shows and records: rich console for people, metrics.jsonl, wandb and TensorBoard for tools,
+and plots/*.png of the curves (ppo_cli/plots.py), drawn when the run finishes or stops gracefully.
 
 Only the main process (rank 0) writes; other ranks get a logger that does nothing. On a terminal the
 console fits the window and shows a live progress bar; elsewhere (a log file, a pipe, CI) lines are wide
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -31,6 +33,7 @@ from rich.text import Text
 from ppo_cli.models import lora_targets_text
 
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 # Line width when the output is not a terminal: rich would otherwise wrap at $COLUMNS (or 80) and cut
 # table cells with "…", and nothing in a file or a pipe limits a line's length.
 PLAIN_WIDTH = 200
@@ -123,7 +126,7 @@ def plain_progress_line(stage: str, step: int, total: int, metrics: str, elapsed
 
 
 class RunLogger:
-    """Console, progress bar, metrics.jsonl and (optionally) wandb for one run."""
+    """Console, progress bar, metrics.jsonl, plots/ and (optionally) wandb and TensorBoard for one run."""
 
     def __init__(
         self,
@@ -148,6 +151,7 @@ class RunLogger:
         self._plain: tuple[int, int, float] | None = None
         self._task = None
         self._wandb = None
+        self._tensorboard = None
         self._last: dict[str, Any] = {}
 
     # -- start / finish ------------------------------------------------------------------------
@@ -174,6 +178,7 @@ class RunLogger:
             table.add_row(f"[bold]{key}[/]", Text(str(value)))
         self.console.print(Panel(table, title=f"ppo-cli train-{self.stage}", expand=False))
         self._start_wandb()
+        self._start_tensorboard(start_step)
         if self.cfg.logger.progress and not self.console.is_terminal:
             self._plain = (start_step, total_steps, time.monotonic())
         elif self.cfg.logger.progress:
@@ -206,6 +211,7 @@ class RunLogger:
         if not self.enabled:
             return
         self.close_progress()
+        self.flush()  # before the summary: final_dir stays the last line, for copying
         if summary:
             table = Table(title=f"train-{self.stage} finished", show_header=False)
             table.add_column(no_wrap=True)
@@ -218,6 +224,35 @@ class RunLogger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
+
+    def flush(self) -> None:
+        """Bring what lies beside metrics.jsonl up to date: plots/ (redrawn from metrics.jsonl) and the
+        TensorBoard event files. Called at the end of a run and at a graceful stop. A plotting failure
+        is a warning: the run's weights and metrics matter more than its pictures."""
+        if not self.enabled:
+            return
+        if self._tensorboard is not None:
+            self._tensorboard.flush()
+        try:
+            from ppo_cli.plots import PLOTS_DIR, write_run_plots
+
+            written = write_run_plots(self.output_dir, self.stage, read_metrics(self.output_dir))
+        except Exception as exc:  # noqa: BLE001 - matplotlib missing, a bad value, a full disk...
+            from rich.markup import escape
+
+            self.warn(
+                escape(
+                    f"could not draw the plots in {self.output_dir / 'plots'}: {type(exc).__name__}: {exc}"
+                )
+            )
+            return
+        if written:
+            self.console.print(
+                Text(f"plots: {self.output_dir / PLOTS_DIR} ({len(written)} PNGs)"), soft_wrap=True
+            )
 
     def close_progress(self) -> None:
         if self.progress is not None:
@@ -242,6 +277,10 @@ class RunLogger:
             fh.write(json.dumps({"step": step, **clean}, allow_nan=True) + "\n")
         if self._wandb is not None:
             self._wandb.log(clean, step=step)
+        if self._tensorboard is not None:
+            for key, value in clean.items():
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    self._tensorboard.add_scalar(key, value, step)
         self._last.update(clean)
         if self.progress is not None:
             self.progress.update(self._task, completed=step, metrics=_bar_metrics(self.stage, self._last))
@@ -278,6 +317,10 @@ class RunLogger:
             self._wandb.log(
                 {title: wandb.Table(columns=columns, data=[list(map(str, r)) for r in rows])}, step=step
             )
+        if self._tensorboard is not None:
+            # One tag per table kind ("samples at step 5" -> "samples"), its steps on TensorBoard's slider.
+            tag = re.sub(r" at step \d+$", "", title)
+            self._tensorboard.add_text(tag, markdown_table(columns, rows), global_step=step)
 
     # -- helpers -------------------------------------------------------------------------------
     def _trim_metrics(self, start_step: int) -> None:
@@ -295,6 +338,24 @@ class RunLogger:
         ]
         path.write_text("".join(ln + "\n" for ln in kept))
 
+    def _start_tensorboard(self, start_step: int) -> None:
+        if not self.cfg.logger.get("tensorboard", {}).get("enabled", False):
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            from ppo_cli.errors import UserError
+
+            raise UserError(
+                f"logger.tensorboard.enabled=true needs the tensorboard package ({exc}): pip install tensorboard, "
+                "or run with logger.tensorboard.enabled=false."
+            ) from exc
+        # On resume, events of the steps after the checkpoint are dropped: those steps run again (as
+        # _trim_metrics does for metrics.jsonl).
+        self._tensorboard = SummaryWriter(
+            str(self.output_dir / TENSORBOARD_DIR), purge_step=start_step + 1 if start_step else None
+        )
+
     def _start_wandb(self) -> None:
         wcfg = self.cfg.logger.wandb
         if not wcfg.enabled or wcfg.mode == "disabled":
@@ -311,6 +372,18 @@ class RunLogger:
             resume="allow",
             id=_wandb_id(self.output_dir),
         )
+
+
+def markdown_table(columns: list[str], rows: list[list[Any]]) -> str:
+    """A Markdown table (TensorBoard's text plugin renders Markdown); cells on one line, pipes escaped."""
+
+    def cell(value: Any) -> str:
+        text = _fmt(value) if isinstance(value, float) else str(value)
+        return text.replace("|", "\\|").replace("\n", "<br>")
+
+    lines = ["| " + " | ".join(map(cell, columns)) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(map(cell, row)) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def _wandb_id(output_dir: Path) -> str:

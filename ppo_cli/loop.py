@@ -164,6 +164,7 @@ class TrainingLoop:
                         self.save()
                     if stop:
                         logger.close_progress()
+                        logger.flush()  # plots/ and TensorBoard up to the stop
                         logger.print(f"[bold]{run.stopped_message(self.step)}[/]")
                         raise SystemExit(run.stop.exit_code)
                 self.final_eval = self.stage.evaluate()

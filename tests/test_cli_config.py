@@ -18,7 +18,7 @@ from ppo_cli.cli import COMMANDS
 
 REPO = Path(__file__).resolve().parent.parent
 
-SUBCOMMANDS = ["train-sft", "train-rm", "train-ppo", "pipeline", "generate", "export", "plan"]
+SUBCOMMANDS = ["train-sft", "train-rm", "train-ppo", "pipeline", "generate", "export", "plan", "plot"]
 
 
 def _env() -> dict[str, str]:
