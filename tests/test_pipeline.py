@@ -116,3 +116,36 @@ def test_unknown_recipe_exits_2_listing_the_recipes(capsys, monkeypatch):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "unknown recipe 'nope'" in err and "tiny" in err and "pythia-1b-tldr" in err
+
+
+def test_recipe_without_rm_stage_runs_sft_then_ppo(cli, tmp_path):
+    """tiny-grpo (stages [sft, ppo], GRPO on the task's reward function), shortened: no rm/ is made, and
+    a rerun skips both complete stages."""
+    run = tmp_path / "run"
+    args = [
+        "recipe=tiny-grpo",
+        f"output_dir={run}",
+        "setup.pretrain_steps=0",
+        "setup.report_prompts=4",
+        "setup.report_samples=1",
+        "all.logger.progress=false",
+        "all.train.batch_size=8",
+        "all.data.eval=null",
+        "all.data.eval_fraction=0",
+        "sft.train.max_steps=2",
+        "ppo.train.max_steps=2",
+        "ppo.generation.max_new_tokens=6",
+        "ppo.sample_every=0",
+    ]
+    first = cli("pipeline", *args, timeout=600)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "stage 2/2: ppo" in first.stdout
+    for stage in ("sft", "ppo"):
+        assert (run / stage / "final" / "ppo_cli.json").is_file()
+    assert not (run / "rm").exists()
+    report = json.loads((run / "report.json").read_text())
+    assert "gold_score" in report["ppo"] and "rm_reward" not in report["ppo"]
+
+    again = cli("pipeline", *args, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.count("is complete; skipping") == 2

@@ -3,7 +3,8 @@
 A recipe is a folder `recipes/NAME/` with `sft.yaml`, `rm.yaml`, `ppo.yaml` (each a Hydra config with
 `# @package _global_`, composed on top of `conf/train_<stage>.yaml`), a README, and optionally
 `recipe.yaml` naming a `setup` hook (builds or downloads what the stages read, returns per-stage overrides)
-and a `report` hook (runs after the last stage). `./recipes/NAME` is looked up before the shipped recipes.
+and a `report` hook (runs after the last stage). recipe.yaml's `stages: [sft, ppo]` makes a recipe without
+a reward-model stage (no rm.yaml): its ppo.yaml names a `reward_fn`, and `rm.*` overrides are errors. `./recipes/NAME` is looked up before the shipped recipes.
 
 Overrides, one command line for three stages:
 

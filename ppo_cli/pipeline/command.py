@@ -16,7 +16,7 @@ from ppo_cli.dist import barrier, broadcast_object, init_distributed
 from ppo_cli.errors import UserError
 from ppo_cli.logger import make_console
 from ppo_cli.pipeline.plan import Plan, is_complete, make_plan, record_plan, resume_command
-from ppo_cli.pipeline.recipes import STAGES, apply_cpu_threads, available_recipes, load_hook
+from ppo_cli.pipeline.recipes import apply_cpu_threads, available_recipes, load_hook
 
 STAGE_MODULES = {"sft": "ppo_cli.sft.train", "rm": "ppo_cli.rm.train", "ppo": "ppo_cli.ppo.train"}
 
@@ -81,7 +81,7 @@ def summary_table(plan: Plan, timings: dict[str, tuple[str, float]]):
 def print_plan(plan: Plan) -> None:
 
     console = make_console()
-    for stage in STAGES:
+    for stage in plan.recipe.stages:
         tag = "" if stage in plan.stages else " (not run: its final/ must exist)"
         console.rule(f"[bold]{stage}[/]{tag}")
         console.print(OmegaConf.to_yaml(plan.configs[stage]), end="", markup=False)
@@ -134,7 +134,8 @@ def run_pipeline(cfg: DictConfig, overrides: list[str]) -> Plan:
 
     console = make_console()
     setup_args = OmegaConf.to_container(cfg.setup, resolve=True) if cfg.setup else {}
-    stages = list(cfg.stages)
+    # stages= as typed; left at its default, the recipe's own stages (a recipe may have no rm stage).
+    stages = list(cfg.stages) if _given(overrides, "stages") else None
     if cfg.dry_run:
         plan = make_plan(cfg.recipe, overrides, cfg.output_dir, cfg.resume, stages, setup_args, build=False)
         print_plan(plan)
@@ -167,6 +168,11 @@ def run_pipeline(cfg: DictConfig, overrides: list[str]) -> Plan:
             f"pipeline {plan.recipe.name} finished in {time.perf_counter() - start:.0f}s: {plan.run_dir}"
         )
     return plan
+
+
+def _given(overrides: list[str], key: str) -> bool:
+    """Whether the command line sets the pipeline's own `key` (stages=..., +stages=..., ++stages=...)."""
+    return any(o.lstrip("+").split("=", 1)[0] == key for o in overrides)
 
 
 def task_overrides() -> list[str]:

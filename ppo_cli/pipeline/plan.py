@@ -16,7 +16,7 @@ from ppo_cli.app import describe_composition_error, missing_required, reject_unk
 from ppo_cli.errors import UserError
 from ppo_cli.models.products import PRODUCT_FILE
 from ppo_cli.paths import conf_dir
-from ppo_cli.pipeline.recipes import RECIPE_GROUP, STAGES, Recipe, find_recipe, load_hook
+from ppo_cli.pipeline.recipes import RECIPE_FILE, RECIPE_GROUP, STAGES, Recipe, find_recipe, load_hook
 
 PLAN_FILE = "pipeline.yaml"
 
@@ -94,7 +94,7 @@ class Plan:
     recipe: Recipe
     run_dir: Path
     stages: list[str]
-    # The composed config of each of the three stages (also of those not run: their output_dir and
+    # The composed config of each of the recipe's stages (also of those not run: their output_dir and
     # final/ are what later stages read).
     configs: dict[str, DictConfig]
     setup_args: dict[str, Any]
@@ -114,13 +114,19 @@ def make_plan(
     setup_args: dict[str, Any] | None = None,
     build: bool = False,
 ) -> Plan:
-    """Find the recipe, run its setup hook (building its assets when `build`), compose and check the three
-    stage configs. Raises UserError for anything wrong, before any model loads."""
+    """Find the recipe, run its setup hook (building its assets when `build`), compose and check the
+    recipe's stage configs (`stages` None = all of them). Raises UserError for anything wrong, before any
+    model loads."""
     recipe = find_recipe(recipe_name)
-    stages = list(STAGES if stages is None else stages)
+    stages = list(recipe.stages if stages is None else stages)
     bad = [s for s in stages if s not in STAGES]
     if bad or not stages or len(set(stages)) != len(stages):
         raise UserError(f"stages={stages}: choose distinct stages among {list(STAGES)}.")
+    absent = [s for s in stages if s not in recipe.stages]
+    if absent:
+        raise UserError(
+            f"stages={stages}: recipe {recipe.name} has no {', '.join(absent)} stage ({_stages_of(recipe)})."
+        )
     stages = [s for s in STAGES if s in stages]  # always in pipeline order
     if resume not in ("auto", "never"):
         raise UserError(f"resume={resume} is not one of auto, never (the pipeline resumes per stage).")
@@ -141,9 +147,15 @@ def make_plan(
             f"recipe {recipe.name} has no setup hook, so setup.* overrides {setup_args} mean nothing."
         )
     routed = route_overrides(overrides)
+    for stage in STAGES:
+        if routed[stage] and stage not in recipe.stages:
+            given = " ".join(o for o in overrides if _ROUTED.match(o) and _ROUTED.match(o).group(2) == stage)
+            raise UserError(
+                f"recipe {recipe.name} has no {stage} stage ({_stages_of(recipe)}), so {given} means nothing."
+            )
 
     configs: dict[str, DictConfig] = {}
-    for stage in STAGES:
+    for stage in recipe.stages:
         stage_overrides = [*setup_overrides.get(stage, []), *routed["all"], *routed[stage]]
         shown = [o for o in overrides if _ROUTED.match(o) and _ROUTED.match(o).group(2) in ("all", stage)]
         cfg = compose_stage(recipe, stage, stage_overrides, shown)
@@ -152,14 +164,25 @@ def make_plan(
             cfg.output_dir = str(run_dir / stage)
         if "resume" not in user_keys:
             cfg.resume = resume
-        if stage in ("rm", "ppo") and not cfg.sft_checkpoint:
+        if stage in ("rm", "ppo") and not cfg.sft_checkpoint and "sft" in configs:
             cfg.sft_checkpoint = str(Path(configs["sft"].output_dir) / "final")
         if stage == "ppo" and not cfg.reward_checkpoint and not cfg.reward_fn:
+            if "rm" not in configs:
+                raise UserError(
+                    f"recipe {recipe.name} has no rm stage ({_stages_of(recipe)}), so its ppo stage needs a "
+                    f"reward function: set reward_fn in {recipe.path / 'ppo.yaml'} (or on the command line, "
+                    "ppo.reward_fn=module:function)."
+                )
             cfg.reward_checkpoint = str(Path(configs["rm"].output_dir) / "final")
         configs[stage] = cfg
     for stage in stages:
         check_stage(recipe, stage, configs[stage])
     return Plan(recipe, run_dir, stages, configs, setup_args)
+
+
+def _stages_of(recipe: Recipe) -> str:
+    """Where a recipe's stages come from, for error messages."""
+    return f"{recipe.path / RECIPE_FILE} lists stages [{', '.join(recipe.stages)}]"
 
 
 def check_stage(recipe: Recipe, stage: str, cfg: DictConfig) -> None:

@@ -39,6 +39,9 @@ class Recipe:
     report: str | None = None
     # torch's CPU threads while the stages run (null = torch's default; OMP_NUM_THREADS, if set, wins).
     cpu_threads: int | None = None
+    # The stages this recipe has, in pipeline order (recipe.yaml `stages`; default all three). Without
+    # "rm", the ppo stage is scored by a reward function (its ppo.yaml names reward_fn).
+    stages: tuple[str, ...] = STAGES
 
 
 def recipe_roots() -> list[Path]:
@@ -51,8 +54,33 @@ def recipe_roots() -> list[Path]:
     return unique
 
 
+def _declared_stages(path: Path) -> tuple[str, ...]:
+    """The stages recipe.yaml names, or all three without it; none when it is malformed (the folder is
+    then listed as a recipe, and `find_recipe` reports what is wrong with it)."""
+    file = path / RECIPE_FILE
+    if not file.is_file():
+        return STAGES
+    try:
+        return recipe_stages(path, OmegaConf.load(file).get("stages"))
+    except Exception:  # noqa: BLE001 - listing recipes must not fail
+        return ()
+
+
 def _is_recipe(path: Path) -> bool:
-    return path.is_dir() and all((path / f"{stage}.yaml").is_file() for stage in STAGES)
+    return path.is_dir() and all((path / f"{stage}.yaml").is_file() for stage in _declared_stages(path))
+
+
+def recipe_stages(path: Path, value) -> tuple[str, ...]:
+    """recipe.yaml's `stages`: distinct stages among sft, rm, ppo, kept in pipeline order."""
+    if value is None:
+        return STAGES
+    stages = [str(s) for s in value] if OmegaConf.is_list(value) else None
+    if not stages or any(s not in STAGES for s in stages) or len(set(stages)) != len(stages):
+        raise UserError(
+            f"{path / RECIPE_FILE}: stages={value} must list distinct stages among {list(STAGES)} "
+            "(e.g. [sft, ppo] for a recipe whose ppo stage is scored by a reward function)."
+        )
+    return tuple(s for s in STAGES if s in stages)
 
 
 def available_recipes() -> list[str]:
@@ -75,7 +103,7 @@ def find_recipe(name: str) -> Recipe:
             meta = (
                 OmegaConf.load(path / RECIPE_FILE) if (path / RECIPE_FILE).is_file() else OmegaConf.create()
             )
-            known = {"description", "setup", "report", "cpu_threads"}
+            known = {"description", "setup", "report", "cpu_threads", "stages"}
             unknown = set(meta.keys()) - known
             if unknown:
                 raise UserError(
@@ -89,10 +117,12 @@ def find_recipe(name: str) -> Recipe:
                 setup=meta.get("setup"),
                 report=meta.get("report"),
                 cpu_threads=meta.get("cpu_threads"),
+                stages=recipe_stages(path, meta.get("stages")),
             )
     raise UserError(
         f"unknown recipe '{name}'. Available recipes: {listing} (folders of {RECIPE_GROUP}/ in the working "
-        f"directory or in {recipes_dir()}, each with sft.yaml, rm.yaml and ppo.yaml)."
+        f"directory or in {recipes_dir()}, each with sft.yaml, rm.yaml and ppo.yaml, or the files of the "
+        "stages its recipe.yaml lists)."
     )
 
 

@@ -106,7 +106,8 @@ def evaluate(run_dir: str | Path, configs: dict[str, DictConfig], **args: Any) -
 
     settings = _settings(args)
     ppo_cfg = configs["ppo"]
-    finals = {stage: Path(configs[stage].output_dir) / "final" for stage in ("sft", "rm", "ppo")}
+    # A recipe without an rm stage (tiny-grpo, scored by the task's reward function) has no RM score.
+    finals = {stage: Path(cfg.output_dir) / "final" for stage, cfg in configs.items()}
     device = resolve_device(ppo_cfg.train.device)
     model_cfg = _model_cfg(configs["sft"])
     prompts_file = Path(run_dir).absolute() / "tiny" / "data" / "prompts_eval.jsonl"
@@ -119,16 +120,15 @@ def evaluate(run_dir: str | Path, configs: dict[str, DictConfig], **args: Any) -
     prompts = [prompt_of(r) for r in rows for _ in range(n)]
     prompt_ids = [encode_prompt(tokenizer, p, "prompts_eval") for p in prompts]
     texts = [prompt_text(p) for p in prompts]
-    scorer = build_reward(str(finals["rm"]), None, model_cfg, device, 32, policy_tokenizer=tokenizer)
+    scorer = None
+    if "rm" in finals:
+        scorer = build_reward(str(finals["rm"]), None, model_cfg, device, 32, policy_tokenizer=tokenizer)
     result: dict[str, Any] = {"prompts": len(rows), "samples_per_prompt": n, "temperature": temperature}
     samples = {}
     for stage, policy in policies.items():
         s = sample(policy, prompt_ids, max_new, temperature, batch_size=64, seed=int(ppo_cfg.train.seed))
         samples[stage] = s
         gold = [task.gold_score(t) for t in s.texts]
-        rewards = scorer.score(
-            prompts, s.texts, [p + r for p, r in zip(s.prompt_ids, s.response_ids)]
-        ).tolist()
         own = sequence_logprobs(policy, s.prompt_ids, s.response_ids, temperature, 64)
         ref = sequence_logprobs(policies["sft"], s.prompt_ids, s.response_ids, temperature, 64)
         words = [len(task.words_of(t)) for t in s.texts]
@@ -136,11 +136,14 @@ def evaluate(run_dir: str | Path, configs: dict[str, DictConfig], **args: Any) -
             "gold_score": sum(gold) / len(gold),
             "positive_share": _share(s.texts, task.POSITIVE_WORDS),
             "negative_share": _share(s.texts, task.NEGATIVE_WORDS),
-            "rm_reward": sum(rewards) / len(rewards),
             "kl_to_sft": float((own - ref).mean()),
             "words": sum(words) / len(words),
             "eos_rate": sum(s.finished) / len(s.finished),
         }
+        if scorer is not None:
+            sequences = [p + r for p, r in zip(s.prompt_ids, s.response_ids)]
+            rewards = scorer.score(prompts, s.texts, sequences).tolist()
+            result[stage]["rm_reward"] = sum(rewards) / len(rewards)
     result["samples"] = [
         {"prompt": texts[i], "sft": samples["sft"].texts[i], "ppo": samples["ppo"].texts[i]}
         for i in range(0, len(texts), n)
@@ -184,6 +187,8 @@ def report(run_dir: str | Path, configs: dict[str, DictConfig], **args: Any) -> 
         "eos_rate": "completions ending with EOS",
     }
     for key, label in labels.items():
+        if key not in result["sft"]:
+            continue
         before, after = result["sft"][key], result["ppo"][key]
         table.add_row(label, f"{before:.3f}", f"{after:.3f}", f"{after - before:+.3f}")
     console.print(table)
