@@ -39,6 +39,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "generate",
         "sample completions from any stage's final/ (or a base model) into JSONL",
     ),
+    "evaluate": (
+        "ppo_cli.evaluation.command",
+        "evaluate",
+        "a policy against its reference on held-out prompts: reward, win rate, KL, length, EOS, distinct-2",
+    ),
     "export": ("ppo_cli.export", "export", "merge adapter(s) into a standalone Hugging Face model directory"),
     "plan": (
         "ppo_cli.plan.command",

@@ -344,6 +344,44 @@ class GenerateConfig:
 
 
 @dataclass
+class EvaluateGenerationConfig(GenerationConfig):
+    # Responses sampled per prompt by each of policy and reference; sample k of every prompt is drawn with
+    # seed + k by both.
+    samples_per_prompt: int = 1
+
+
+@dataclass
+class EvaluateConfig:
+    # The policy to evaluate: a stage's final/ (SFT or PPO adapter), a full model directory, or a base model id.
+    policy: str = MISSING
+    # What to compare it with, in the same forms; null = the SFT checkpoint the policy's final/ppo_cli.json
+    # names (a train-ppo product).
+    reference: str | None = None
+    # JSON file of the results; the samples are written beside it as OUTPUT.samples.jsonl.
+    output: str = MISSING
+    # Replace `output` (and its samples file) if they exist (otherwise an existing file is an error).
+    overwrite: bool = False
+    # The base model under adapter checkpoints, and how to load it.
+    model: CheckpointModelConfig = field(default_factory=CheckpointModelConfig)
+    # The held-out prompts both are sampled on.
+    data: PromptsConfig = field(default_factory=PromptsConfig)
+    # Sampling settings, the same for both.
+    generation: EvaluateGenerationConfig = field(default_factory=EvaluateGenerationConfig)
+    # Score with this reward model: an RM stage's final/ or a sequence-classification model.
+    reward_checkpoint: str | None = None
+    # Or with a `package.module:function` scoring (prompts, completions) -> list[float].
+    reward_fn: str | None = None
+    # Prompts per generation and scoring batch.
+    batch_size: int = 16
+    # Sampling seed (sample k of every prompt uses seed + k, for policy and reference alike).
+    seed: int = 0
+    # auto (cuda when available), cpu, cuda, cuda:1, ...
+    device: str = "auto"
+    # Prompts shown with both completions under the results table (0 = none).
+    preview_rows: int = 3
+
+
+@dataclass
 class ExportConfig:
     # A stage's final/: an SFT or PPO adapter (-> causal LM) or an RM adapter (-> sequence classifier).
     checkpoint: str = MISSING
@@ -426,6 +464,7 @@ def register_configs() -> None:
     cs.store(name="schema_train_ppo", node=PPOStageConfig)
     cs.store(name="schema_pipeline", node=PipelineConfig)
     cs.store(name="schema_generate", node=GenerateConfig)
+    cs.store(name="schema_evaluate", node=EvaluateConfig)
     cs.store(name="schema_export", node=ExportConfig)
     cs.store(name="schema_plan", node=PlanCommandConfig)
     cs.store(name="schema_plot", node=PlotCommandConfig)

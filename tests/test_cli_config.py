@@ -18,7 +18,17 @@ from ppo_cli.cli import COMMANDS
 
 REPO = Path(__file__).resolve().parent.parent
 
-SUBCOMMANDS = ["train-sft", "train-rm", "train-ppo", "pipeline", "generate", "export", "plan", "plot"]
+SUBCOMMANDS = [
+    "train-sft",
+    "train-rm",
+    "train-ppo",
+    "pipeline",
+    "generate",
+    "evaluate",
+    "export",
+    "plan",
+    "plot",
+]
 
 
 def _env() -> dict[str, str]:

@@ -165,6 +165,7 @@ def main(cfg: DictConfig) -> None:
             save_kwargs={"selected_adapters": ["default"], "save_embedding_layers": False},
             extra_save=(lambda final_dir: save_value(roles, final_dir)) if critic else None,
             reward_source=cfg.reward_checkpoint or cfg.reward_fn,
+            sft_checkpoint=str(Path(cfg.sft_checkpoint).resolve()) if cfg.sft_checkpoint else None,
         )
     summary = {
         k: metrics[k] for k in ("objective/scores", "objective/kl", "objective/kl_coef") if k in metrics

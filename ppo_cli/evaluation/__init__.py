@@ -1,0 +1,1 @@
+"""`ppo-cli evaluate`: a policy against a reference on held-out prompts (see command.py)."""
