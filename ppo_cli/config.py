@@ -269,6 +269,17 @@ class PPOConfig:
 
 
 @dataclass
+class FinalEvalConfig:
+    # Held-out prompts (a file in data.train's forms) on which the final policy is compared with its SFT
+    # policy once training ends, as `ppo-cli evaluate` does, into output_dir/eval.json; null = no evaluation.
+    prompts: Any = None
+    # Responses per prompt, for both policies.
+    samples_per_prompt: int = 4
+    # Use only the first N prompts (null = all).
+    limit: int | None = None
+
+
+@dataclass
 class PPOStageConfig(StageConfig):
     # The SFT stage's final/: the policy starts from it and it is the frozen reference.
     sft_checkpoint: str | None = None
@@ -282,6 +293,8 @@ class PPOStageConfig(StageConfig):
     ppo: PPOConfig = field(default_factory=PPOConfig)
     # Show a table of sample completions every N steps (0 = never).
     sample_every: int = 10
+    # Evaluate the final policy against its SFT policy on held-out prompts when training ends.
+    eval: FinalEvalConfig = field(default_factory=FinalEvalConfig)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -139,3 +139,34 @@ def test_mistakes_exit_2_naming_the_key(tiny, products, tmp_path):
     exists = _error(*base, f"reward_fn={STUB}", f"reference={products['sft']}")
     assert "output=" in exists and "overwrite=true" in exists
     assert not evaluate.samples_path(output).exists()
+
+
+def test_train_ppo_evaluates_its_final_policy_on_held_out_prompts(tiny, products, tmp_path):
+    """eval.prompts: once training ends, output_dir/eval.json compares final/ with the SFT policy it
+    started from, on the run's reward source and sampling settings."""
+    out = tmp_path / "ppo"
+    prompts = tmp_path / "held_out.jsonl"
+    prompts.write_text("".join(Path(tiny["prompts"]).read_text().splitlines(keepends=True)[:3]))
+    result = run_cli_in_process(
+        "train-ppo", f"sft_checkpoint={products['sft']}", f"data.train={tiny['prompts']}",
+        "reward_fn=ppo_rewards:letters", "train.device=cpu", "train.batch_size=2", "train.max_steps=1",
+        "generation.max_new_tokens=6", "logger.progress=false", "sample_every=0", f"output_dir={out}",
+        f"eval.prompts={prompts}", "eval.samples_per_prompt=2",
+    )  # fmt: skip
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    report = json.loads((out / "eval.json").read_text())
+    assert report["n"] == 3 and report["samples_per_prompt"] == 2
+    assert report["policy"]["checkpoint"] == str(out / "final")
+    assert report["reference"]["checkpoint"] == str(products["sft"])
+    assert report["reward_source"] == "ppo_rewards:letters"
+    assert len((out / "eval.samples.jsonl").read_text().splitlines()) == 6
+
+
+def test_train_ppo_refuses_missing_eval_prompts_before_training(tiny, products, tmp_path):
+    out = tmp_path / "ppo"
+    result = run_cli_in_process(
+        "train-ppo", f"sft_checkpoint={products['sft']}", f"data.train={tiny['prompts']}",
+        "reward_fn=ppo_rewards:letters", f"output_dir={out}", f"eval.prompts={tmp_path / 'nope.jsonl'}",
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "eval.prompts=" in result.stdout + result.stderr and not out.exists()

@@ -30,6 +30,7 @@ from ppo_cli.models import (
 )
 from ppo_cli.plan.shape import longest_tokens
 from ppo_cli.ppo.estimators import resolve_estimation
+from ppo_cli.ppo.final_eval import check_final_eval, final_eval_config, run_final_eval
 from ppo_cli.ppo.roles import VALUE, Roles, build_roles
 from ppo_cli.ppo.trainer import PPOTrainer
 from ppo_cli.ppo.validate import validate_ppo
@@ -88,6 +89,8 @@ def main(cfg: DictConfig) -> None:
     check_setup(cfg)
     run = StageRun(cfg, STAGE)
     validate_ppo(cfg)
+    final_eval = final_eval_config(cfg, run.final_dir)
+    check_final_eval(final_eval)
     if not run.prepare():
         return
     tokenizer_source = cfg.sft_checkpoint if cfg.sft_checkpoint else cfg.model.name_or_path
@@ -172,6 +175,9 @@ def main(cfg: DictConfig) -> None:
     }
     summary.update(trainer.beta_summary(metrics.get("objective/kl_coef")))
     logger.finish({"steps": trainer.step, **summary}, final_dir=run.final_dir)
+    if final_eval is not None and run.is_main:
+        del trainer, roles, base, reward  # the evaluation loads the two policies it compares
+        run_final_eval(final_eval)
     run.finish()
 
 
