@@ -28,6 +28,7 @@ from ppo_cli import rlhf
 from ppo_cli.errors import UserError
 from ppo_cli.ppo.estimators import Estimation, critic_free_advantages, resolve_estimation
 
+
 def close(actual: torch.Tensor, expected) -> None:
     torch.testing.assert_close(actual, torch.tensor(expected), rtol=1e-5, atol=1e-5)
 

@@ -358,7 +358,8 @@ def test_console_says_which_beta_is_in_effect(trainer_factory, capsys):
     assert trainer.beta_summary() == {"kl_coef in raw score units": pytest.approx(0.1 * std, rel=1e-6)}
     raw = trainer_factory("ppo.reward_normalization=none", "ppo.kl_controller=fixed", "ppo.kl_coef=0.05")
     assert (
-        raw.summary()["kl penalty"].startswith("beta 0.05 (k1 in the reward), fixed") and "TRL" in raw.summary()["reward scale"]
+        raw.summary()["kl penalty"].startswith("beta 0.05 (k1 in the reward), fixed")
+        and "TRL" in raw.summary()["reward scale"]
     )
 
 
