@@ -32,26 +32,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-
-def _load_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-def _merged_causal(base: str, adapter: str):
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    return PeftModel.from_pretrained(model, adapter).merge_and_unload()
+from trl_common import load_jsonl, log_recorder, merged_causal, train_and_save  # noqa: E402  (bench/)
 
 
 def reward_function(spec: str):
@@ -73,15 +60,15 @@ def run(ns: argparse.Namespace) -> None:
     import trl
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
     assert trl.__version__.startswith("1.16"), f"expected trl 1.16, found {trl.__version__}"
     torch.manual_seed(ns.seed)
     tok = AutoTokenizer.from_pretrained(ns.sft)  # ppo-cli's SFT product: it holds the pad token
     tok.padding_side = "left"
-    dataset = Dataset.from_dict({"prompt": [r["prompt"] for r in _load_jsonl(ns.prompts)]})
-    policy = _merged_causal(ns.base, ns.sft)
+    dataset = Dataset.from_dict({"prompt": [r["prompt"] for r in load_jsonl(ns.prompts)]})
+    policy = merged_causal(ns.base, ns.sft)
     policy.generation_config.pad_token_id = tok.pad_token_id
 
     out = Path(ns.out)
@@ -106,11 +93,6 @@ def run(ns: argparse.Namespace) -> None:
     )
     log: list[dict] = []
 
-    class Record(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs:
-                log.append({"step": state.global_step, **logs})
-
     trainer = GRPOTrainer(
         model=policy,
         reward_funcs=reward_function(ns.reward_fn),
@@ -120,18 +102,9 @@ def run(ns: argparse.Namespace) -> None:
         peft_config=LoraConfig(
             r=16, lora_alpha=32, lora_dropout=0.0, target_modules=ns.lora_targets, task_type="CAUSAL_LM"
         ),
-        callbacks=[Record()],
+        callbacks=[log_recorder(log)],
     )
-    started = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - started
-    merged = trainer.model.merge_and_unload()
-    merged.save_pretrained(out / "policy")
-    tok.save_pretrained(out / "policy")
-    with (out / "metrics.jsonl").open("w") as f:
-        for row in log:
-            f.write(json.dumps(row) + "\n")
-    (out / "done.json").write_text(json.dumps({"train_seconds": seconds, "trl": trl.__version__}) + "\n")
+    train_and_save(trainer, trainer.model.merge_and_unload, tok, log, out, trl.__version__)
 
 
 def main(argv: list[str] | None = None) -> None:

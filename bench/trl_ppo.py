@@ -26,26 +26,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-
-def _load_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-def _merged_causal(base: str, adapter: str):
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    return PeftModel.from_pretrained(model, adapter).merge_and_unload()
+from trl_common import load_jsonl, log_recorder, merged_causal, train_and_save  # noqa: E402  (bench/)
 
 
 def _merged_classifier(base: str, adapter: str | None, pad_token_id: int, sft_adapter: str | None = None):
@@ -59,7 +46,7 @@ def _merged_classifier(base: str, adapter: str | None, pad_token_id: int, sft_ad
     model.config.pad_token_id = pad_token_id
     if adapter is not None:
         return PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    causal = _merged_causal(base, sft_adapter)
+    causal = merged_causal(base, sft_adapter)
     missing, _ = model.load_state_dict(causal.state_dict(), strict=False)
     assert all(k.startswith("score") for k in missing), missing
     return model
@@ -101,7 +88,7 @@ def run(ns: argparse.Namespace) -> None:
     import trl
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
     from trl.experimental.ppo import PPOConfig, PPOTrainer
     from trl.experimental.ppo import ppo_trainer as trl_ppo_module
 
@@ -109,10 +96,10 @@ def run(ns: argparse.Namespace) -> None:
     torch.manual_seed(ns.seed)
     tok = AutoTokenizer.from_pretrained(ns.sft)  # ppo-cli's SFT product: it holds the pad token
     tok.padding_side = "left"
-    rows = _load_jsonl(ns.prompts)
+    rows = load_jsonl(ns.prompts)
     encoded = [tok(r["prompt"])["input_ids"] for r in rows]
     dataset = Dataset.from_dict({"input_ids": encoded})
-    policy = _merged_causal(ns.base, ns.sft)
+    policy = merged_causal(ns.base, ns.sft)
     policy.generation_config.pad_token_id = tok.pad_token_id
     if ns.reward_model:
         reward = _merged_classifier(ns.base, ns.reward_model, tok.pad_token_id)
@@ -156,11 +143,6 @@ def run(ns: argparse.Namespace) -> None:
     )
     log: list[dict] = []
 
-    class Record(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs:
-                log.append({"step": state.global_step, **logs})
-
     trainer = PPOTrainer(
         args=args,
         processing_class=tok,
@@ -170,18 +152,9 @@ def run(ns: argparse.Namespace) -> None:
         train_dataset=dataset,
         value_model=value,
         peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM"),
-        callbacks=[Record()],
+        callbacks=[log_recorder(log)],
     )
-    started = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - started
-    merged = trainer.model.policy.merge_and_unload()
-    merged.save_pretrained(out / "policy")
-    tok.save_pretrained(out / "policy")
-    with (out / "metrics.jsonl").open("w") as f:
-        for row in log:
-            f.write(json.dumps(row) + "\n")
-    (out / "done.json").write_text(json.dumps({"train_seconds": seconds, "trl": trl.__version__}) + "\n")
+    train_and_save(trainer, trainer.model.policy.merge_and_unload, tok, log, out, trl.__version__)
 
 
 def main(argv: list[str] | None = None) -> None:
