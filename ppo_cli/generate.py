@@ -261,13 +261,16 @@ def output_row(prompt: Any, completion: str, reward: float | None) -> dict[str, 
     return row
 
 
-def write_jsonl_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `path` through a temporary file and a rename: a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def write_jsonl_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def preview(rows: list[dict[str, Any]], n: int, title: str) -> None:

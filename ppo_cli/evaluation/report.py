@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from ppo_cli.data import prompt_text
+from ppo_cli.generate import write_text_atomic
 
 
 def samples_path(output: str | Path) -> Path:
@@ -71,7 +71,4 @@ def preview(console, rows: list[dict[str, Any]], n: int) -> None:
 
 
 def write_json_atomic(path: Path, value: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(value, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(value, indent=1, ensure_ascii=False) + "\n")
