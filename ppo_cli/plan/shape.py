@@ -231,9 +231,12 @@ def run_shape(
     accum = max(1, int(cfg.train.grad_accum_steps))
     critic = True
     if stage == "ppo":
+        from ppo_cli.ppo.estimators import resolve_estimation
+
         # a rollout holds samples_per_prompt responses to each prompt; only gae trains a critic
-        batch *= int(OmegaConf.select(cfg, "generation.samples_per_prompt", default=1) or 1)
-        critic = str(OmegaConf.select(cfg, "ppo.advantage_estimator", default="gae")) == "gae"
+        estimation = resolve_estimation(cfg.ppo, cfg.generation)
+        batch *= estimation.group_size
+        critic = estimation.critic
         minibatch = max(1, batch // max(1, int(cfg.ppo.num_minibatches)))
         micro = max(1, minibatch // accum)
         response = int(cfg.generation.max_new_tokens)
