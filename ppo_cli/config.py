@@ -277,6 +277,8 @@ class FinalEvalConfig:
     samples_per_prompt: int = 4
     # Use only the first N prompts (null = all).
     limit: int | None = None
+    # Split read when `prompts` is a Hub dataset or a dataset folder (TRL's dataset_test_split default).
+    split: str = "test"
 
 
 @dataclass

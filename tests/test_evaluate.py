@@ -147,12 +147,13 @@ def test_train_ppo_evaluates_its_final_policy_on_held_out_prompts(tiny, products
     out = tmp_path / "ppo"
     prompts = tmp_path / "held_out.jsonl"
     prompts.write_text("".join(Path(tiny["prompts"]).read_text().splitlines(keepends=True)[:3]))
-    result = run_cli_in_process(
+    args = (
         "train-ppo", f"sft_checkpoint={products['sft']}", f"data.train={tiny['prompts']}",
         "reward_fn=ppo_rewards:letters", "train.device=cpu", "train.batch_size=2", "train.max_steps=1",
         "generation.max_new_tokens=6", "logger.progress=false", "sample_every=0", f"output_dir={out}",
         f"eval.prompts={prompts}", "eval.samples_per_prompt=2",
     )  # fmt: skip
+    result = run_cli_in_process(*args)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     report = json.loads((out / "eval.json").read_text())
     assert report["n"] == 3 and report["samples_per_prompt"] == 2
@@ -160,6 +161,15 @@ def test_train_ppo_evaluates_its_final_policy_on_held_out_prompts(tiny, products
     assert report["reference"]["checkpoint"] == str(products["sft"])
     assert report["reward_source"] == "ppo_rewards:letters"
     assert len((out / "eval.samples.jsonl").read_text().splitlines()) == 6
+
+    # Stopped during the evaluation (final/ saved, eval.json not yet): the same command evaluates, trains nothing.
+    (out / "eval.json").unlink()
+    final_mtime = (out / "final" / "adapter_model.safetensors").stat().st_mtime_ns
+    again = run_cli_in_process(*args)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert "is missing; evaluating the final policy now" in again.stdout
+    assert json.loads((out / "eval.json").read_text()) == report
+    assert (out / "final" / "adapter_model.safetensors").stat().st_mtime_ns == final_mtime
 
 
 def test_train_ppo_refuses_missing_eval_prompts_before_training(tiny, products, tmp_path):

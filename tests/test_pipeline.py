@@ -95,16 +95,26 @@ def test_pipeline_resumes_after_a_kill_and_skips_finished_stages(cli, tmp_path):
         assert (run / stage / "final" / "ppo_cli.json").is_file()
     # every step logged once: what the killed run logged after its last checkpoint was dropped on resume
     assert killed_at < RM_STEPS and _train_steps(run / "rm") == list(range(1, RM_STEPS + 1))
+    # The report is train-ppo's held-out evaluation (eval.prompts, set by the recipe) plus the gold metric.
     report = json.loads((run / "report.json").read_text())
+    evaluation = json.loads((run / "ppo" / "eval.json").read_text())
     assert {"gold_score", "rm_reward", "kl_to_sft"} <= set(report["ppo"]) and report["sft"]["kl_to_sft"] == 0
+    assert evaluation["n"] == 4 and evaluation["samples_per_prompt"] == 1
+    assert report["ppo"]["rm_reward"] == evaluation["policy"]["reward_mean"]
+    assert report["sft"]["rm_reward"] == evaluation["reference"]["reward_mean"]
+    assert report["ppo"]["kl_to_sft"] == evaluation["kl"] and report["win_rate"] == evaluation["win_rate"]
     assert "gold score" in second.stdout and "SFT" in second.stdout and "PPO" in second.stdout
+    assert "held-out (4 prompts)" in second.stdout  # the summary table's ppo row
     rm_final = (run / "rm" / "final" / "adapter_model.safetensors").stat().st_mtime_ns
 
-    # 3. Once more: every stage is complete, nothing trains again.
+    # 3. Once more, after losing the evaluation (as a kill during it would): every stage is complete, nothing
+    # trains again, and the missing evaluation is made.
+    (run / "ppo" / "eval.json").unlink()
     third = cli("pipeline", *args, timeout=600)
     assert third.returncode == 0, third.stdout + third.stderr
     assert third.stdout.count("is complete; skipping") == 3
     assert (run / "rm" / "final" / "adapter_model.safetensors").stat().st_mtime_ns == rm_final
+    assert json.loads((run / "ppo" / "eval.json").read_text()) == evaluation
 
 
 def test_unknown_recipe_exits_2_listing_the_recipes(capsys, monkeypatch):

@@ -17,6 +17,7 @@ from ppo_cli.errors import UserError
 from ppo_cli.logger import make_console
 from ppo_cli.pipeline.plan import Plan, is_complete, make_plan, record_plan, resume_command
 from ppo_cli.pipeline.recipes import apply_cpu_threads, available_recipes, load_hook
+from ppo_cli.ppo.final_eval import final_eval_missing
 
 STAGE_MODULES = {"sft": "ppo_cli.sft.train", "rm": "ppo_cli.rm.train", "ppo": "ppo_cli.ppo.train"}
 
@@ -61,6 +62,19 @@ HEADLINE = {
 }
 
 
+def held_out_summary(eval_json: Path) -> str:
+    """train-ppo's held-out evaluation (eval.prompts), when it ran: reward of policy vs reference, win rate."""
+    import json
+
+    if not eval_json.is_file():
+        return ""
+    result = json.loads(eval_json.read_text())
+    return (
+        f"; held-out ({result['n']} prompts): reward {result['reference']['reward_mean']:.4g} -> "
+        f"{result['policy']['reward_mean']:.4g}, win rate {result['win_rate']:.3f}, KL {result['kl']:.4g}"
+    )
+
+
 def summary_table(plan: Plan, timings: dict[str, tuple[str, float]]):
     from rich.table import Table
 
@@ -74,6 +88,8 @@ def summary_table(plan: Plan, timings: dict[str, tuple[str, float]]):
         shown = ", ".join(
             f"{k} {metrics[k]:.4g}" for k in HEADLINE[stage] if isinstance(metrics.get(k), int | float)
         )
+        if stage == "ppo":
+            shown += held_out_summary(out / "eval.json")
         table.add_row(stage, status, f"{seconds:.0f}s", str(out / "final"), shown)
     return table
 
@@ -101,6 +117,10 @@ def execute(plan: Plan, overrides: list[str]) -> dict[str, tuple[str, float]]:
         console.rule(header)
         if is_complete(out) and cfg.resume != "never":
             console.print(f"{stage}: {out / 'final'} is complete; skipping.")
+            if stage == "ppo" and final_eval_missing(cfg):
+                run_stage(
+                    stage, cfg.copy()
+                )  # stopped during its held-out evaluation: train-ppo only evaluates
             timings[stage] = ("skipped (complete)", 0.0)
             continue
         for needed in ("sft_checkpoint", "reward_checkpoint"):

@@ -24,13 +24,14 @@ def final_eval_config(cfg: DictConfig, final_dir: Path) -> DictConfig | None:
     ecfg = OmegaConf.structured(EvaluateConfig)
     ecfg.policy = str(final_dir)
     ecfg.reference = str(cfg.sft_checkpoint or cfg.model.name_or_path)
-    ecfg.output = str(Path(cfg.output_dir) / "eval.json")
+    ecfg.output = str(eval_output(cfg))
     ecfg.overwrite = True  # a resumed run that ends again evaluates its final policy again
     ecfg.model.name_or_path = cfg.model.name_or_path
     ecfg.model.trust_remote_code = cfg.model.trust_remote_code
     ecfg.data.prompts = cfg.eval.prompts
     ecfg.data.max_length = cfg.data.max_length
     ecfg.data.limit = cfg.eval.limit
+    ecfg.data.split = cfg.eval.split
     ecfg.generation.max_new_tokens = cfg.generation.max_new_tokens
     ecfg.generation.temperature = cfg.generation.temperature
     ecfg.generation.samples_per_prompt = cfg.eval.samples_per_prompt
@@ -58,6 +59,17 @@ def check_final_eval(ecfg: DictConfig | None) -> None:
             and not Path(str(file)).is_file()
         ):
             raise UserError(f"eval.prompts={file}: no such file.")
+
+
+def eval_output(cfg: DictConfig) -> Path:
+    """Where a train-ppo run's held-out evaluation goes."""
+    return Path(cfg.output_dir) / "eval.json"
+
+
+def final_eval_missing(cfg: DictConfig) -> bool:
+    """Whether a train-ppo config sets `eval.prompts` but its eval.json is not written: the run was stopped
+    during the evaluation (its final/ already saved), so a rerun of the complete run evaluates it then."""
+    return bool(cfg.eval.prompts) and not eval_output(cfg).is_file()
 
 
 def run_final_eval(ecfg: DictConfig) -> dict:

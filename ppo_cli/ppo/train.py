@@ -30,7 +30,7 @@ from ppo_cli.models import (
 )
 from ppo_cli.plan.shape import longest_tokens
 from ppo_cli.ppo.estimators import resolve_estimation
-from ppo_cli.ppo.final_eval import check_final_eval, final_eval_config, run_final_eval
+from ppo_cli.ppo.final_eval import check_final_eval, final_eval_config, final_eval_missing, run_final_eval
 from ppo_cli.ppo.roles import VALUE, Roles, build_roles
 from ppo_cli.ppo.trainer import PPOTrainer
 from ppo_cli.ppo.validate import validate_ppo
@@ -92,6 +92,9 @@ def main(cfg: DictConfig) -> None:
     final_eval = final_eval_config(cfg, run.final_dir)
     check_final_eval(final_eval)
     if not run.prepare():
+        if final_eval_missing(cfg) and run.is_main:
+            print(f"ppo-cli train-ppo: {final_eval.output} is missing; evaluating the final policy now.")
+            run_final_eval(final_eval)
         return
     tokenizer_source = cfg.sft_checkpoint if cfg.sft_checkpoint else cfg.model.name_or_path
     tokenizer = load_tokenizer(tokenizer_source, cfg.model.trust_remote_code, cfg.model.revision)

@@ -1,10 +1,12 @@
 """Hooks of the `tiny` recipe (recipe.yaml beside this file): the offline demo of SFT -> RM -> PPO.
 
 `setup` builds the tiny base model (pretrained on the task's text, see ppo_cli.tiny) and the "positive
-words" data into RUN/tiny/ and points the stages at them. `report` compares the SFT policy with the PPO
-policy on held-out prompts: the task's gold metric (ppo_cli.tiny.task.gold_score, which no stage saw
-directly: PPO was trained against the reward model), the reward model's score, the KL to the SFT policy,
-and samples side by side. Its numbers also go to RUN/report.json.
+words" data into RUN/tiny/ and points the stages at them, the ppo stage's held-out prompts (eval.prompts)
+included: train-ppo ends by evaluating its policy against the SFT policy on them (`ppo-cli evaluate`, into
+RUN/ppo/eval.json). `report` reads that evaluation — reward, KL to the SFT policy, EOS rate, diversity,
+win rate — adds the task's gold metric on the same samples (ppo_cli.tiny.task.gold_score, which no stage
+saw directly: PPO was trained against the reward model) and shows samples side by side. Its numbers also go
+to RUN/report.json.
 
 Every key of DEFAULTS can be overridden from the pipeline command line as setup.KEY=VALUE, e.g.
 `ppo-cli pipeline recipe=tiny setup.pretrain_steps=100 setup.report_prompts=32`.
@@ -16,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ppo_cli.errors import UserError
 
@@ -29,7 +31,8 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "pretrain_steps": 300,
     "vocab_multiple": 64,
-    # Held-out prompts (prompts_eval.jsonl) and samples per prompt in the before/after comparison.
+    # Held-out prompts (prompts_eval.jsonl) and samples per prompt of the ppo stage's final evaluation
+    # (its eval.limit and eval.samples_per_prompt), which the before/after comparison reports.
     "report_prompts": 64,
     "report_samples": 4,
     # Rows of the side-by-side samples table.
@@ -74,7 +77,14 @@ def setup(run_dir: str | Path, build: bool = True, **args: Any) -> dict[str, lis
             f"data.eval={_q(data / 'sft_eval.jsonl')}",
         ],
         "rm": [f"data.train={_q(data / 'prefs.jsonl')}", f"data.eval={_q(data / 'prefs_eval.jsonl')}"],
-        "ppo": [f"data.train={_q(data / 'prompts.jsonl')}"],
+        # train-ppo compares its final policy with the SFT policy on the held-out prompts (eval.json);
+        # the report below reads that evaluation rather than sampling again.
+        "ppo": [
+            f"data.train={_q(data / 'prompts.jsonl')}",
+            f"eval.prompts={_q(data / 'prompts_eval.jsonl')}",
+            f"eval.limit={settings['report_prompts']}",
+            f"eval.samples_per_prompt={settings['report_samples']}",
+        ],
     }
 
 
@@ -82,90 +92,69 @@ def setup(run_dir: str | Path, build: bool = True, **args: Any) -> dict[str, lis
 # The before/after report
 
 
-def _model_cfg(stage_cfg: DictConfig) -> DictConfig:
-    from ppo_cli.config import CheckpointModelConfig
+def _read_evaluation(configs: dict[str, DictConfig]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """train-ppo's held-out evaluation of the PPO policy against the SFT policy: eval.json and its samples."""
+    from ppo_cli.evaluation.report import samples_path
 
-    return OmegaConf.structured(
-        CheckpointModelConfig(
-            dtype=stage_cfg.model.dtype,
-            trust_remote_code=stage_cfg.model.trust_remote_code,
-            attn_implementation=stage_cfg.model.attn_implementation,
+    path = Path(configs["ppo"].output_dir) / "eval.json"
+    if not path.is_file():
+        raise UserError(
+            f"the tiny recipe's report reads the ppo stage's held-out evaluation, {path}, which does not exist: "
+            "keep ppo.eval.prompts set (the setup hook sets it) and rerun the pipeline to evaluate."
         )
-    )
+    rows = [json.loads(line) for line in samples_path(path).read_text().splitlines() if line.strip()]
+    return json.loads(path.read_text()), rows
+
+
+def _gold_measures(texts: list[str]) -> dict[str, float]:
+    """The task's own measures of completions, which no stage saw directly (PPO was trained against an RM)."""
+    from ppo_cli.tiny import task
+
+    words = [task.words_of(t) for t in texts]
+    flat = [w for ws in words for w in ws]
+    return {
+        "gold_score": sum(task.gold_score(t) for t in texts) / len(texts),
+        "positive_share": sum(w in set(task.POSITIVE_WORDS) for w in flat) / max(1, len(flat)),
+        "negative_share": sum(w in set(task.NEGATIVE_WORDS) for w in flat) / max(1, len(flat)),
+        "words": len(flat) / len(texts),
+    }
 
 
 def evaluate(run_dir: str | Path, configs: dict[str, DictConfig], **args: Any) -> dict[str, Any]:
-    """Sample from the SFT and PPO policies on held-out prompts and measure both; returns the numbers."""
-    import torch
-
-    from ppo_cli.data import encode_prompt, load_rows, prompt_of, prompt_text
-    from ppo_cli.generate import load_policy, sample, sequence_logprobs
-    from ppo_cli.models import resolve_device
-    from ppo_cli.reward.sources import build_reward
-    from ppo_cli.tiny import task
-
-    settings = _settings(args)
-    ppo_cfg = configs["ppo"]
-    # A recipe without an rm stage (tiny-grpo, scored by the task's reward function) has no RM score.
-    finals = {stage: Path(cfg.output_dir) / "final" for stage, cfg in configs.items()}
-    device = resolve_device(ppo_cfg.train.device)
-    model_cfg = _model_cfg(configs["sft"])
-    prompts_file = Path(run_dir).absolute() / "tiny" / "data" / "prompts_eval.jsonl"
-    rows = load_rows(str(prompts_file), "prompts_eval")[: settings["report_prompts"]]
-    n = settings["report_samples"]
-    temperature, max_new = float(ppo_cfg.generation.temperature), int(ppo_cfg.generation.max_new_tokens)
-
-    policies = {stage: load_policy(str(finals[stage]), model_cfg, device) for stage in ("sft", "ppo")}
-    tokenizer = policies["sft"].tokenizer
-    prompts = [prompt_of(r) for r in rows for _ in range(n)]
-    prompt_ids = [encode_prompt(tokenizer, p, "prompts_eval") for p in prompts]
-    texts = [prompt_text(p) for p in prompts]
-    scorer = None
-    if "rm" in finals:
-        scorer = build_reward(str(finals["rm"]), None, model_cfg, device, 32, policy_tokenizer=tokenizer)
-    result: dict[str, Any] = {"prompts": len(rows), "samples_per_prompt": n, "temperature": temperature}
-    samples = {}
-    for stage, policy in policies.items():
-        s = sample(policy, prompt_ids, max_new, temperature, batch_size=64, seed=int(ppo_cfg.train.seed))
-        samples[stage] = s
-        gold = [task.gold_score(t) for t in s.texts]
-        own = sequence_logprobs(policy, s.prompt_ids, s.response_ids, temperature, 64)
-        ref = sequence_logprobs(policies["sft"], s.prompt_ids, s.response_ids, temperature, 64)
-        words = [len(task.words_of(t)) for t in s.texts]
+    """The SFT and PPO policies on held-out prompts: train-ppo's evaluation plus the task's gold measures."""
+    _settings(args)
+    evaluation, rows = _read_evaluation(configs)
+    reward_key = "rm_reward" if "rm" in configs else "reward"
+    result: dict[str, Any] = {
+        "prompts": evaluation["n"],
+        "samples_per_prompt": evaluation["samples_per_prompt"],
+        "temperature": evaluation["generation"]["temperature"],
+        "win_rate": evaluation["win_rate"],
+        "evaluation": str(Path(configs["ppo"].output_dir) / "eval.json"),
+    }
+    for stage, side in (("sft", "reference"), ("ppo", "policy")):
+        measured = evaluation[side]
         result[stage] = {
-            "gold_score": sum(gold) / len(gold),
-            "positive_share": _share(s.texts, task.POSITIVE_WORDS),
-            "negative_share": _share(s.texts, task.NEGATIVE_WORDS),
-            "kl_to_sft": float((own - ref).mean()),
-            "words": sum(words) / len(words),
-            "eos_rate": sum(s.finished) / len(s.finished),
+            **_gold_measures([row[side]["completion"] for row in rows]),
+            reward_key: measured["reward_mean"],
+            # KL to the SFT policy on each policy's own samples: the SFT policy's is 0 by definition.
+            "kl_to_sft": evaluation["kl"] if stage == "ppo" else 0.0,
+            "eos_rate": measured["eos_rate"],
+            "distinct_2": measured["distinct_2"],
         }
-        if scorer is not None:
-            sequences = [p + r for p, r in zip(s.prompt_ids, s.response_ids)]
-            rewards = scorer.score(prompts, s.texts, sequences).tolist()
-            result[stage]["rm_reward"] = sum(rewards) / len(rewards)
     result["samples"] = [
-        {"prompt": texts[i], "sft": samples["sft"].texts[i], "ppo": samples["ppo"].texts[i]}
-        for i in range(0, len(texts), n)
+        {"prompt": row["prompt"], "sft": row["reference"]["completion"], "ppo": row["policy"]["completion"]}
+        for row in rows
+        if row["sample"] == 0
     ]
-    del policies, scorer
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
     return result
-
-
-def _share(texts: list[str], vocabulary: tuple[str, ...]) -> float:
-    from ppo_cli.tiny.task import words_of
-
-    words = [w for t in texts for w in words_of(t)]
-    vocab = set(vocabulary)
-    return sum(w in vocab for w in words) / max(1, len(words))
 
 
 def report(run_dir: str | Path, configs: dict[str, DictConfig], **args: Any) -> dict[str, Any]:
     """Print the before/after table and a few samples side by side; save them to RUN/report.json."""
     from rich.table import Table
 
+    from ppo_cli.data import prompt_text
     from ppo_cli.logger import make_console
 
     settings = _settings(args)
@@ -173,18 +162,20 @@ def report(run_dir: str | Path, configs: dict[str, DictConfig], **args: Any) -> 
     console = make_console()
     table = Table(
         title=f"tiny recipe: SFT policy vs PPO policy on {result['prompts']} held-out prompts x "
-        f"{result['samples_per_prompt']} samples (T={result['temperature']:g})"
+        f"{result['samples_per_prompt']} samples (T={result['temperature']:g}; from {result['evaluation']})"
     )
     for column in ("metric", "SFT", "PPO", "change"):
         table.add_column(column, justify="left" if column == "metric" else "right")
     labels = {
         "gold_score": "gold score (tiny.gold_score, higher is better)",
         "rm_reward": "reward model score",
+        "reward": "reward (the ppo stage's reward_fn)",
         "kl_to_sft": "KL to the SFT policy (nats / sequence)",
         "positive_share": "share of positive words",
         "negative_share": "share of negative words",
         "words": "words per completion",
         "eos_rate": "completions ending with EOS",
+        "distinct_2": "distinct word bigrams (diversity)",
     }
     for key, label in labels.items():
         if key not in result["sft"]:
@@ -192,11 +183,14 @@ def report(run_dir: str | Path, configs: dict[str, DictConfig], **args: Any) -> 
         before, after = result["sft"][key], result["ppo"][key]
         table.add_row(label, f"{before:.3f}", f"{after:.3f}", f"{after - before:+.3f}")
     console.print(table)
+    console.print(
+        f"win rate of the PPO policy over the SFT policy by reward (ties half): {result['win_rate']:.3f}"
+    )
     samples = Table(title="samples (same prompt, same seed)", show_lines=True)
     for column in ("prompt", "SFT", "PPO"):
         samples.add_column(column, overflow="fold")
     for row in result["samples"][: settings["report_rows"]]:
-        samples.add_row(row["prompt"], row["sft"], row["ppo"])
+        samples.add_row(prompt_text(row["prompt"]), row["sft"], row["ppo"])
     console.print(samples)
     gain = result["ppo"]["gold_score"] - result["sft"]["gold_score"]
     verdict = "improved" if gain > 0 else "did NOT improve"
