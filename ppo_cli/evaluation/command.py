@@ -28,10 +28,19 @@ from ppo_cli.app import hydra_app
 from ppo_cli.errors import UserError
 from ppo_cli.evaluation.report import preview, print_results, samples_path, write_json_atomic
 from ppo_cli.evaluation.stats import mean_interval, model_report, per_prompt, win
-from ppo_cli.generate import Policy, load_policy, read_prompts, sample, sequence_logprobs, write_jsonl_atomic
+from ppo_cli.generate import (
+    Policy,
+    load_policy,
+    read_prompts,
+    sample,
+    sequence_logprobs,
+    start_vllm,
+    write_jsonl_atomic,
+)
 from ppo_cli.logger import make_console
 from ppo_cli.models import looks_local, read_product_info, recorded_base_model, resolve_device, same_model
 from ppo_cli.reward.sources import build_reward, check_reward_source
+from ppo_cli.vllm_sampler import require_vllm
 
 # ---------------------------------------------------------------------------------------------
 # Checks and the reference
@@ -112,6 +121,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     validate(cfg)
     reference_name = cfg.reference or default_reference(cfg)
     device = resolve_device(cfg.device)
+    if cfg.generation.engine == "vllm":
+        require_vllm(device)
     policy = load_policy(cfg.policy, cfg.model, device, key="policy")
     if same_model(str(cfg.policy), str(reference_name)):
         reference = policy  # one model in memory; its samples are the policy's (same seeds)
@@ -124,6 +135,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 "reference) scores the policy's tokens under the reference, so both need one tokenizer."
             )
     prompts, prompt_ids, truncated = read_prompts(cfg, policy.tokenizer)
+    if cfg.generation.engine == "vllm":  # one engine samples both (they share a tokenizer, checked above)
+        start_vllm([policy] if reference is policy else [policy, reference], prompt_ids, cfg)
     scorer = build_reward(
         cfg.reward_checkpoint,
         cfg.reward_fn,

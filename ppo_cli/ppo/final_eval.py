@@ -35,6 +35,8 @@ def final_eval_config(cfg: DictConfig, final_dir: Path) -> DictConfig | None:
     ecfg.generation.max_new_tokens = cfg.generation.max_new_tokens
     ecfg.generation.temperature = cfg.generation.temperature
     ecfg.generation.samples_per_prompt = cfg.eval.samples_per_prompt
+    ecfg.generation.engine = cfg.generation.engine
+    ecfg.generation.vllm = cfg.generation.vllm
     ecfg.reward_checkpoint = cfg.reward_checkpoint
     ecfg.reward_fn = cfg.reward_fn
     ecfg.seed = cfg.train.seed

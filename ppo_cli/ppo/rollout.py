@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ppo_cli import rlhf, sampling
-from ppo_cli.data import pad_left
+from ppo_cli.data import pad_left, pad_right
 from ppo_cli.models import autocast
 from ppo_cli.ppo.roles import POLICY, REFERENCE
 
@@ -45,11 +45,15 @@ class RolloutMixin:
         input_ids = pad_left(prompt_ids, pad).to(self.device)
         prompt_mask = pad_left([[1] * len(p) for p in prompt_ids], 0).to(self.device)
         self.roles.eval()
-        with self.roles.role(POLICY), self.precision():
-            out = sampling.generate(
-                self.roles.model, self.generation_config, input_ids=input_ids, attention_mask=prompt_mask
-            )
-        responses = out[:, input_ids.shape[1] :]
+        if self.vllm is not None:  # generation.engine=vllm: the same draws, from vLLM
+            sampled = self.vllm.sample(prompt_ids, self.step, self.eos_ids, pad)
+            responses = pad_right(sampled, pad).to(self.device)
+        else:
+            with self.roles.role(POLICY), self.precision():
+                out = sampling.generate(
+                    self.roles.model, self.generation_config, input_ids=input_ids, attention_mask=prompt_mask
+                )
+            responses = out[:, input_ids.shape[1] :]
         responses, response_mask = rlhf.truncate_after_eos(responses, self.eos_ids, pad)
         return input_ids, prompt_mask, responses, response_mask
 

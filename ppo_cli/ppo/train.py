@@ -34,10 +34,12 @@ from ppo_cli.ppo.final_eval import check_final_eval, final_eval_config, final_ev
 from ppo_cli.ppo.roles import VALUE, Roles, build_roles
 from ppo_cli.ppo.trainer import PPOTrainer
 from ppo_cli.ppo.validate import validate_ppo
+from ppo_cli.ppo.vllm_rollout import VLLMRollouts, check_vllm_rollouts, policy_lora_rank
 from ppo_cli.reward.health import RMHealth
 from ppo_cli.reward.sources import build_reward, check_reward_source, rm_shares_base
 from ppo_cli.reward.stats import load_rm_stats
 from ppo_cli.run import StageRun
+from ppo_cli.vllm_sampler import require_vllm
 
 STAGE = "ppo"
 
@@ -89,6 +91,9 @@ def main(cfg: DictConfig) -> None:
     check_setup(cfg)
     run = StageRun(cfg, STAGE)
     validate_ppo(cfg)
+    if cfg.generation.engine == "vllm":
+        require_vllm(run.device)
+        check_vllm_rollouts(cfg, run.dist.world_size)
     final_eval = final_eval_config(cfg, run.final_dir)
     check_final_eval(final_eval)
     if not run.prepare():
@@ -150,8 +155,15 @@ def main(cfg: DictConfig) -> None:
         data_tokens=longest_tokens(prompts, cfg.data.max_length),
     )
     report_rm_health(cfg, logger)
+    vllm = None
+    if cfg.generation.engine == "vllm":
+        compute = (
+            autocast_dtype(run.device, cfg.train.mixed_precision)
+            or roles.model.get_input_embeddings().weight.dtype
+        )
+        vllm = VLLMRollouts(cfg, roles, policy_lora_rank(roles), compute, run.device, run.dist.rank)
     trainer = PPOTrainer(
-        run, roles, tokenizer, prompts, reward, eos_token_ids(tokenizer, base), rm_statistics(cfg)
+        run, roles, tokenizer, prompts, reward, eos_token_ids(tokenizer, base), rm_statistics(cfg), vllm
     )
     logger.print(
         f"roles on one base: policy + reference ({'SFT adapter' if sft_adapter else 'base'}), reward "
@@ -159,7 +171,11 @@ def main(cfg: DictConfig) -> None:
         f"{', value' if critic else ', no critic'}; "
         f"{trainable:,} trainable of {total:,} parameters"
     )
-    metrics = trainer.fit()
+    try:
+        metrics = trainer.fit()
+    finally:
+        if vllm is not None:
+            vllm.close()
     if run.is_main:
         run.save_final(
             roles.model,

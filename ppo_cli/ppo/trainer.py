@@ -20,6 +20,7 @@ from ppo_cli.ppo.roles import Roles
 from ppo_cli.ppo.rollout import Rollout, RolloutMixin
 from ppo_cli.ppo.scale import RewardScale
 from ppo_cli.ppo.step import StepMixin
+from ppo_cli.ppo.vllm_rollout import VLLMRollouts
 from ppo_cli.run import StageRun
 from ppo_cli.supervised import build_scheduler
 
@@ -40,8 +41,11 @@ class PPOTrainer(RolloutMixin, StepMixin, LoopStage):
         reward,
         eos_ids: list[int],
         rm_stats: tuple[float, float] | None,
+        vllm: VLLMRollouts | None = None,
     ):
         self.run, self.roles, self.tokenizer = run, roles, tokenizer
+        # generation.engine=vllm: vLLM draws the rollouts' tokens; None: the policy's generate does.
+        self.vllm = vllm
         self.cfg: DictConfig = run.cfg
         self.ppo_cfg, self.train_cfg, self.gen_cfg = self.cfg.ppo, self.cfg.train, self.cfg.generation
         self.prompts, self.reward, self.eos_ids = prompts, reward, eos_ids
@@ -194,7 +198,8 @@ class PPOTrainer(RolloutMixin, StepMixin, LoopStage):
     def summary(self) -> dict[str, str]:
         return {
             "rollout": f"{self.train_cfg.batch_size} prompts x {self.group_size} samples x "
-            f"{self.gen_cfg.max_new_tokens} new tokens, T={self.gen_cfg.temperature}",
+            f"{self.gen_cfg.max_new_tokens} new tokens, T={self.gen_cfg.temperature}, sampled by "
+            + ("vLLM (the policy adapter synced every step)" if self.vllm else "transformers' generate"),
             "advantages": describe_estimation(self.estimation),
             "ppo": f"{self.ppo_cfg.epochs} epochs x {self.ppo_cfg.num_minibatches} minibatches",
             "kl penalty": describe_kl_penalty(self.ppo_cfg, self.kl_horizon(), self.estimation),
