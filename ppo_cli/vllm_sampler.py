@@ -207,6 +207,8 @@ class VLLMSampler:
             "enforce_eager": eager,
             # A prompt's samples share their prefix's cache; nothing else is reused across steps.
             "enable_prefix_caching": False,
+            # Logprobs, when asked for, of the distribution tokens are drawn from (after temperature).
+            "logprobs_mode": "processed_logprobs",
         }
         if settings.kv_cache_gb is not None or not on_gpu:
             kwargs["kv_cache_memory_bytes"] = kv_bytes
@@ -265,6 +267,23 @@ class VLLMSampler:
         """One response per prompt: its token ids up to and including the first EOS (none when it ran to
         max_new_tokens). temperature 0 = greedy; top_p < 1 = nucleus sampling (generate's top_p; PPO's is
         1). `forbidden_token` is never sampled."""
+        args = (prompt_ids, max_new_tokens, temperature, eos_ids, seeds, adapter, forbidden_token, top_p)
+        return self.sample_with_logprobs(*args, logprobs=False)[0]
+
+    def sample_with_logprobs(
+        self,
+        prompt_ids: list[list[int]],
+        max_new_tokens: int,
+        temperature: float,
+        eos_ids: list[int],
+        seeds: list[int],
+        adapter: str | None = None,
+        forbidden_token: int | None = None,
+        top_p: float = 1.0,
+        logprobs: bool = True,
+    ) -> tuple[list[list[int]], list[list[float]] | None]:
+        """`sample`, and (logprobs=True) vLLM's logprob of each sampled token under the distribution it was
+        drawn from (after temperature and the forbidden token): to check vLLM against the training model."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -284,6 +303,7 @@ class VLLMSampler:
                 ignore_eos=True,
                 seed=seed,
                 detokenize=False,
+                logprobs=0 if logprobs else None,
                 logit_bias={forbidden_token: float("-inf")} if forbidden_token is not None else None,
             )
 
@@ -295,7 +315,7 @@ class VLLMSampler:
             use_tqdm=False,
         )
         eos = set(eos_ids)
-        responses = []
+        responses, scores = [], []
         for out in outputs:
             ids = list(out.outputs[0].token_ids)
             for i, token in enumerate(ids):  # vLLM keeps the stop token; nothing may follow it
@@ -303,7 +323,10 @@ class VLLMSampler:
                     ids = ids[: i + 1]
                     break
             responses.append(ids)
-        return responses
+            if logprobs:
+                steps = out.outputs[0].logprobs[: len(ids)]
+                scores.append([step[token].logprob for step, token in zip(steps, ids)])
+        return responses, (scores if logprobs else None)
 
     # -----------------------------------------------------------------------------------------
     # GPU memory between rollouts
