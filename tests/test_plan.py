@@ -11,6 +11,7 @@ from conftest import run_cli_in_process
 
 from ppo_cli.plan.estimate import (
     PROCESS_BASELINE,
+    VLLM_CPU_OVERHEAD,
     ModelShape,
     RunShape,
     activation_bytes,
@@ -22,6 +23,7 @@ from ppo_cli.plan.estimate import (
     lora_params,
     total,
     weight_bytes,
+    with_vllm,
 )
 
 # A toy Llama: hidden 8, 2 layers, 2 heads of 4, one KV head, MLP 16, vocabulary 10, untied lm_head.
@@ -396,3 +398,30 @@ def test_stage_start_row_uses_the_examples_the_stage_loaded(tiny, tmp_path, monk
     assert result.returncode == 0, result.stdout + result.stderr
     text = " ".join(result.stdout.replace("│", " ").split())
     assert re.search(r"memory plan \d+\.\d+ (GB|MB) peak on cpu", text), text
+
+
+def test_vllm_engine_replaces_the_rollout_cache_and_sleeps_through_the_update():
+    parts = {"base weights": 100, "activations": 30, "logits": 10, "rollout KV cache": 7}
+    awake = with_vllm(parts, 50, sleeps=False)
+    assert awake == {"base weights": 100, "activations": 30, "logits": 10, "vLLM engine": 50}
+    # asleep during the update, the engine shares the peak with its 40 bytes of activations and logits
+    assert with_vllm(parts, 50, sleeps=True)["vLLM engine"] == 10
+    assert with_vllm(parts, 30, sleeps=True)["vLLM engine"] == 0
+
+
+def test_plan_of_a_vllm_run_counts_the_engine(tiny):
+    args = ["train-ppo", f"model.name_or_path={tiny['model']}", "reward_fn=m:f", "train.batch_size=4",
+            "generation.max_new_tokens=8", "data.max_length=20", "train.mixed_precision=no"]  # fmt: skip
+    hf = plan_json(*args, "train.device=cpu")
+    cpu = plan_json(*args, "train.device=cpu", "generation.engine=vllm")
+    assert "rollout KV cache" in hf["parts"] and "rollout KV cache" not in cpu["parts"]
+    # the tiny Llama: 2 layers, 4 KV heads of 16; 4 sequences of 28 tokens, each in one 128-token block + a
+    # spare; fp32 weights; vLLM's own overhead on CPU
+    kv = 4 * 2 * 128 * (2 * 2 * 4 * 16 * 4)
+    assert cpu["parts"]["vLLM engine"] == cpu["parameters"] * 4 + kv + VLLM_CPU_OVERHEAD
+    gpu = ["plan.device=cuda", "plan.device_memory_gb=24", "generation.engine=vllm"]
+    awake = plan_json(*args, *gpu, "generation.vllm.sleep_during_update=false")
+    assert awake["parts"]["vLLM engine"] == int(0.3 * 24e9)  # gpu_memory_utilization of the device
+    asleep = plan_json(*args, *gpu)
+    transient = asleep["parts"]["activations"] + asleep["parts"]["logits"]
+    assert asleep["parts"]["vLLM engine"] == int(0.3 * 24e9) - transient

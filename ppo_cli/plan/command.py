@@ -25,7 +25,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ppo_cli.errors import UserError
-from ppo_cli.plan.estimate import ModelShape, RunShape, estimate, fits, gb, total
+from ppo_cli.plan.estimate import ModelShape, RunShape, estimate, fits, gb, total, with_vllm
 from ppo_cli.plan.shape import (
     checkpoint_file_bytes,
     data_length,
@@ -136,6 +136,28 @@ def suggestions(shape: ModelShape, run: RunShape, cfg: DictConfig, limit: float 
     return found
 
 
+def vllm_engine_bytes(cfg: DictConfig, config, shape, run, device, override_gb: float | None) -> int:
+    """vLLM's engine in train-ppo: on a GPU the share gpu_memory_utilization gives it of the device (its
+    weights and cache live in it); otherwise, or with generation.vllm.kv_cache_gb, the base at the
+    sampling dtype plus the KV cache it is given (on CPU: one rollout batch's, as vllm_sampler sizes it)."""
+    import torch
+
+    from ppo_cli.plan.estimate import VLLM_CPU_OVERHEAD
+    from ppo_cli.vllm_sampler import kv_cache_bytes as vllm_kv_cache_bytes
+
+    settings = cfg.generation.vllm
+    limit = device_memory(device, override_gb)
+    if device.type == "cuda" and settings.kv_cache_gb is None and limit is not None:
+        return int(float(settings.gpu_memory_utilization) * limit)
+    dtype = torch.bfloat16 if run.act_bytes == 2 else torch.float32
+    if settings.kv_cache_gb is not None:
+        kv = int(float(settings.kv_cache_gb) * 2**30)
+    else:
+        kv = vllm_kv_cache_bytes(config, dtype, run.rollout_batch, run.seq_len)
+    overhead = VLLM_CPU_OVERHEAD if device.type == "cpu" else 0
+    return int(shape.params * run.act_bytes) + kv + overhead
+
+
 def make_plan(
     cfg: DictConfig,
     command: str,
@@ -161,6 +183,12 @@ def make_plan(
         lengths = f"longest sequence of data.train as the run encoded it: {data_tokens} tokens"
     run = run_shape(cfg, stage, shape, device, file_bytes, stored_dtype_bytes(config), data_tokens)
     parts = estimate(shape, run)
+    if stage == "ppo" and cfg.generation.engine == "vllm":
+        parts = with_vllm(
+            parts,
+            vllm_engine_bytes(cfg, config, shape, run, device, override_gb),
+            device.type == "cuda" and bool(cfg.generation.vllm.sleep_during_update),
+        )
     separate = separate_reward_model_bytes(cfg, run) if stage == "ppo" else 0
     if separate:
         parts["separate reward model"] = separate
