@@ -108,6 +108,7 @@ def vllm_lora_rank(adapter_config: dict, what: str) -> int:
             ("DoRA (use_dora)", adapter_config.get("use_dora", False)),
             ("modules_to_save", bool(adapter_config.get("modules_to_save"))),
             (f"bias={adapter_config.get('bias')}", adapter_config.get("bias", "none") != "none"),
+            ("lora_bias", adapter_config.get("lora_bias", False)),
         )
         if used
     ]

@@ -481,3 +481,51 @@ def test_grpo_with_vllm_learns(vllm, tiny32, tmp_path, cli):
     first, last = sum(scores[:5]) / 5, sum(scores[-5:]) / 5
     print(f"objective/scores: first 5 steps {first:.3f}, last 5 steps {last:.3f}")
     assert last > first + 0.08, scores
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine's arithmetic (no vLLM needed)
+
+
+def test_lora_rank_slots_round_up_to_what_vllm_accepts():
+    from ppo_cli.errors import UserError
+    from ppo_cli.vllm_sampler import lora_rank_slot
+
+    assert [lora_rank_slot(r) for r in (1, 8, 9, 16, 17, 64, 300)] == [8, 8, 16, 16, 32, 64, 320]
+    with pytest.raises(UserError, match="up to rank 512"):
+        lora_rank_slot(513)
+
+
+def test_kv_cache_is_one_batch_in_whole_blocks_plus_a_spare():
+    from types import SimpleNamespace
+
+    import torch
+
+    from ppo_cli.vllm_sampler import kv_cache_bytes
+
+    config = SimpleNamespace(
+        num_hidden_layers=2, num_key_value_heads=1, num_attention_heads=4, hidden_size=128
+    )
+    # head_dim 128 / 4 = 32; a key and a value per layer and KV head: 2 x 2 x 1 x 32 x 2 bytes (bf16) = 256
+    # per token; 3 sequences of 130 tokens = 2 blocks of 128 each, + 1 spare = 3 blocks of 128 tokens
+    assert kv_cache_bytes(config, torch.bfloat16, 3, 130) == 3 * 3 * 128 * 256
+
+
+def test_request_seeds_are_fixed_by_their_coordinates():
+    from ppo_cli.vllm_sampler import request_seed
+
+    assert request_seed(42, 0, 3, 7) == request_seed(42, 0, 3, 7)
+    seeds = {request_seed(42, rank, step, row) for rank in range(2) for step in range(3) for row in range(8)}
+    assert len(seeds) == 48 and all(0 <= s < 2**63 for s in seeds)
+    assert request_seed(41, 0, 3, 7) != request_seed(42, 0, 3, 7)
+
+
+def test_adapter_rank_and_the_lora_features_vllm_refuses():
+    from ppo_cli.errors import UserError
+    from ppo_cli.vllm_sampler import vllm_lora_rank
+
+    assert vllm_lora_rank({"r": 8, "rank_pattern": {"q_proj": 32}}, "the policy") == 32
+    with pytest.raises(UserError, match="DoRA"):
+        vllm_lora_rank({"r": 8, "use_dora": True}, "the policy")
+    with pytest.raises(UserError, match="modules_to_save"):
+        vllm_lora_rank({"r": 8, "modules_to_save": ["lm_head"]}, "the policy")
