@@ -39,7 +39,15 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # `bench` as a namespace package, when run as a script
 
-from bench.run import EPOCHS, PROMPTS, RESPONSE_LENGTH, TEMPERATURE, build_rm_adapter, summarise  # noqa: E402
+from bench.run import (  # noqa: E402
+    EPOCHS,
+    PROMPTS,
+    RESPONSE_LENGTH,
+    TEMPERATURE,
+    build_rm_adapter,
+    ppo_cli_command,
+    summarise,
+)
 from bench.trl_baseline import build_bench_model, make_prompt_dataset  # noqa: E402
 
 ENGINES = ("hf", "vllm")
@@ -214,32 +222,9 @@ def run_ppo(engine: str, args, model_dir: str, rm_dir: Path, prompts_file: Path,
     """bench/run.py's train-ppo command line (defaults' precision), with generation.engine=`engine`."""
     out = work / f"ppo-{engine}"
     steps = args.ppo_steps + args.ppo_warmup
-    cmd = [
-        sys.executable,
-        "-m",
-        "ppo_cli",
-        "train-ppo",
-        f"model.name_or_path={model_dir}",
-        f"reward_checkpoint={rm_dir}",
-        f"data.train={prompts_file}",
-        f"output_dir={out}",
-        f"train.max_steps={steps}",
-        f"train.batch_size={PROMPTS}",
-        "train.save_every=0",
-        "train.log_every=1",
-        f"train.device={args.device}",
-        f"generation.max_new_tokens={RESPONSE_LENGTH}",
-        f"generation.temperature={TEMPERATURE}",
-        f"generation.engine={engine}",
-        f"ppo.epochs={EPOCHS}",
-        "ppo.num_minibatches=1",
-        "lora.r=16",
-        "lora.alpha=32",
-        "lora.dropout=0.0",
-        "sample_every=0",
-        "logger.progress=false",
-        "ppo.reward_normalization=none",
-    ]
+    cmd = ppo_cli_command(
+        model_dir, rm_dir, prompts_file, out, steps, args.device, f"generation.engine={engine}"
+    )
     start = time.perf_counter()
     peak_rss, cpu_s = run_child(cmd, work / f"ppo-{engine}.log", args.threads)
     wall = time.perf_counter() - start

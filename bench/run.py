@@ -62,17 +62,11 @@ def build_rm_adapter(base_dir: str, out_dir: Path) -> Path:
     return out_dir
 
 
-def run_ppo_cli(
-    base_dir: str,
-    rm_dir: Path,
-    prompts_file: Path,
-    work: Path,
-    steps: int,
-    device: str,
-    precision: str = "auto",
-) -> dict:
-    out = work / f"ppo-cli-run-{precision}"
-    cmd = [
+def ppo_cli_command(
+    base_dir: str, rm_dir: Path, prompts_file: Path, out: Path, steps: int, device: str, *extra: str
+) -> list[str]:
+    """The benchmark's `train-ppo` command line (the settings of this file's docstring), plus `extra`."""
+    return [
         sys.executable,
         "-m",
         "ppo_cli",
@@ -96,8 +90,23 @@ def run_ppo_cli(
         "sample_every=0",
         "logger.progress=false",
         "ppo.reward_normalization=none",
-        f"train.mixed_precision={precision}",
+        *extra,
     ]
+
+
+def run_ppo_cli(
+    base_dir: str,
+    rm_dir: Path,
+    prompts_file: Path,
+    work: Path,
+    steps: int,
+    device: str,
+    precision: str = "auto",
+) -> dict:
+    out = work / f"ppo-cli-run-{precision}"
+    cmd = ppo_cli_command(
+        base_dir, rm_dir, prompts_file, out, steps, device, f"train.mixed_precision={precision}"
+    )
     result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if result.returncode != 0:
         raise SystemExit(f"ppo-cli run failed:\n{result.stderr[-4000:]}")

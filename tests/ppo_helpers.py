@@ -316,3 +316,74 @@ def record_generation(model, monkeypatch) -> dict:
 def leaked_generation_fields(merged, hostile: dict) -> dict:
     """The hostile fields whose value reached the merged generation config."""
     return {k: getattr(merged, k, None) for k, v in hostile.items() if getattr(merged, k, None) == v}
+
+
+def kill_and_resume(args_a: list[str], args_b: list[str], root: Path, deadline_s: float = 500) -> dict:
+    """Run A uninterrupted beside run B, kill B (SIGKILL: no chance to clean up) once its step-2 checkpoint
+    exists, and resume B with resume=auto: {"A": (result, dir), "killed": (result, dir), "B": (result, dir)}."""
+    import signal
+    import time
+
+    full = start_cli(*args_a, log=root / "logs" / "A")
+    killed = start_cli(*args_b, log=root / "logs" / "B")
+    step2 = root / "B" / "checkpoints" / "step-000002"
+    deadline = time.monotonic() + deadline_s
+    while not step2.is_dir():
+        assert killed.poll() is None, finish(killed).stderr[-3000:]
+        assert time.monotonic() < deadline, "run B wrote no step-2 checkpoint"
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed_result = finish(killed)
+    resumed = start_cli(*args_b, "resume=auto", log=root / "logs" / "B-resumed")
+    return {
+        "A": (finish(full), root / "A"),
+        "killed": (killed_result, root / "B"),
+        "B": (finish(resumed), root / "B"),
+    }
+
+
+def assert_resumed_identically(runs: dict) -> list[dict]:
+    """`kill_and_resume`'s runs: both finished, B was killed and resumed at step 2, and B's final policy,
+    value adapter and head and its metrics (times and peak memory aside) are A's exactly. Returns A's
+    comparable metrics."""
+    import signal
+
+    from safetensors.torch import load_file
+
+    for name in ("A", "B"):
+        result, _ = runs[name]
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    killed, _ = runs["killed"]
+    assert killed.returncode == -signal.SIGKILL
+    (_, a), (result_b, b) = runs["A"], runs["B"]
+    assert "resumed at" in result_b.stdout and "step 2" in result_b.stdout
+    for rel in (
+        "adapter_model.safetensors",
+        "value/adapter_model.safetensors",
+        "value/value_head.safetensors",
+    ):
+        ta, tb = load_file(a / "final" / rel), load_file(b / "final" / rel)
+        assert ta.keys() == tb.keys() and ta, rel
+        for key in ta:
+            assert torch.equal(ta[key], tb[key]), f"{rel}: {key} differs after resume"
+
+    def comparable(run_dir):
+        # Times and peak memory (process RSS) are not the run's numbers.
+        skip = ("time/", "memory/")
+        return [{k: v for k, v in m.items() if not k.startswith(skip)} for m in read_metrics(run_dir)]
+
+    metrics = comparable(a)
+    assert metrics == comparable(b)
+    return metrics
+
+
+def assert_never_moved(metrics: list[dict], first_ratio: bool = True) -> None:
+    """A train.lr=0 run's steps: the policy never moves, so KL 0, approx-KL 0, no clipping and ratio 1
+    exactly (docs/ppo-details.md, details 15 and 16)."""
+    for m in metrics:
+        assert m["objective/kl"] == 0.0, m
+        assert m["policy/approxkl_avg"] == 0.0, m
+        assert m["policy/clipfrac_avg"] == 0.0, m
+        assert m["val/ratio"] == 1.0, m
+        if first_ratio:
+            assert m["policy/first_ratio"] == 1.0, m

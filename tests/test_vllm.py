@@ -11,8 +11,6 @@ import importlib.util
 import json
 import math
 import os
-import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -20,15 +18,15 @@ import torch
 from conftest import run_cli_in_process
 from omegaconf import OmegaConf
 from ppo_helpers import (
+    assert_never_moved,
+    assert_resumed_identically,
     build_tiny_roles,
     cli_env,
-    finish,
+    kill_and_resume,
     ppo_config,
     read_metrics,
-    start_cli,
     tiny_adapters,
 )
-from safetensors.torch import load_file
 
 VLLM_INSTALLED = importlib.util.find_spec("vllm") is not None
 T = 0.7  # train-ppo's default temperature
@@ -285,12 +283,7 @@ def test_lr0_run_never_moves(vllm, tiny32, tmp_path, cli, precision):
     assert "vLLM" in result.stdout, result.stdout[-2000:]
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [1, 2, 3]
-    for m in metrics:
-        assert m["objective/kl"] == 0.0, m
-        assert m["policy/approxkl_avg"] == 0.0, m
-        assert m["policy/clipfrac_avg"] == 0.0, m
-        assert m["val/ratio"] == 1.0, m
-        assert m["policy/first_ratio"] == 1.0, m
+    assert_never_moved(metrics)
     assert (out / "final" / "adapter_model.safetensors").is_file()
 
 
@@ -308,52 +301,15 @@ def resume_runs(vllm, tiny32, tmp_path_factory):
         "ppo.kl_coef=0.05",
     ]
     args = {name: ppo_args(tiny32, root / name, *extra) for name in ("A", "B")}
-    full = start_cli(*args["A"], log=root / "logs" / "A")
-    killed = start_cli(*args["B"], log=root / "logs" / "B")
-    step2 = root / "B" / "checkpoints" / "step-000002"
-    deadline = time.monotonic() + 300
-    while not step2.is_dir():
-        assert killed.poll() is None, finish(killed).stderr[-3000:]
-        assert time.monotonic() < deadline, "run B wrote no step-2 checkpoint"
-        time.sleep(0.05)
-    killed.send_signal(signal.SIGKILL)
-    killed_result = finish(killed)
-    resumed = start_cli(*args["B"], "resume=auto", log=root / "logs" / "B-resumed")
-    return {
-        "A": (finish(full), root / "A"),
-        "killed": (killed_result, root / "B"),
-        "B": (finish(resumed), root / "B"),
-    }
+    return kill_and_resume(args["A"], args["B"], root, deadline_s=300)
 
 
 def test_resume_after_sigkill_is_identical(resume_runs):
     """vLLM's seeds come from (seed, rank, step, row): the resumed run samples what A sampled, so its
     adapters and metrics are A's exactly."""
-    for name in ("A", "B"):
-        result, _ = resume_runs[name]
-        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    killed, _ = resume_runs["killed"]
-    assert killed.returncode == -signal.SIGKILL
-    (_, a), (result_b, b) = resume_runs["A"], resume_runs["B"]
-    assert "resumed at" in result_b.stdout and "step 2" in result_b.stdout
-    for rel in (
-        "adapter_model.safetensors",
-        "value/adapter_model.safetensors",
-        "value/value_head.safetensors",
-    ):
-        ta, tb = load_file(a / "final" / rel), load_file(b / "final" / rel)
-        assert ta.keys() == tb.keys() and ta, rel
-        for key in ta:
-            assert torch.equal(ta[key], tb[key]), f"{rel}: {key} differs after resume"
-
-    def comparable(run_dir):
-        skip = ("time/", "memory/")  # not the run's numbers
-        return [{k: v for k, v in m.items() if not k.startswith(skip)} for m in read_metrics(run_dir)]
-
-    metrics = comparable(a)
+    metrics = assert_resumed_identically(resume_runs)
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     assert any(m["objective/kl"] != 0.0 for m in metrics[1:])  # the policy moved: the sync mattered
-    assert metrics == comparable(b)
 
 
 def evaluate_config(name: str, *overrides: str):
