@@ -110,12 +110,12 @@ def _gold_measures(texts: list[str]) -> dict[str, float]:
     """The task's own measures of completions, which no stage saw directly (PPO was trained against an RM)."""
     from ppo_cli.tiny import task
 
-    words = [task.words_of(t) for t in texts]
-    flat = [w for ws in words for w in ws]
+    flat = [w for t in texts for w in task.words_of(t)]
+    positive, negative = set(task.POSITIVE_WORDS), set(task.NEGATIVE_WORDS)
     return {
         "gold_score": sum(task.gold_score(t) for t in texts) / len(texts),
-        "positive_share": sum(w in set(task.POSITIVE_WORDS) for w in flat) / max(1, len(flat)),
-        "negative_share": sum(w in set(task.NEGATIVE_WORDS) for w in flat) / max(1, len(flat)),
+        "positive_share": sum(w in positive for w in flat) / max(1, len(flat)),
+        "negative_share": sum(w in negative for w in flat) / max(1, len(flat)),
         "words": len(flat) / len(texts),
     }
 
