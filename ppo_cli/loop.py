@@ -67,6 +67,30 @@ class LoopState:
     data: Any
 
 
+def follow_schedule(scheduler: Any) -> None:
+    """Set each param group's rate (and the scheduler's last rate) to this run's schedule at the restored
+    step.
+
+    Why: the optimizer's state brings back each group's `lr` and the scheduler's state its `_last_lr`,
+    both computed by the saved run's schedule; this run's schedule (built for its own length) would
+    only take over at the next `scheduler.step()`. A run resumed with a longer train.max_steps (or a
+    warmup, a share of that length) would otherwise take its first step at the old schedule's rate.
+    Every schedule `build_scheduler` makes (transformers' get_scheduler) is a LambdaLR, whose rate at
+    step t is base_lr * lr_lambda(t) whatever came before: the same expression `step()` evaluates, so
+    a resume with an unchanged length gets the saved rates bit for bit. A scheduler whose rate depends
+    on its previous rates cannot be recomputed this way and keeps the restored ones.
+    """
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        return
+    rates = [
+        base * fn(scheduler.last_epoch)
+        for fn, base in zip(scheduler.lr_lambdas, scheduler.base_lrs, strict=True)
+    ]
+    for group, rate in zip(scheduler.optimizer.param_groups, rates, strict=True):
+        group["lr"] = rate
+    scheduler._last_lr = list(rates)
+
+
 class LoopStage:
     """What a stage supplies to `TrainingLoop`; every hook but `train_step` has a default."""
 
@@ -132,6 +156,7 @@ class TrainingLoop:
         ckpt.load_trainable_state(self.state.module, loaded.trainable, str(loaded.path))
         self.state.optimizer.load_state_dict(loaded.objects["optimizer"])
         self.state.scheduler.load_state_dict(loaded.objects["scheduler"])
+        follow_schedule(self.state.scheduler)
         self.state.data.load_state_dict(loaded.state["data"])
         self.stage.load_extra_state(loaded.state)
         ckpt.restore_rng(ckpt.join_rng(loaded.state["rng"], loaded.objects))
