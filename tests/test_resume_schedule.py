@@ -1,5 +1,6 @@
 """A run resumed with a longer train.max_steps follows the new length from its first resumed step: the
-learning-rate schedule (train-sft, train-ppo; train-rm shares the loop).
+learning-rate schedule (train-sft, train-ppo; train-rm shares the loop) and the adaptive KL controller's
+horizon (train-ppo).
 
 The schedule cases run 2 steps with max_steps=2, remove final/ (as if the run had been killed between its
 last checkpoint and final/), then resume from the step-2 checkpoint with max_steps=4. Linear decay
@@ -14,7 +15,10 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli_in_process
-from ppo_helpers import read_metrics
+from ppo_helpers import build_tiny_roles, make_trainer, ppo_config, read_metrics, tiny_adapters
+
+from ppo_cli import checkpoint as ckpt
+from ppo_cli import rlhf
 
 LR_ARGS = ["train.lr=1e-3", "train.lr_scheduler=linear", "train.warmup_ratio=0", "train.log_every=1"]
 EXPECTED_LR = [1e-3, 5e-4, 5e-4, 2.5e-4]
@@ -77,3 +81,28 @@ def test_ppo_resumed_longer_follows_the_new_schedule_at_once(tiny, tmp_path):
     ]
     run_then_extend(args, out)
     assert logged_lr(out) == pytest.approx(EXPECTED_LR, rel=1e-12)
+
+
+def test_ppo_resumed_longer_keeps_the_kl_horizon_of_its_new_length(tiny, tmp_path):
+    """The adaptive controller's horizon is a share of the run's episodes: a run resumed with a longer
+    train.max_steps uses the horizon of its new length (the one its start-up panel shows), and only
+    beta comes back from the checkpoint. (The horizon's floor of two steps' worth hides the change
+    below 20 steps, so this test resumes a checkpoint in-process rather than running that long.)"""
+    adapters = tiny_adapters(tiny)
+
+    def trainer(max_steps: int):
+        roles, tokenizer = build_tiny_roles(tiny["model"], adapters["sft"], adapters["rm"])
+        overrides = (f"train.max_steps={max_steps}", "ppo.kl_controller=adaptive", "ppo.kl_horizon=null")
+        cfg = ppo_config(tiny["model"], tiny["prompts"], tmp_path / "run", *overrides)
+        return make_trainer(cfg, roles, tokenizer)
+
+    short = trainer(25)
+    short.kl_ctl.value = 0.123  # as if the controller had moved
+    short.loop.save()
+    longer = trainer(40)
+    longer.run.resume_from = ckpt.latest_checkpoint(tmp_path / "run")
+    longer.loop.restore()
+    per_step = longer.episodes_per_step
+    assert short.kl_ctl.horizon == rlhf.run_kl_horizon(25 * per_step, per_step)
+    assert longer.kl_ctl.horizon == rlhf.run_kl_horizon(40 * per_step, per_step) > short.kl_ctl.horizon
+    assert longer.kl_ctl.value == 0.123

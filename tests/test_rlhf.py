@@ -381,6 +381,20 @@ def test_adaptive_kl_controller():
     assert c2.value == c.value and c2.target == 6.0 and c2.horizon == 10000.0
 
 
+def test_adaptive_kl_controller_resumes_beta_only():
+    """A resumed run keeps the target and horizon it was built with (its config and its length, which a
+    resume may extend: both are what the user asks for now); only beta, where the controller had moved
+    it, comes back."""
+    saved = AdaptiveKLController(0.1, target=3.0, horizon=run_kl_horizon(25 * 4, 4))
+    saved.update(12.0, 4)
+    resumed = AdaptiveKLController(0.1, target=6.0, horizon=run_kl_horizon(40 * 4, 4))
+    resumed.load_state_dict(json.loads(json.dumps(saved.state_dict())))
+    assert resumed.value == saved.value != 0.1
+    assert (resumed.target, resumed.horizon) == (6.0, 16.0) and saved.horizon == 10.0
+    resumed.update(12.0, 4)  # e clipped to 0.2 over the new horizon: factor 1 + 0.2 * 4 / 16
+    assert resumed.value == pytest.approx(saved.value * 1.05, rel=1e-12)
+
+
 def test_run_kl_horizon_binds_in_a_short_run():
     # 80 steps x 32 episodes: horizon 2560 / 10 = 256 episodes
     assert run_kl_horizon(2560, 32) == pytest.approx(256.0)

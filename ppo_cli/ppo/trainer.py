@@ -163,6 +163,8 @@ class PPOTrainer(RolloutMixin, StepMixin, LoopStage):
         }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
+        # Beta only: the adaptive controller keeps the target and horizon built for this run (kl_horizon()
+        # of its length, which a resume may have extended; the start-up panel shows the same).
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.scale.load_state_dict(state["reward_scale"])
         self.watch.load_state_dict(state.get("guards", {}))

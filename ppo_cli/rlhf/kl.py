@@ -58,12 +58,14 @@ class AdaptiveKLController:
         return {"value": float(self.value), "target": self.target, "horizon": self.horizon}
 
     def load_state_dict(self, d: dict[str, float]) -> None:
-        """Restore from :meth:`state_dict` (``target`` / ``horizon`` only if present)."""
+        """Restore ``value`` from :meth:`state_dict`; ``target`` and ``horizon`` stay as constructed.
+
+        Why: a resumed run builds its controller from its own config and length, and those are what the
+        user asks for now. The horizon is a share of the run's episodes (:func:`run_kl_horizon`), so a
+        run resumed with a longer ``train.max_steps`` needs the longer run's horizon, not the saved one;
+        the target follows the config for the same reason. The saved pair stays in the state as a record.
+        """
         self.value = float(d["value"])
-        if "target" in d:
-            self.target = float(d["target"])
-        if "horizon" in d:
-            self.horizon = float(d["horizon"])
 
 
 def run_kl_horizon(total_episodes: int, episodes_per_step: int, share: float = 0.1) -> float:
