@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from ppo_cli import checkpoint as ckpt
 from ppo_cli.data import EpochBatches, LengthReport, load_train_eval_rows
-from ppo_cli.dist import all_reduce_mean
+from ppo_cli.dist import all_reduce_mean, all_reduce_sum, broadcast_object
 from ppo_cli.errors import UserError
 from ppo_cli.logger import Throughput
 from ppo_cli.loop import LoopStage, LoopState, TrainingLoop
@@ -29,8 +29,11 @@ from ppo_cli.models import autocast, keep_trainable_in_fp32
 from ppo_cli.models.devices import release_freed_cpu_memory
 from ppo_cli.run import StageRun, TrainingDiverged
 
-# loss_fn(model, batch) -> (loss, metrics to average over the logging window, tokens in the batch)
+# loss_fn(model, batch) -> (loss, metrics to average over the logging window, tokens in the batch); the
+# loss is a mean over the batch's items (SupervisedTask.count_items), 0 when it has none.
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float], int]]
+# count_items(batch) -> the number of items (labelled tokens for SFT, pairs for the RM) its loss is a mean of.
+CountItems = Callable[[dict[str, torch.Tensor]], int]
 
 
 def build_optimizer(
@@ -123,6 +126,15 @@ def load_examples(
     return train, evals
 
 
+def weighted_means(sums: dict[str, float], counts: dict[str, float], dist_info) -> dict[str, float]:
+    """`eval/<key>`: sum over ranks of sums[key] / sum over ranks of counts[key]. Every rank calls it
+    with the same keys, or with none (a rank without evaluation examples); the key set is rank 0's."""
+    keys = broadcast_object(sorted(sums), dist_info)
+    totals = torch.tensor([[sums.get(k, 0.0), counts.get(k, 0.0)] for k in keys], dtype=torch.float64)
+    totals = all_reduce_sum(totals.reshape(-1, 2), dist_info)
+    return {f"eval/{k}": float(s / c) for k, (s, c) in zip(keys, totals.tolist()) if c > 0}
+
+
 @dataclass
 class SupervisedTask:
     """What a stage hands the loop."""
@@ -136,6 +148,14 @@ class SupervisedTask:
     save_final: Callable[[], None]
     # Shown on the console at start.
     summary: dict[str, Any]
+    # What the loss is a mean over; a step's loss is the mean over all its micro-batches' items (on all
+    # ranks), so a micro-batch weighs by its items, not by its rows. Default: its rows.
+    count_items: CountItems | None = None
+
+    def items(self, batch: dict[str, torch.Tensor]) -> int:
+        if self.count_items is not None:
+            return int(self.count_items(batch))
+        return int(next(iter(batch.values())).shape[0])
 
 
 class SupervisedTrainer(LoopStage):
@@ -203,6 +223,13 @@ class SupervisedTrainer(LoopStage):
     def train_step(self, step: int) -> None:
         self.ddp_model.train()
         micro = self._micro_batches()
+        items = [self.task.items(batch) for batch in micro]
+        # The step's loss is the mean over every item of every micro-batch on every rank: a micro-batch's
+        # mean weighs by its share of the items. DDP then averages the ranks' gradients, so the share is
+        # of the items per rank (the global count over the world size).
+        world = self.run.dist.world_size
+        global_items = float(all_reduce_sum(torch.tensor([float(sum(items))]), self.run.dist)[0])
+        per_rank = max(global_items / world, 1.0)
         total_loss = 0.0
         for i, batch in enumerate(micro):
             sync = i == len(micro) - 1
@@ -211,9 +238,9 @@ class SupervisedTrainer(LoopStage):
             )
             with no_sync, autocast(self.run.device, self.train_cfg.mixed_precision):
                 loss, metrics, n_tokens = self.task.loss_fn(self.ddp_model, batch)
-            (loss / len(micro)).backward()
+            (loss * (items[i] / per_rank)).backward()
             release_freed_cpu_memory(self.run.device)
-            total_loss += loss.item() / len(micro)
+            total_loss += loss.item() * items[i] / max(sum(items), 1)
             self.throughput.add(n_tokens)
             for key, value in metrics.items():
                 self.window[key].append(value)
@@ -246,22 +273,25 @@ class SupervisedTrainer(LoopStage):
             return {}
         self.model.eval()
         rank, world = self.run.dist.rank, self.run.dist.world_size
-        mine = examples[rank::world] or examples[:1]
+        # Sums and counts over every rank's slice, then one division: the ranks' slices may differ in
+        # size (and in tokens), so a mean of per-rank means would weigh their examples unequally.
         sums: dict[str, float] = defaultdict(float)
-        count = 0
+        counts: dict[str, float] = defaultdict(float)
         bs = self.train_cfg.batch_size
+        mine = examples[rank::world]
         for start in range(0, len(mine), bs):
             batch = self.task.collate(mine[start : start + bs])
             batch = {k: v.to(self.run.device) for k, v in batch.items()}
             with autocast(self.run.device, self.train_cfg.mixed_precision):
                 loss, metrics, _ = self.task.loss_fn(self.model, batch)
-            n = batch["input_ids"].shape[0] if "input_ids" in batch else 1
-            sums["loss"] += float(loss) * n
+            # The loss is a mean over the batch's items (labelled tokens, pairs), the metrics over its rows.
+            items, rows = self.task.items(batch), len(mine[start : start + bs])
+            sums["loss"] += float(loss) * items
+            counts["loss"] += items
             for key, value in metrics.items():
-                sums[key] += float(value) * n
-            count += n
-        result = {f"eval/{k}": v / count for k, v in sums.items()}
-        return all_reduce_mean(result, self.run.dist)
+                sums[key] += float(value) * rows
+                counts[key] += rows
+        return weighted_means(sums, counts, self.run.dist)
 
     # -- the loop ------------------------------------------------------------------------------
     def finish(self) -> None:

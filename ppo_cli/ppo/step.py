@@ -52,6 +52,18 @@ def whiten_advantages(adv: torch.Tensor, mask: torch.Tensor, dist_info: DistInfo
     return rlhf.whiten_from_moments(adv, mask, moments)
 
 
+def minibatch_scales(
+    mask: torch.Tensor, order: torch.Tensor, minibatch: int, dist_info: DistInfo
+) -> list[rlhf.LossScale]:
+    """Each minibatch's LossScale for one epoch's `order`: its real tokens summed over ranks (one
+    collective for the epoch) over the world size, and its rows (every rank has as many)."""
+    starts = range(0, len(order), minibatch)
+    tokens = torch.stack([mask[order[s : s + minibatch]].sum() for s in starts]).double()
+    tokens = all_reduce_sum(tokens, dist_info) / dist_info.world_size
+    rows = [len(order[s : s + minibatch]) for s in starts]
+    return [rlhf.LossScale(tokens=float(t), rows=float(r)) for t, r in zip(tokens, rows)]
+
+
 class StepMixin:
     """PPOTrainer's step (the trainer holds the roles, optimizer, controllers and config)."""
 
@@ -142,7 +154,8 @@ class StepMixin:
         for _epoch in range(self.ppo_cfg.epochs):
             # Reshuffled every epoch (detail 14); the torch RNG is checkpointed.
             order = first[0] if first is not None else torch.randperm(B)
-            for mb_start in range(0, B, self.minibatch):
+            scales = minibatch_scales(ro.response_mask, order, self.minibatch, self.run.dist)
+            for mb_start, scale in zip(range(0, B, self.minibatch), scales):
                 mb = order[mb_start : mb_start + self.minibatch]
                 for mi_start in range(0, len(mb), self.micro):
                     idx = mb[mi_start : mi_start + self.micro]
@@ -151,12 +164,13 @@ class StepMixin:
                         first = None
                     else:
                         new_lp, vpred, entropy = self.forward_micro(ro, idx)
-                    losses = self.micro_losses(ro, idx, new_lp, vpred, adv, returns)
+                    losses = self.micro_losses(ro, idx, new_lp, vpred, adv, returns, scale)
+                    # Each term is already this micro-batch's share of the minibatch's loss (LossScale).
                     loss = sum(
                         losses.pop(name) for name in ("loss", "value_term", "kl_term") if name in losses
                     )
                     check_finite(loss.detach(), "the PPO loss", self.step + 1, self.run)
-                    (loss * len(idx) / len(mb)).backward()
+                    loss.backward()
                     release_freed_cpu_memory(self.run.device)
                     for key, value in losses.items():
                         stats[key].append(float(value.detach()))
@@ -181,10 +195,12 @@ class StepMixin:
         vpred: torch.Tensor | None,
         adv: torch.Tensor,
         returns: torch.Tensor,
+        scale: rlhf.LossScale | None = None,
     ) -> dict[str, torch.Tensor]:
         """One micro-batch's loss terms ("loss": the clipped policy loss; "value_term": vf_coef x the
-        clipped value loss, with a critic; "kl_term": beta x the KL estimate, when the KL is in the loss)
-        and the metrics beside them, with TRL's names."""
+        clipped value loss, with a critic; "kl_term": beta x the KL estimate, when the KL is in the loss),
+        each its share of the minibatch's loss (`scale`), and the metrics beside them (this micro-batch's
+        own means), with TRL's names."""
         est, mask = self.estimation, ro.response_mask[idx]
         pg = rlhf.policy_loss(
             new_lp,
@@ -194,22 +210,28 @@ class StepMixin:
             self.ppo_cfg.clip_range,
             est.loss_aggregation,
             self.gen_cfg.max_new_tokens,
+            scale,
         )
         out = {
             "loss": pg["loss"],
             "policy/approxkl_avg": pg["approxkl"],
             "policy/clipfrac_avg": pg["clipfrac"],
-            "loss/policy_avg": pg["loss"],
+            "loss/policy_avg": pg["mean_loss"],
             "val/ratio": pg["ratio"],
         }
         if vpred is not None:
-            vf = rlhf.value_loss(vpred, ro.values[idx], returns[idx], mask, self.ppo_cfg.clip_range_value)
-            out.update({"value_term": self.ppo_cfg.vf_coef * vf["loss"], "loss/value_avg": vf["loss"],
+            vf = rlhf.value_loss(
+                vpred, ro.values[idx], returns[idx], mask, self.ppo_cfg.clip_range_value, scale
+            )
+            out.update({"value_term": self.ppo_cfg.vf_coef * vf["loss"], "loss/value_avg": vf["mean_loss"],
                         "val/clipfrac_avg": vf["clipfrac"]})  # fmt: skip
         if est.kl_in == "loss":
+            # The old logprobs: k3_iw weights each token by pi / pi_old, the policy that sampled it.
             kl = rlhf.kl_estimate(new_lp, ro.ref_logprobs[idx], mask, est.kl_estimator)
-            kl_loss = rlhf.aggregate_loss(kl, mask, est.loss_aggregation, self.gen_cfg.max_new_tokens)
-            out.update({"kl_term": self.kl_ctl.value * kl_loss, "loss/kl_avg": kl_loss})
+            max_tokens = self.gen_cfg.max_new_tokens
+            kl_loss = rlhf.aggregate_loss(kl, mask, est.loss_aggregation, max_tokens, scale)
+            kl_mean = rlhf.aggregate_loss(kl.detach(), mask, est.loss_aggregation, max_tokens)
+            out.update({"kl_term": self.kl_ctl.value * kl_loss, "loss/kl_avg": kl_mean})
         return out
 
     def step_metrics(

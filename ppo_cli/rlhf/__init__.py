@@ -44,6 +44,7 @@ from ppo_cli.rlhf.kl import (
     run_kl_horizon,
 )
 from ppo_cli.rlhf.losses import (
+    LossScale,
     aggregate_loss,
     pairwise_reward_loss,
     policy_loss,
@@ -83,6 +84,7 @@ from ppo_cli.rlhf.tokens import (
 __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
+    "LossScale",
     "REWARD_NORMALIZATIONS",
     "apply_missing_eos_penalty",
     "batch_score_stats",

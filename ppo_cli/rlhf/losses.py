@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -9,8 +11,29 @@ from ppo_cli.rlhf.stats import masked_mean
 from ppo_cli.rlhf.tokens import _as_bool
 
 
+@dataclass(frozen=True)
+class LossScale:
+    """What a micro-batch's loss is divided by: the real tokens and the rows of the WHOLE minibatch it
+    is part of, per rank (the global minibatch's counts over the world size, since the gradients are
+    then averaged over ranks).
+
+    Why: a minibatch split into micro-batches (grad_accum_steps > 1, or several ranks) must give the
+    gradient of the minibatch's loss, not a mean of the micro-batches' means. Dividing each micro-batch's
+    token sum by its own token count would weigh a token of a short micro-batch more than one of a long
+    micro-batch: a length bias that comes and goes with the micro-batch size (verl's ``agg_loss`` and
+    transformers' ``num_items_in_batch`` divide by the global count for the same reason).
+    """
+
+    tokens: float
+    rows: float
+
+
 def aggregate_loss(
-    token_losses: torch.Tensor, mask: torch.Tensor, mode: str = "token_mean", max_tokens: int | None = None
+    token_losses: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str = "token_mean",
+    max_tokens: int | None = None,
+    scale: LossScale | None = None,
 ) -> torch.Tensor:
     """One loss from per-token losses; the modes weigh tokens of long and short sequences differently.
 
@@ -24,16 +47,23 @@ def aggregate_loss(
                                                           long nor short responses are favoured
 
     Rows without a real token count as sequences with a zero loss in the per-sequence modes.
+
+    With ``scale`` (a micro-batch of a larger minibatch), the sums over tokens (token_mean) or over rows
+    (the per-sequence modes) are divided by the minibatch's counts instead of this batch's own: the
+    micro-batches' losses then add up to the minibatch's loss, whatever their lengths (:class:`LossScale`).
     """
     m = _as_bool(mask)
     zero = torch.zeros((), dtype=token_losses.dtype, device=token_losses.device)
     masked = torch.where(m, token_losses, zero)
     if mode == "token_mean":
-        return masked_mean(token_losses, m)
+        if scale is None:
+            return masked_mean(token_losses, m)
+        return masked.sum() / max(scale.tokens, 1.0)
+    rows = float(token_losses.shape[0]) if scale is None else max(scale.rows, 1.0)
     if mode == "seq_mean_token_mean":
-        return (masked.sum(-1) / m.sum(-1).clamp(min=1)).mean()
+        return (masked.sum(-1) / m.sum(-1).clamp(min=1)).sum() / rows
     if mode == "seq_mean_token_sum":
-        return (masked.sum(-1) / float(max_tokens or token_losses.shape[-1])).mean()
+        return (masked.sum(-1) / float(max_tokens or token_losses.shape[-1])).sum() / rows
     raise ValueError(f"unknown loss aggregation {mode!r}")
 
 
@@ -45,6 +75,7 @@ def policy_loss(
     clip_range: float | None = 0.2,
     aggregation: str = "token_mean",
     max_tokens: int | None = None,
+    scale: LossScale | None = None,
 ) -> dict[str, torch.Tensor]:
     """PPO clipped surrogate loss ([PPO] eq. 7) and its diagnostics.
 
@@ -62,7 +93,9 @@ def policy_loss(
 
     ``approxkl`` uses the ``0.5 * logratio^2`` form of lm-human-preferences / [Huang24] rather than
     ``mean(old - new)``: it is always >= 0 and less noisy ([Schulman-KL]). Only ``loss`` carries
-    gradient; the diagnostics are detached. ``clip_range=None`` disables clipping.
+    gradient; the diagnostics are detached. ``clip_range=None`` disables clipping. ``scale``: this batch
+    is a micro-batch of a larger minibatch (:class:`LossScale`); ``loss`` is then its share of the
+    minibatch's loss, and ``mean_loss`` (detached) this batch's own aggregate, for logging.
     """
     m = _as_bool(mask)
     # Zero the log-ratio at pads before exp (see kl_per_token): keeps pads from producing inf/NaN grads.
@@ -75,12 +108,20 @@ def policy_loss(
         pg_losses2 = pg_losses1
     else:
         pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = aggregate_loss(torch.maximum(pg_losses1, pg_losses2), m, aggregation, max_tokens)
+    token_losses = torch.maximum(pg_losses1, pg_losses2)
+    loss = aggregate_loss(token_losses, m, aggregation, max_tokens, scale)
     with torch.no_grad():
+        mean_loss = loss if scale is None else aggregate_loss(token_losses, m, aggregation, max_tokens)
         clipfrac = masked_mean((pg_losses2 > pg_losses1).float(), m)
         approxkl = masked_mean(0.5 * log_ratio.float() ** 2, m)
         mean_ratio = masked_mean(ratio.float(), m)
-    return {"loss": loss, "clipfrac": clipfrac, "approxkl": approxkl, "ratio": mean_ratio}
+    return {
+        "loss": loss,
+        "mean_loss": mean_loss.detach(),
+        "clipfrac": clipfrac,
+        "approxkl": approxkl,
+        "ratio": mean_ratio,
+    }
 
 
 def value_loss(
@@ -89,6 +130,7 @@ def value_loss(
     returns: torch.Tensor,
     mask: torch.Tensor,
     clip_range: float | None = 0.2,
+    scale: LossScale | None = None,
 ) -> dict[str, torch.Tensor]:
     """Clipped value-function loss and its clip fraction.
 
@@ -103,7 +145,8 @@ def value_loss(
     Why: value clipping keeps the value head from moving far from the values used to compute the
     advantages in one PPO epoch; lm-human-preferences and TRL use it ([Huang24], "value clipping"),
     with the same pessimistic ``max`` as the policy loss. ``clip_range=None`` disables clipping.
-    Only ``loss`` carries gradient.
+    Only ``loss`` carries gradient. ``scale``: as in :func:`policy_loss` (the value loss is a token mean;
+    ``mean_loss`` is this batch's own).
     """
     m = _as_bool(mask)
     if clip_range is None:
@@ -112,10 +155,12 @@ def value_loss(
         v_clipped = old_values + torch.clamp(new_values - old_values, -clip_range, clip_range)
     vf_losses1 = (new_values - returns) ** 2
     vf_losses2 = (v_clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(vf_losses1, vf_losses2), m)
+    token_losses = torch.maximum(vf_losses1, vf_losses2)
+    loss = 0.5 * aggregate_loss(token_losses, m, "token_mean", scale=scale)
     with torch.no_grad():
+        mean_loss = loss if scale is None else 0.5 * masked_mean(token_losses, m)
         clipfrac = masked_mean((vf_losses2 > vf_losses1).float(), m)
-    return {"loss": loss, "clipfrac": clipfrac}
+    return {"loss": loss, "mean_loss": mean_loss.detach(), "clipfrac": clipfrac}
 
 
 def pairwise_reward_loss(

@@ -330,6 +330,7 @@ def main(cfg: DictConfig) -> None:
         eval_examples=evals,
         collate=lambda examples: collate_pairs(examples, tokenizer.pad_token_id),
         loss_fn=lambda m, batch: rm_loss(m, batch, coef),
+        count_items=lambda batch: batch["input_ids"].shape[0] // 2,  # pairs: chosen rows, then rejected
         save_final=save_final,
         summary={
             "parameters": f"{trainable:,} trainable of {total:,} (head: {head})",

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from ppo_cli.app import hydra_app
 from ppo_cli.data import IGNORE_INDEX, LengthReport, build_sft_examples, collate_sft
+from ppo_cli.logger import make_console
 from ppo_cli.models import (
     apply_lora,
     autocast_dtype,
@@ -32,7 +33,8 @@ STAGE = "sft"
 def sft_loss(
     model: torch.nn.Module, batch: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, dict[str, float], int]:
-    """Mean cross-entropy over labelled tokens (labels shifted by one: token t predicts t+1)."""
+    """Mean cross-entropy over labelled tokens (labels shifted by one: token t predicts t+1); 0 for a
+    batch without one (instead of cross_entropy's NaN), so it adds nothing to a step's gradient."""
     logits = model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
@@ -40,11 +42,16 @@ def sft_loss(
     ).logits
     labels = batch["labels"][:, 1:]
     logits = logits[:, :-1].float()
-    loss = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX
+    total = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
     n_tokens = int(batch["attention_mask"].sum())
-    return loss, {}, n_tokens
+    return total / max(labelled_tokens(batch), 1), {}, n_tokens
+
+
+def labelled_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """The tokens sft_loss is a mean over: those with a label (the first token has no prediction)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 def nothing_left(report: LengthReport, max_length: int) -> str:
@@ -61,7 +68,8 @@ def main(cfg: DictConfig) -> None:
     if not run.prepare():
         return
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code, cfg.model.revision)
-    train, evals = load_examples(cfg, tokenizer, build_sft_examples, print, nothing_left)
+    say = make_console().print if run.is_main else (lambda message: None)  # one rank speaks, in colour
+    train, evals = load_examples(cfg, tokenizer, build_sft_examples, say, nothing_left)
     model = load_causal_lm(
         cfg.model, tokenizer, run.device, autocast=autocast_dtype(run.device, cfg.train.mixed_precision)
     )
@@ -79,6 +87,7 @@ def main(cfg: DictConfig) -> None:
         eval_examples=evals,
         collate=lambda examples: collate_sft(examples, tokenizer.pad_token_id),
         loss_fn=sft_loss,
+        count_items=labelled_tokens,
         # Only the LoRA weights: a resized embedding saved with the adapter would make the plain
         # `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), final)` fail on shapes.
         save_final=lambda: run.save_final(
