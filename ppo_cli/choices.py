@@ -95,9 +95,13 @@ class KLIn(Choice):
 
 
 class KLEstimator(Choice):
+    # docs/ppo-details.md, "KL estimators"; the same names as ppo_cli/rlhf/rewards.py's KL_ESTIMATORS.
+    # k1 is refused in the loss (ppo/estimators.py): its expected gradient there is zero.
     k1 = "k1"
     k2 = "k2"
     k3 = "k3"
+    k3_plus = "k3_plus"  # verl's k3+ (a + cannot be an enum member's name, which is what Hydra matches)
+    k3_iw = "k3_iw"
 
 
 class LossAggregation(Choice):

@@ -24,33 +24,78 @@ def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch
     return torch.where(m, kl, torch.zeros((), dtype=kl.dtype, device=kl.device))
 
 
+# The per-token KL estimators (ppo.kl_estimator; ppo_cli/choices.py's KLEstimator holds the same names).
+KL_ESTIMATORS = ("k1", "k2", "k3", "k3_plus", "k3_iw")
+# verl's clamps (low_var_kl): the log-ratio going into an exp, then the k3 value. Without them one
+# token the policy has all but abandoned (x = -39) gives k3 = e^39 = 8.7e16 (and x < -88 an inf in
+# fp32): a loss, and a gradient 1 - e^39, that nothing else in the batch can outweigh. A clamped
+# value has no gradient: in the loss a token with k3 > 10 (pi / pi_ref < 0.074 or > e^11) stops
+# pulling through k3's term (k3_plus keeps k2's gradient there, which is linear in x).
+KL_LOG_RATIO_CLAMP = 20.0
+K3_VALUE_CLAMP = 10.0
+
+
 def kl_estimate(
-    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, estimator: str = "k1"
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    estimator: str = "k1",
+    old_logprobs: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-token estimate of ``KL(pi || pi_ref)`` by one of [Schulman-KL]'s estimators.
+    """Per-token estimate of a KL divergence between ``pi`` (``logprobs``) and ``pi_ref`` by one of
+    [Schulman-KL]'s estimators, or a variant of k3 with another gradient.
 
-    Shapes: ``logprobs``, ``ref_logprobs``, ``mask`` ``(B, T)`` -> ``(B, T)``, 0 where ``mask`` is 0.
+    Shapes: ``logprobs``, ``ref_logprobs``, ``mask``, ``old_logprobs`` ``(B, T)`` -> ``(B, T)``, 0 where
+    ``mask`` is 0.
 
-    Formula, with ``x = logprobs - ref_logprobs`` (log pi / pi_ref at the sampled token)::
+    Formula, with ``x = logprobs - ref_logprobs`` (log pi / pi_ref at the sampled token) and
+    ``clip(v) = clamp(v, -20, 20)``::
 
-        k1 = x                     unbiased, can be negative (:func:`kl_per_token`)
-        k2 = x^2 / 2               biased, >= 0, low variance
-        k3 = exp(-x) + x - 1       unbiased, >= 0 ([GRPO] eq. 4's KL term)
+        k1      = x                                        unbiased, can be negative
+        k2      = x^2 / 2                                  biased, >= 0, low variance
+        k3      = min(exp(-clip(x)) + clip(x) - 1, 10)      unbiased but for the clamps, >= 0
+        k3_plus = k3's value, k2's gradient                k2 + (k3 - k2).detach()
+        k3_iw   = exp(clip(logprobs - old_logprobs)) * k3  k3, importance-weighted
 
-    Gradients flow through both inputs; as a loss term the caller passes the new logprobs with
-    gradient and the reference's without.
+    (values as estimates of KL(pi || pi_ref) from tokens sampled from ``pi``). k3 is [GRPO] eq. 4's
+    and verl's ``low_var_kl`` (whose clamps these are), k3_plus verl's ``k3+``, k3_iw TRL's
+    GRPOTrainer with ``use_bias_correction_kl`` (DeepSeek-V3.2), which does not clamp.
+
+    What each one's gradient follows, in expectation over tokens sampled from ``pi`` (the gradient the
+    trainer takes: the sampled tokens are fixed, only their log-probs move; docs/ppo-details.md):
+    k1 -> 0 (``E_pi[grad log pi] = 0``: no penalty at all, so train-ppo refuses k1 in the loss);
+    k2 and k3_plus -> grad KL(pi || pi_ref); k3 -> grad KL(pi_ref || pi), the reverse direction.
+    k3_iw's tokens come from the policy that sampled them (``old_logprobs``; None: ``logprobs`` own,
+    detached): its ratio, which carries gradient, makes value and gradient those of KL(pi || pi_ref)
+    even after pi has moved away from the sampling policy within the PPO epochs.
+
+    Gradients flow through ``logprobs`` (and ``ref_logprobs``); as a loss term the caller passes the
+    new logprobs with gradient and the reference's and old policy's without. In the reward (no
+    gradient, ``old_logprobs`` = ``logprobs``) k3_plus and k3_iw are k3.
     """
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown KL estimator {estimator!r}: one of {', '.join(KL_ESTIMATORS)}")
     m = _as_bool(mask)
     zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    # Pads are zeroed before any arithmetic: their log-probs may be anything (-inf), and a NaN there
+    # would reach the gradient through where's other branch.
     x = torch.where(m, logprobs - ref_logprobs, zero)
     if estimator == "k1":
         kl = x
     elif estimator == "k2":
         kl = 0.5 * x**2
-    elif estimator == "k3":
-        kl = torch.exp(-x) + x - 1.0
     else:
-        raise ValueError(f"unknown KL estimator {estimator!r}: k1, k2 or k3")
+        clipped = x.clamp(-KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP)
+        kl = (torch.exp(-clipped) + clipped - 1.0).clamp(max=K3_VALUE_CLAMP)
+        if estimator == "k3_plus":
+            # Straight-through: the forward value is k3 exactly (k2 - k2 is 0 in floating point), the
+            # backward is k2's, x * grad log pi, linear in x: no clamp needed there.
+            k2 = 0.5 * x**2
+            kl = k2 - k2.detach() + kl.detach()
+        elif estimator == "k3_iw":
+            old = logprobs.detach() if old_logprobs is None else old_logprobs
+            log_w = torch.where(m, logprobs - old, zero).clamp(-KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP)
+            kl = torch.exp(log_w) * kl
     return torch.where(m, kl, zero)
 
 
@@ -77,7 +122,8 @@ def shape_rewards(
     a right-padded row still receives it ([Huang24], "reward at the EOS token"). A row with no valid
     token at all gets no score (there is no token to credit and GAE would ignore it anyway).
     The KL term is :func:`kl_per_token` (``k1``), as in lm-human-preferences and TRL, unless
-    ``kl_estimator`` names another of :func:`kl_estimate`'s.
+    ``kl_estimator`` names another of :func:`kl_estimate`'s. The rewards carry no gradient and the
+    log-probs are the sampling policy's own, so k3_plus and k3_iw give k3's rewards here.
     """
     m = _as_bool(mask)
     kl = kl_estimate(logprobs, ref_logprobs, m, kl_estimator)
