@@ -27,6 +27,21 @@ from ppo_cli.errors import UserError
 GROUP_ESTIMATORS = ("grpo", "rloo")
 
 
+def k1_in_the_loss(where: str) -> str:
+    """The refusal of k1 in the loss (`where`: how the KL came to be in the loss). Refused rather than
+    given k2's gradient: a run asking for k1 would silently train with another estimator
+    (docs/ppo-details.md, "KL estimators")."""
+    return (
+        f"{where} with ppo.kl_estimator=k1 adds no KL penalty: k1 = log pi - log pi_ref has an expected "
+        "gradient of zero over tokens sampled from pi (E_pi[grad log pi] = 0), so nothing holds the policy "
+        "near the reference while an adaptive controller keeps raising beta. In the loss use "
+        "ppo.kl_estimator=k3_plus (k3's value with k2's gradient, that of KL(pi || pi_ref); verl's k3+), k2 "
+        "(the same gradient), k3_iw (k3 weighted by pi / pi_old, TRL's bias-corrected KL) or k3 (GRPO's; "
+        "its gradient is that of the reverse KL(pi_ref || pi)), or keep k1 in the reward with "
+        'ppo.kl_in=reward. See docs/ppo-details.md, "KL estimators".'
+    )
+
+
 @dataclass(frozen=True)
 class Estimation:
     """The resolved settings of one run's advantage estimation."""
@@ -34,7 +49,7 @@ class Estimation:
     estimator: str
     group_size: int  # samples per prompt
     kl_in: str  # reward or loss
-    kl_estimator: str  # k1, k2 or k3
+    kl_estimator: str  # one of rlhf.rewards.KL_ESTIMATORS; never k1 in the loss
     loss_aggregation: str
     whiten: bool
     norm_adv_by_std: bool  # grpo only
@@ -62,6 +77,9 @@ def resolve_estimation(ppo: DictConfig, generation: DictConfig) -> Estimation:
     kl_estimator = (
         str(ppo.kl_estimator) if ppo.kl_estimator is not None else ("k3" if kl_in == "loss" else "k1")
     )
+    if kl_in == "loss" and kl_estimator == "k1":
+        set_by = "" if ppo.kl_in is not None else f" (ppo.advantage_estimator={estimator}'s default)"
+        raise UserError(k1_in_the_loss(f"ppo.kl_in=loss{set_by}"))
     if ppo.loss_aggregation is not None:
         aggregation = str(ppo.loss_aggregation)
     else:
