@@ -4,7 +4,7 @@ Layout of one checkpoint, `output_dir/checkpoints/step-NNNNNN/`:
 
     trainable.safetensors   every trainable tensor, by parameter name (adapters, heads, full weights)
     state.pt                optimizer, scheduler and other torch state dicts (loaded with weights_only)
-    trainer_state.json      step, data position, RNG states, stage-specific counters
+    trainer_state.json      step, data position, RNG states (one per rank), stage-specific counters
     manifest.json           size and sha256 of each file above; written last
 
 A checkpoint is written into a temporary sibling directory, every file fsync'ed, the manifest last,
@@ -82,6 +82,37 @@ def join_rng(plain: dict[str, Any], objects: dict[str, Any]) -> dict[str, Any]:
     """The `capture_rng()` dict back from a checkpoint's two parts (`split_rng`). A checkpoint written
     without the CUDA states (by an older ppo-cli) restores the others."""
     return {**plain, "torch": objects["rng_torch"], "cuda": objects.get("rng_cuda", [])}
+
+
+# Every rank samples from its own RNG stream (seed + rank * SEED_STRIDE), so a checkpoint holds each
+# rank's state: rank 0's where a 1-rank checkpoint has it ("rng" in trainer_state.json, rng_torch / rng_cuda
+# in state.pt), the other ranks' in a list beside each, under this key. A 1-rank checkpoint has no list, and
+# reads as one written before the list existed.
+RNG_OTHER_RANKS = "rng_other_ranks"
+
+
+def split_rng_ranks(states: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every rank's `capture_rng()` dict, in rank order, as (entries of trainer_state.json, entries of
+    state.pt)."""
+    (plain, tensors), *others = [split_rng(rng) for rng in states]
+    if not others:
+        return {"rng": plain}, tensors
+    return (
+        {"rng": plain, RNG_OTHER_RANKS: [p for p, _ in others]},
+        {**tensors, RNG_OTHER_RANKS: [t for _, t in others]},
+    )
+
+
+def saved_rng_ranks(state: dict[str, Any]) -> int:
+    """How many ranks' RNG states a checkpoint's trainer_state.json holds."""
+    return 1 + len(state.get(RNG_OTHER_RANKS, []))
+
+
+def rank_rng(state: dict[str, Any], objects: dict[str, Any], rank: int) -> dict[str, Any]:
+    """Rank `rank`'s `capture_rng()` dict back from a checkpoint (`split_rng_ranks`)."""
+    if rank == 0:
+        return join_rng(state["rng"], objects)
+    return join_rng(state[RNG_OTHER_RANKS][rank - 1], objects[RNG_OTHER_RANKS][rank - 1])
 
 
 def _to_jsonable(value: Any) -> Any:

@@ -70,6 +70,15 @@ def broadcast_object(value: Any, info: DistInfo) -> Any:
     return box[0]
 
 
+def all_gather_object(value: Any, info: DistInfo) -> list[Any]:
+    """Every rank's `value` (picklable), in rank order, on every rank (e.g. each rank's RNG state)."""
+    if not info.enabled:
+        return [value]
+    gathered: list[Any] = [None] * info.world_size
+    tdist.all_gather_object(gathered, value)
+    return gathered
+
+
 def all_reduce_mean(values: dict[str, float], info: DistInfo) -> dict[str, float]:
     """Mean of each metric over ranks (metrics are logged once, by rank 0)."""
     if not info.enabled or not values:

@@ -5,7 +5,7 @@ API (a stage builds one `TrainingLoop` and calls `fit` once):
     state = LoopState(module, optimizer, scheduler, data)
         What a checkpoint holds besides the stage's own counters: the trainable parameters of `module`
         (adapters, heads, or all weights; `checkpoint.trainable_state`), the optimizer and scheduler
-        state dicts, the RNG states, and the data position (`data`: anything with state_dict() /
+        state dicts, every rank's RNG state, and the data position (`data`: anything with state_dict() /
         load_state_dict(), e.g. `data.EpochBatches`).
 
     loop = TrainingLoop(run, state, total_steps, stage)
@@ -52,7 +52,7 @@ from typing import Any
 import torch
 
 from ppo_cli import checkpoint as ckpt
-from ppo_cli.dist import any_flag
+from ppo_cli.dist import all_gather_object, any_flag
 from ppo_cli.models import attention_kernel
 from ppo_cli.run import StageRun
 
@@ -142,13 +142,14 @@ class TrainingLoop:
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save(self) -> None:
-        rng, rng_tensors = ckpt.split_rng(ckpt.capture_rng())
+        # Every rank's RNG state (rank 0 alone writes): each rank samples from its own stream.
+        rng, rng_tensors = ckpt.split_rng_ranks(all_gather_object(ckpt.capture_rng(), self.run.dist))
         objects = {
             "optimizer": self.state.optimizer.state_dict(),
             "scheduler": self.state.scheduler.state_dict(),
             **rng_tensors,
         }
-        state = {"data": self.state.data.state_dict(), "rng": rng, **self.stage.extra_state()}
+        state = {"data": self.state.data.state_dict(), **rng, **self.stage.extra_state()}
         self.run.save_checkpoint(self.step, ckpt.trainable_state(self.state.module), objects, state)
 
     def restore(self) -> None:
@@ -159,8 +160,25 @@ class TrainingLoop:
         follow_schedule(self.state.scheduler)
         self.state.data.load_state_dict(loaded.state["data"])
         self.stage.load_extra_state(loaded.state)
-        ckpt.restore_rng(ckpt.join_rng(loaded.state["rng"], loaded.objects))
+        self.restore_rng(loaded)
         self.step = loaded.step
+
+    def restore_rng(self, loaded: ckpt.Checkpoint) -> None:
+        """This rank's RNG state from the checkpoint. A checkpoint written by another number of ranks
+        cannot give every rank its stream back: rank 0 continues its own and the others start from their
+        seed mixed with the step (not their first steps' random numbers again), with a note."""
+        rank, world = self.run.dist.rank, self.run.dist.world_size
+        saved = ckpt.saved_rng_ranks(loaded.state)
+        if saved == world or rank == 0:
+            ckpt.restore_rng(ckpt.rank_rng(loaded.state, loaded.objects, rank))
+        else:
+            ckpt.seed_everything(self.run.seed + loaded.step)
+        if saved != world:
+            self.run.logger.warn(
+                f"the checkpoint holds the random state of {saved} rank(s) and this run has {world}: rank 0 "
+                "continues its own, any other rank starts from a fresh seed, so the samples differ from "
+                "those of an uninterrupted run."
+            )
 
     # -- the loop --------------------------------------------------------------------------------
     def fit(self, summary: dict[str, Any], weights_dtype: torch.dtype) -> dict[str, float]:
