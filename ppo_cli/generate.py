@@ -139,8 +139,10 @@ def sample(
     batch_size: int = 16,
     seed: int = 0,
     progress=None,
+    suppress_pad: bool = False,
 ) -> Samples:
     """Sample one response per prompt (temperature 0 = greedy). `progress(n_done)` is called per batch.
+    `suppress_pad`: never sample the pad token, as train-ppo's rollouts do (evaluate's KL is theirs).
 
     With a vLLM engine attached (generation.engine=vllm), vLLM draws them, prompt i with a seed of its
     own from (seed, i); otherwise transformers' generate, in batches of similar length."""
@@ -148,7 +150,9 @@ def sample(
         return _sample_vllm(policy, prompt_ids, max_new_tokens, temperature, top_p, seed, progress)
     pad = policy.tokenizer.pad_token_id
     # Plain sampling at `temperature` (greedy at 0), whatever the model's generation_config.json says.
-    gen_config = sampling.sampling_config(max_new_tokens, temperature, pad, policy.eos_ids, top_p=top_p)
+    gen_config = sampling.sampling_config(
+        max_new_tokens, temperature, pad, policy.eos_ids, top_p=top_p, suppress_pad=suppress_pad
+    )
     responses: list[list[int]] = [[] for _ in prompt_ids]
     finished = [False] * len(prompt_ids)
     torch.manual_seed(seed)
@@ -205,11 +209,13 @@ def sequence_logprobs(
     response_ids: list[list[int]],
     temperature: float = 1.0,
     batch_size: int = 16,
+    suppress_pad: bool = False,
 ) -> torch.Tensor:
     """Sum over each response's tokens of log pi(token | prefix), at `temperature` (B,) float32 on CPU.
 
     The difference of two policies' values on one policy's own samples estimates KL(pi || pi_other), the
-    quantity PPO reports as objective/kl.
+    quantity PPO reports as objective/kl. `suppress_pad`: under the distribution without the pad token
+    (the one `sample(..., suppress_pad=True)` and train-ppo's rollouts draw from).
     """
     pad = policy.tokenizer.pad_token_id
     totals = []
@@ -230,8 +236,11 @@ def sequence_logprobs(
         ).logits
         # logits at column t predict token t + 1: the response's predictions start one before it.
         logits = logits[:, query.shape[1] - 1 : -1]
-        logp = sampling.sampled_logprobs(logits, resp.to(policy.device), temperature)
-        totals.append((logp * resp_mask.to(logp.device)).sum(-1).float().cpu())
+        suppressed = pad if suppress_pad else None
+        logp = sampling.sampled_logprobs(logits, resp.to(policy.device), temperature, suppressed)
+        # where, not a product: a suppressed pad after a short response has logprob -inf (and -inf * 0 is nan)
+        real = resp_mask.to(logp.device).bool()
+        totals.append(torch.where(real, logp, torch.zeros_like(logp)).sum(-1).float().cpu())
     return torch.cat(totals) if totals else torch.zeros(0)
 
 

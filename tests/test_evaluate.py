@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import run_cli_in_process
 from omegaconf import OmegaConf
 from ppo_helpers import tiny_adapters
@@ -180,3 +181,44 @@ def test_train_ppo_refuses_missing_eval_prompts_before_training(tiny, products, 
     )  # fmt: skip
     assert result.returncode == 2
     assert "eval.prompts=" in result.stdout + result.stderr and not out.exists()
+
+
+def test_greedy_evaluation_reports_no_kl(tiny, products, tmp_path, capsys):
+    """At temperature 0 the samples are no draws from the policy: kl is null (JSON, rows), and said so."""
+    result, rows = run_evaluate(
+        tiny,
+        f"policy={products['sft']}",
+        f"reference={tiny['model']}",
+        f"reward_fn={STUB}",
+        "generation.temperature=0",
+        f"output={tmp_path / 'eval.json'}",
+    )
+    assert result["kl"] is None and result["kl_ci95"] is None
+    assert all(r["kl"] is None for r in rows)
+    assert "KL: not estimated" in capsys.readouterr().out
+
+
+def test_kl_is_scored_as_train_ppo_scores_it_without_the_pad_token(tiny, products):
+    """evaluate samples without the pad token and scores under the distribution without it, as train-ppo
+    does: sequence_logprobs(suppress_pad=True) is the sum of log softmax((logits with pad at -inf) / T)."""
+    from omegaconf import OmegaConf
+
+    from ppo_cli import rlhf
+    from ppo_cli.config import EvaluateConfig
+    from ppo_cli.generate import load_policy, sample, sequence_logprobs
+
+    cfg = OmegaConf.structured(EvaluateConfig)
+    policy = load_policy(str(products["sft"]), cfg.model, torch.device("cpu"))
+    pad = policy.tokenizer.pad_token_id
+    prompt = policy.tokenizer("the", add_special_tokens=False)["input_ids"]
+    drawn = sample(policy, [prompt] * 4, 6, 1.3, batch_size=4, seed=0, suppress_pad=True)
+    assert all(pad not in r for r in drawn.response_ids)
+    got = sequence_logprobs(policy, [prompt], drawn.response_ids[:1], 1.3, suppress_pad=True)
+    ids = torch.tensor([prompt + drawn.response_ids[0]])
+    with torch.no_grad():
+        logits = policy.model(input_ids=ids).logits[:, len(prompt) - 1 : -1].float()
+    logits[..., pad] = float("-inf")
+    want = rlhf.logprobs_from_logits(logits, ids[:, len(prompt) :], 1.3).sum()
+    assert float(got[0]) == pytest.approx(float(want), abs=1e-5)
+    unsuppressed = sequence_logprobs(policy, [prompt], drawn.response_ids[:1], 1.3)
+    assert float(unsuppressed[0]) < float(got[0])  # the pad's share of the mass is gone

@@ -102,13 +102,50 @@ def default_reference(cfg: DictConfig) -> str:
 # The command
 
 
+GREEDY_NO_KL = (
+    "KL: not estimated (kl is null): at generation.temperature=0 the samples are greedy, not draws from "
+    "the policy, and log pi - log pi_ref on them estimates no divergence. Evaluate at the training "
+    "temperature for train-ppo's objective/kl."
+)
+
+
+def policy_kl(
+    policy: Policy,
+    reference: Policy,
+    prompt_ids: list[list[int]],
+    responses: list[list[int]],
+    cfg: DictConfig,
+) -> list[float] | None:
+    """KL(policy || reference) per sample: log pi - log pi_ref summed over the policy's own samples, both
+    at the sampling temperature without the pad token: train-ppo's objective/kl. None when sampling is
+    greedy (temperature 0): the samples are then no draws from pi, so the difference estimates nothing."""
+    gen = cfg.generation
+    if gen.temperature == 0:
+        return None
+    logp = sequence_logprobs(
+        policy, prompt_ids, responses, gen.temperature, cfg.batch_size, suppress_pad=True
+    )
+    logp_ref = sequence_logprobs(
+        reference, prompt_ids, responses, gen.temperature, cfg.batch_size, suppress_pad=True
+    )
+    return (logp - logp_ref).tolist()
+
+
 def draw(policy: Policy, prompt_ids: list[list[int]], cfg: DictConfig) -> dict[str, list]:
     """All samples of one model, sample-major: index s * n + i is sample s of prompt i, drawn with seed + s."""
     gen = cfg.generation
     out: dict[str, list] = {"response_ids": [], "texts": [], "finished": []}
     for s in range(gen.samples_per_prompt):
+        # Pad never sampled, as in train-ppo's rollouts: the KL below is then exactly its objective/kl.
         drawn = sample(
-            policy, prompt_ids, gen.max_new_tokens, gen.temperature, 1.0, cfg.batch_size, cfg.seed + s
+            policy,
+            prompt_ids,
+            gen.max_new_tokens,
+            gen.temperature,
+            1.0,
+            cfg.batch_size,
+            cfg.seed + s,
+            suppress_pad=True,
         )
         out["response_ids"] += drawn.response_ids
         out["texts"] += drawn.texts
@@ -159,14 +196,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         sequences = [p + r for p, r in zip(all_prompt_ids, drawn[side]["response_ids"])]
         rewards[side] = scorer.score(all_prompts, drawn[side]["texts"], sequences).tolist()
         lengths[side] = [len(r) for r in drawn[side]["response_ids"]]
-    # KL on the policy's own samples, both at the sampling temperature: train-ppo's objective/kl.
-    responses = drawn["policy"]["response_ids"]
-    logp = sequence_logprobs(policy, all_prompt_ids, responses, gen.temperature, cfg.batch_size)
-    logp_ref = sequence_logprobs(reference, all_prompt_ids, responses, gen.temperature, cfg.batch_size)
-    kl = (logp - logp_ref).tolist()
+    kl = policy_kl(policy, reference, all_prompt_ids, drawn["policy"]["response_ids"], cfg)
     wins = [win(a, b) for a, b in zip(rewards["policy"], rewards["reference"])]
     win_rate, win_ci = mean_interval(per_prompt(wins, n, k))
-    kl_mean, kl_ci = mean_interval(per_prompt(kl, n, k))
+    kl_mean, kl_ci = mean_interval(per_prompt(kl, n, k)) if kl is not None else (None, None)
+    if kl is None:
+        console.print(GREEDY_NO_KL)
     reports = {
         side: {
             "checkpoint": str(cfg.policy if side == "policy" else reference_name),
@@ -201,7 +236,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     "length": lengths[side][j],
                     "eos": drawn[side]["finished"][j],
                 }
-            row["kl"] = kl[j]
+            row["kl"] = kl[j] if kl is not None else None
             rows.append(row)
     output = Path(cfg.output)
     write_jsonl_atomic(samples_path(output), rows)

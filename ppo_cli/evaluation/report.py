@@ -45,14 +45,17 @@ def print_results(console, result: dict[str, Any], title: str) -> None:
         num(result["win_rate"], ".3f") + ci(result["win_rate_ci95"]),
         "",
     )
-    table.add_row("KL(policy || reference), nats/sequence", num(result["kl"]) + ci(result["kl_ci95"]), "")
+    kl = "n/a (greedy)" if result["kl"] is None else num(result["kl"]) + ci(result["kl_ci95"])
+    table.add_row("KL(policy || reference), nats/sequence", kl, "")
     console.print(table)
 
 
 def preview(console, rows: list[dict[str, Any]], n: int) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     from ppo_cli.generate import _clip
+    from ppo_cli.logger import printable
 
     shown = [r for r in rows if r["sample"] == 0][:n]
     if not shown:
@@ -63,9 +66,10 @@ def preview(console, rows: list[dict[str, Any]], n: int) -> None:
         table.add_column(side, overflow="fold", max_width=60)
         table.add_column("reward", justify="right")
     for row in shown:
-        cells = [_clip(prompt_text(row["prompt"]), 200)]
+        # Text, not markup: a completion is any text ("[/]" included), shown as written.
+        cells = [Text(printable(_clip(prompt_text(row["prompt"]), 200)))]
         for side in ("policy", "reference"):
-            cells += [_clip(row[side]["completion"], 300), f"{row[side]['reward']:.4g}"]
+            cells += [Text(printable(_clip(row[side]["completion"], 300))), f"{row[side]['reward']:.4g}"]
         table.add_row(*cells)
     console.print(table)
 

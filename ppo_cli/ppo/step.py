@@ -227,7 +227,7 @@ class StepMixin:
                         "val/clipfrac_avg": vf["clipfrac"]})  # fmt: skip
         if est.kl_in == "loss":
             # The old logprobs: k3_iw weights each token by pi / pi_old, the policy that sampled it.
-            kl = rlhf.kl_estimate(new_lp, ro.ref_logprobs[idx], mask, est.kl_estimator)
+            kl = rlhf.kl_estimate(new_lp, ro.ref_logprobs[idx], mask, est.kl_estimator, ro.logprobs[idx])
             max_tokens = self.gen_cfg.max_new_tokens
             kl_loss = rlhf.aggregate_loss(kl, mask, est.loss_aggregation, max_tokens, scale)
             kl_mean = rlhf.aggregate_loss(kl.detach(), mask, est.loss_aggregation, max_tokens)
