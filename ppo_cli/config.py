@@ -241,7 +241,9 @@ class PPOConfig:
     # Where the KL to the reference goes: reward (a per-token penalty, PPO's) or loss (a term beside the
     # policy loss, GRPO's); null = the estimator's own (grpo: loss; gae, rloo, reinforce_plus_plus: reward).
     kl_in: KLIn | None = None
-    # The per-token KL estimator: k1 (log-ratio), k2 (half its square) or k3 (exp(-x) + x - 1, GRPO's);
+    # The per-token KL estimator (docs/ppo-details.md, "KL estimators"): k1 (log-ratio), k2 (half its
+    # square), k3 (exp(-x) + x - 1, GRPO's; its gradient is the reverse KL's), k3_plus (k3's value, k2's
+    # gradient: verl's k3+) or k3_iw (k3 weighted by pi / pi_old: TRL's); k1 is refused in the loss;
     # null = k1 in the reward, k3 in the loss.
     kl_estimator: KLEstimator | None = None
     # How token losses become the loss: token_mean (over the minibatch's tokens), seq_mean_token_mean
