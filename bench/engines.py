@@ -149,7 +149,7 @@ def sampling_worker(args: argparse.Namespace) -> None:
     import torch
     from omegaconf import OmegaConf
 
-    from ppo_cli.config import GenerateConfig
+    from ppo_cli.command_config import GenerateConfig
     from ppo_cli.generate import load_policy, read_prompts, sample, start_vllm
     from ppo_cli.models import resolve_device
 

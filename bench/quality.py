@@ -179,7 +179,7 @@ def defaults_id() -> str:
     import hashlib
 
     digest = hashlib.sha256()
-    for path in [REPO / "ppo_cli" / "config.py", *sorted((REPO / "conf").rglob("*.yaml"))]:
+    for path in [REPO / "ppo_cli" / "config.py", *sorted((REPO / "conf").rglob("*.yaml"))]:  # stage defaults
         digest.update(path.read_bytes())
     return digest.hexdigest()[:8]
 

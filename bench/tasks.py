@@ -281,7 +281,7 @@ def sample_answers(sft_final: Path, prompts: list[str], n_per_prompt: int, seed:
     import torch
     from omegaconf import OmegaConf
 
-    from ppo_cli.config import CheckpointModelConfig
+    from ppo_cli.command_config import CheckpointModelConfig
     from ppo_cli.data import encode_prompt
     from ppo_cli.generate import load_policy, sample
 

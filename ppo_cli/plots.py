@@ -349,11 +349,11 @@ def _labels(run_dirs: list[Path]) -> list[str]:
 
 def parse_args(args: list[str]) -> tuple[list[Path], Path, float | None]:
     """(run dirs, output dir, smoothing weight or None) of `ppo-cli plot`'s arguments; the key=value ones
-    are checked against PlotCommandConfig (ppo_cli/config.py)."""
+    are checked against PlotCommandConfig (ppo_cli/command_config.py)."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from ppo_cli.config import PlotCommandConfig
+    from ppo_cli.command_config import PlotCommandConfig
     from ppo_cli.errors import UserError
 
     flags = [a for a in args if a.startswith("-") and "=" not in a]

@@ -1,4 +1,4 @@
-"""What the config schema (ppo_cli/config.py) knows: its dotted keys, their descriptions, and the keys of a
+"""What the config schema (ppo_cli/config.py, ppo_cli/command_config.py) knows: its dotted keys, their descriptions, and the keys of a
 composed config it does not know.
 
 The comment lines right above each dataclass field in config.py are its documentation, read here from the
@@ -50,13 +50,21 @@ def schema_keys(cls: type, prefix: str = "") -> list[str]:
 
 @functools.cache
 def _comments_by_class() -> dict[str, dict[str, str]]:
-    """{class name: {field: the comment lines right above it, joined}} from config.py's source."""
-    from ppo_cli import config
+    """{class name: {field: the comment lines right above it, joined}} from the config modules' source."""
+    from ppo_cli import command_config, config
 
-    try:
-        source = inspect.getsource(config)
-    except (OSError, TypeError):  # installed without sources: no descriptions, nothing breaks
-        return {}
+    found: dict[str, dict[str, str]] = {}
+    for module in (config, command_config):
+        try:
+            source = inspect.getsource(module)
+        except (OSError, TypeError):  # installed without sources: no descriptions, nothing breaks
+            continue
+        found.update(_field_comments(source))
+    return found
+
+
+def _field_comments(source: str) -> dict[str, dict[str, str]]:
+    """{class name: {field: its comment lines, joined}} of the dataclasses in one module's `source`."""
     lines = source.splitlines()
     found: dict[str, dict[str, str]] = {}
     for node in ast.parse(source).body:

@@ -204,7 +204,7 @@ def test_kl_is_scored_as_train_ppo_scores_it_without_the_pad_token(tiny, product
     from omegaconf import OmegaConf
 
     from ppo_cli import rlhf
-    from ppo_cli.config import EvaluateConfig
+    from ppo_cli.command_config import EvaluateConfig
     from ppo_cli.generate import load_policy, sample, sequence_logprobs
 
     cfg = OmegaConf.structured(EvaluateConfig)

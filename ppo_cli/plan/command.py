@@ -5,7 +5,7 @@ How the command line composes: the first argument is the training command. Every
 `plan.` is that command's and composes exactly as the command composes it (its conf/<command>.yaml and
 schema; an unknown key, a wrong type or a value outside a key's choices is exit 2), and train-rm and
 train-ppo take model.name_or_path from sft_checkpoint as they do. Keys under `plan.` are plan's own
-(PlanConfig in ppo_cli/config.py): `plan.device_memory_gb=24` compares the total with 24 GB instead of
+(PlanConfig in ppo_cli/command_config.py): `plan.device_memory_gb=24` compares the total with 24 GB instead of
 the memory of the device the command sees; `plan.device=cuda` plans for that device instead of the one
 train.device resolves to here (a GPU run planned from a machine without one). `--json` prints one JSON
 object instead of the table.
@@ -251,7 +251,7 @@ def print_table(plan: dict[str, Any]) -> None:
 
 def plan_overrides(overrides: list[str]) -> DictConfig:
     """plan.* keys, checked against PlanConfig: its values."""
-    from ppo_cli.config import PlanConfig
+    from ppo_cli.command_config import PlanConfig
     from ppo_cli.schema import did_you_mean
 
     schema = OmegaConf.structured(PlanConfig)

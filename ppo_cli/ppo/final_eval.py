@@ -19,7 +19,7 @@ def final_eval_config(cfg: DictConfig, final_dir: Path) -> DictConfig | None:
     """
     if not cfg.eval.prompts:
         return None
-    from ppo_cli.config import EvaluateConfig
+    from ppo_cli.command_config import EvaluateConfig
 
     ecfg = OmegaConf.structured(EvaluateConfig)
     ecfg.policy = str(final_dir)
