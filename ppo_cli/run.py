@@ -22,23 +22,9 @@ from ppo_cli.dist import SEED_STRIDE, DistInfo, barrier, broadcast_object, check
 from ppo_cli.errors import UserError
 from ppo_cli.logger import RunLogger
 from ppo_cli.models import PRODUCT_FILE, check_quantization, resolve_device, write_product_info
-from ppo_cli.resume_config import saved_stage
+from ppo_cli.resume_config import check_output_dir, resume_command, saved_stage, start_afresh
 
 FINAL = "final"
-
-
-def resume_command(stage: str, output_dir: Path) -> str:
-    """The command that continues the run in output_dir: the run's config.yaml supplies every other setting
-    (see ppo_cli/resume_config.py). Quoted for the shell, and for Hydra when the path needs it."""
-    import re
-    import shlex
-
-    from ppo_cli.app import hydra_quote
-
-    value = str(output_dir)
-    if not re.fullmatch(r"[\w./~+@%:-]+", value):
-        value = hydra_quote(value)
-    return f"ppo-cli train-{stage} {shlex.quote('output_dir=' + value)} resume=auto"
 
 
 class StopRequest:
@@ -132,6 +118,7 @@ class StageRun:
 
     def prepare(self) -> bool:
         """Check the output dir and pick the resume point. Returns False when the run is already complete."""
+        check_output_dir(self.output_dir, self.stage)  # not a pipeline's directory, nor another stage's run
         existing = saved_stage(self.output_dir)
         if self.is_complete() and existing == self.stage and self.cfg.resume != "never":
             if self.is_main:
@@ -151,6 +138,10 @@ class StageRun:
         longest sequence of the loaded examples, for the memory plan's row (plan.shape.longest_tokens)."""
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            # From step 0 in a directory an earlier attempt left without a checkpoint: keep its records.
+            afresh = start_afresh(self.output_dir) if self.resume_from is None else None
+            if afresh:
+                print(f"ppo-cli train-{self.stage}: {afresh}")
             resolved = OmegaConf.to_container(self.cfg, resolve=True)
             OmegaConf.save(
                 OmegaConf.create({"stage": self.stage, **resolved}), self.output_dir / ckpt.RUN_MARKER

@@ -371,7 +371,8 @@ STARTED_WITH = {
 
 
 def saved_run(root: Path, stage: str, *overrides: str) -> Path:
-    """A run directory as a started run leaves it: config.yaml holds the stage and the resolved config."""
+    """A run directory as a started run leaves it: config.yaml holds the stage and the resolved config, and
+    a checkpoint to continue (a directory without one starts afresh: tests/test_run_dirs.py)."""
     from omegaconf import OmegaConf
 
     from ppo_cli.app import precheck
@@ -379,7 +380,8 @@ def saved_run(root: Path, stage: str, *overrides: str) -> Path:
     run = root / f"{stage}-run"
     root.mkdir(exist_ok=True)
     cfg = precheck(f"train_{stage}", [f"output_dir={run}", *overrides], f"train-{stage}")
-    run.mkdir()
+    (run / "checkpoints" / "step-000001").mkdir(parents=True)
+    (run / "checkpoints" / "step-000001" / "manifest.json").write_text("{}")
     OmegaConf.save(
         OmegaConf.create({"stage": stage, **OmegaConf.to_container(cfg, resolve=True)}), run / "config.yaml"
     )

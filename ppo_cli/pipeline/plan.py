@@ -17,8 +17,14 @@ from ppo_cli.errors import UserError
 from ppo_cli.models.products import PRODUCT_FILE
 from ppo_cli.paths import conf_dir
 from ppo_cli.pipeline.recipes import RECIPE_FILE, RECIPE_GROUP, STAGES, Recipe, find_recipe, load_hook
+from ppo_cli.resume_config import (
+    PIPELINE_MARKER,
+    pipeline_resume_command,
+    run_description,
+    saved_stage,
+)
 
-PLAN_FILE = "pipeline.yaml"
+PLAN_FILE = PIPELINE_MARKER  # marks a directory as a pipeline's (train-* refuses it as an output_dir)
 
 
 _ROUTED = re.compile(r"^(~|\+\+|\+)?(sft|rm|ppo|all)\.(.+)$", re.DOTALL)
@@ -177,6 +183,7 @@ def make_plan(
         configs[stage] = cfg
     for stage in stages:
         check_stage(recipe, stage, configs[stage])
+    check_run_dir(run_dir, {stage: Path(configs[stage].output_dir) for stage in stages})
     return Plan(recipe, run_dir, stages, configs, setup_args)
 
 
@@ -198,17 +205,38 @@ def check_stage(recipe: Recipe, stage: str, cfg: DictConfig) -> None:
         )
 
 
+def check_run_dir(run_dir: Path, stage_dirs: dict[str, Path]) -> None:
+    """A pipeline's directory holds its pipeline.yaml, the recipe's assets and a directory per stage. Refuse
+    one that is not a pipeline's but holds a stage's run: the pipeline would write its stages beside that
+    run, or take it for one of its stages and continue it with the recipe's settings."""
+    if (run_dir / PLAN_FILE).is_file():
+        return  # this pipeline's directory: rerunning continues it (record_plan checks the recipe)
+    stage = saved_stage(run_dir)
+    if stage is not None:
+        what, hint = run_description(run_dir, stage)
+        raise UserError(
+            f"output_dir {run_dir} holds {what} ({run_dir / 'config.yaml'}), not a pipeline: the pipeline "
+            f"would write its stages into it beside that run. Choose another output_dir for the "
+            f"pipeline{hint}"
+        )
+    for stage, stage_dir in stage_dirs.items():
+        existing = saved_stage(stage_dir)
+        if stage_dir == run_dir / stage and existing is not None:
+            what, hint = run_description(stage_dir, existing)
+            raise UserError(
+                f"output_dir {run_dir} is not a pipeline's directory (it has no {PLAN_FILE}), but "
+                f"{stage_dir} holds {what}, which the pipeline would take for its {stage} stage. Choose "
+                f"another output_dir for the pipeline{hint}"
+            )
+
+
 def is_complete(stage_dir: str | Path) -> bool:
     return (Path(stage_dir) / "final" / PRODUCT_FILE).is_file()
 
 
 def resume_command(plan: Plan, overrides: list[str]) -> str:
     """The command that continues this run (shell-quoted)."""
-    import shlex
-
-    kept = [o for o in overrides if not o.startswith(("output_dir=", "recipe="))]
-    args = [f"recipe={plan.recipe.name}", f"output_dir={plan.run_dir}", *kept]
-    return "ppo-cli pipeline " + " ".join(shlex.quote(a) for a in args)
+    return pipeline_resume_command(plan.recipe.name, plan.run_dir, overrides)
 
 
 def record_plan(plan: Plan, overrides: list[str]) -> None:
