@@ -162,8 +162,8 @@ def test_truncation_and_drop_counts(tok):
     assert examples[1]["input_ids"] == full[1][0][:max_length]
     assert examples[1]["labels"] == full[1][1][:max_length]
     message = report.describe(max_length)
-    assert "1 of 3 examples truncated" in message and "1 dropped" in message
-    assert "f.jsonl, row 2" in message and "data.max_length=16" in message
+    assert "1 of 3 examples truncated to data.max_length=16 (f.jsonl row 2)" in message, message
+    assert "1 of 3 examples dropped: the prompt alone is at least data.max_length=16 tokens" in message
 
     examples, report = build_sft_examples(tok, rows, max_length=max_length, overflow="drop")
     assert (report.total, report.truncated, report.dropped) == (3, 0, 2)

@@ -240,7 +240,7 @@ CATALOGUE = [
      ["no example is left", "no token to learn"]),
     ("sft-drop-leaves-nothing", "train-sft",
      [M, "data.train={sft_long}", "data.max_length=8", "data.overflow=drop", "data.eval_fraction=0"],
-     ["no example is left", "3 dropped at data.max_length=8"]),
+     ["no example is left", "3 of 3 examples dropped for being longer than data.max_length=8"]),
     ("rm-drop-leaves-nothing", "train-rm",
      [M, "data.train={rm_long}", "data.max_length=8", "data.overflow=drop", "data.eval_fraction=0"],
      ["no pair is left", "data.max_length=8"]),

@@ -8,37 +8,74 @@ from typing import Any
 
 from ppo_cli.data.rows import Row
 
+# How many rows of each kind a report names: enough to find the pattern, short enough for one line.
+SHOWN_ROWS = 3
+
+# Why an example truncated to max_length can be left with nothing to learn (fit_examples' `is_useless`).
+PROMPT_FILLS = (
+    "the prompt alone is at least data.max_length={max_length} tokens long, leaving no completion token "
+    "to learn"
+)
+
 
 @dataclass
 class LengthReport:
     """How many examples were truncated or dropped for being longer than data.max_length, or dropped for
-    having no token to learn (`empty`)."""
+    having no token to learn (`empty`). `dropped` counts both drops for length: the examples longer than
+    max_length under overflow=drop, and those of them (`no_room`) that truncation left with nothing to
+    learn, for the reason `no_room_why` gives."""
 
     total: int = 0
     truncated: int = 0
     dropped: int = 0
+    no_room: int = 0
     empty: int = 0
-    examples: list[str] = field(default_factory=list)
+    no_room_why: str = PROMPT_FILLS
+    # The first SHOWN_ROWS rows of each kind ("truncated", "too_long", "no_room", "empty").
+    rows: dict[str, list[Row]] = field(default_factory=dict)
 
-    def note(self, what: str, where: str) -> None:
-        setattr(self, what, getattr(self, what) + 1)
-        if len(self.examples) < 3:
-            self.examples.append(where)
+    def note(self, kind: str, row: Row) -> None:
+        if kind != "too_long":
+            setattr(self, kind, getattr(self, kind) + 1)
+        if kind in ("too_long", "no_room"):
+            self.dropped += 1
+        shown = self.rows.setdefault(kind, [])
+        if len(shown) < SHOWN_ROWS:
+            shown.append(row)
 
-    def describe(self, max_length: int) -> str | None:
+    def describe(self, max_length: int, noun: str = "examples") -> str | None:
+        """One line: each kind of cut with its count and the rows it hit (the first SHOWN_ROWS of them);
+        None when nothing was cut."""
+        counts = {
+            "truncated": self.truncated,
+            "too_long": self.dropped - self.no_room,
+            "no_room": self.no_room,
+            "empty": self.empty,
+        }
+        what = {
+            "truncated": f"truncated to data.max_length={max_length}",
+            "too_long": f"dropped for being longer than data.max_length={max_length} (data.overflow=drop)",
+            "no_room": f"dropped: {self.no_room_why.format(max_length=max_length)}",
+            "empty": "dropped for having no token to learn (empty)",
+        }
         parts = []
-        if self.truncated or self.dropped:
-            parts.append(
-                f"{self.truncated} of {self.total} examples truncated and {self.dropped} dropped at "
-                f"data.max_length={max_length}"
-            )
-        if self.empty:
-            parts.append(
-                f"{self.empty} of {self.total} examples dropped for having no token to learn (empty)"
-            )
-        if not parts:
-            return None
-        return f"{'; '.join(parts)} (e.g. {', '.join(self.examples)})"
+        for kind, count in counts.items():
+            if count:
+                shown = self.rows.get(kind, [])
+                some = "e.g. " if count > len(shown) else ""
+                parts.append(f"{count} of {self.total} {noun} {what[kind]} ({some}{where(shown)})")
+        return "; ".join(parts) or None
+
+
+def where(rows: list[Row]) -> str:
+    """'FILE rows 1, 2, 3': each file named once, then its row numbers."""
+    by_source: dict[str, list[int]] = {}
+    for row in rows:
+        by_source.setdefault(row.source, []).append(row.index)
+    return "; ".join(
+        f"{source} row{'s' if len(indices) > 1 else ''} {', '.join(map(str, indices))}"
+        for source, indices in by_source.items()
+    )
 
 
 def fit_examples(
@@ -50,30 +87,32 @@ def fit_examples(
     keep: str = "start",
     is_empty: Callable[[dict[str, Any]], bool] | None = None,
     is_useless: Callable[[dict[str, Any]], bool] | None = None,
+    useless_why: str = PROMPT_FILLS,
 ) -> tuple[list[dict[str, Any]], LengthReport]:
     """Encode every row and hold the token lists under `keys` to `max_length`, counting what was cut.
 
     An example that `is_empty` finds without a token to learn is dropped as empty. One with a list longer
     than `max_length` is dropped (overflow=drop) or has all of them cut, keeping their `keep` end ("start"
-    or "end"); an example that `is_useless` rejects after the cut is dropped too.
+    or "end"); an example that `is_useless` rejects after the cut is dropped too, the report saying
+    `useless_why` (formatted with max_length) about it.
     """
-    report = LengthReport()
+    report = LengthReport(no_room_why=useless_why)
     examples = []
     for row in rows:
         report.total += 1
         example = encode(row)
         if is_empty is not None and is_empty(example):
-            report.note("empty", row.where())
+            report.note("empty", row)
             continue
         if any(len(example[key]) > max_length for key in keys):
             if overflow == "drop":
-                report.note("dropped", row.where())
+                report.note("too_long", row)
                 continue
             cut = slice(None, max_length) if keep == "start" else slice(-max_length, None)
             example = {**example, **{key: example[key][cut] for key in keys}}
             if is_useless is not None and is_useless(example):
-                report.note("dropped", row.where())
+                report.note("no_room", row)
                 continue
-            report.note("truncated", row.where())
+            report.note("truncated", row)
         examples.append(example)
     return examples, report
