@@ -1,5 +1,6 @@
-"""What a run shows and records: rich console for people, metrics.jsonl, wandb and TensorBoard for tools,
-and plots/*.png of the curves (ppo_cli/plots.py), drawn when the run finishes or stops gracefully.
+"""What a run shows and records: rich console for people, metrics.jsonl (ppo_cli/metrics_file.py), wandb
+and TensorBoard for tools, and plots/*.png of the curves (ppo_cli/plots.py, which imports nothing of this
+module), drawn when the run finishes or stops gracefully.
 
 Only the main process (rank 0) writes; other ranks get a logger that does nothing. On a terminal the
 console fits the window and shows a live progress bar; elsewhere (a log file, a pipe, CI) lines are wide
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
 from datetime import timedelta
@@ -30,12 +32,13 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from ppo_cli import plots  # matplotlib only once a plot is drawn
+from ppo_cli.metrics_file import METRICS_FILE, read_metrics
 from ppo_cli.models import lora_targets_text
 
-METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
-# Line width when the output is not a terminal: rich would otherwise wrap at $COLUMNS (or 80) and cut
-# table cells with "…", and nothing in a file or a pipe limits a line's length.
+# Line width when the output is not a terminal and COLUMNS is not set: rich would otherwise wrap at 80,
+# and nothing in a file or a pipe limits a line's length.
 PLAIN_WIDTH = 200
 
 # Metrics shown on the progress bar, per stage, in this order (the rest go to metrics.jsonl only).
@@ -61,6 +64,17 @@ KEY_METRICS = {
 }
 
 
+# Control characters other than tab and newline: a sampled completion can hold any byte (an untrained
+# model's surely do); rich counts them as zero width but a terminal may act on them (\r, \b, ESC), breaking
+# the table's box.
+CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """`text` with each control character shown as U+FFFD, as undecodable bytes already are."""
+    return CONTROL_CHARS.sub("\ufffd", text)
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
@@ -70,13 +84,35 @@ def _fmt(value: Any) -> str:
 
 
 def make_console(**kwargs: Any) -> Console:
-    """A rich console that fits a terminal's window. Elsewhere text lines are never wrapped, and tables
-    and panels get at least PLAIN_WIDTH columns."""
+    """A rich console that fits a terminal's window, or the COLUMNS a user set (a log read later in an
+    80-column terminal: boxes wider than it break there). Off a terminal without COLUMNS, text lines are
+    never wrapped, and tables and panels get at least PLAIN_WIDTH columns."""
     console = Console(highlight=False, **kwargs)
-    if not console.is_terminal:
+    if not console.is_terminal and not _columns_set():
         console.width = max(console.width, PLAIN_WIDTH)
         console.soft_wrap = True
     return console
+
+
+def _columns_set() -> bool:
+    """Whether the environment names a width (rich reads the same variable)."""
+    return os.environ.get("COLUMNS", "").isdigit()
+
+
+def describe_base(model_cfg: DictConfig) -> str:
+    """The start panel's model row: the base, and how it is quantized when it is (a 4-bit base learns
+    and samples differently from the full-precision one a user may compare it with)."""
+    name = str(model_cfg.name_or_path)
+    if model_cfg.get("load_in_4bit"):
+        extras = [str(model_cfg.get("bnb_4bit_quant_type", "nf4"))]
+        if model_cfg.get("bnb_4bit_use_double_quant"):
+            extras.append("double quant")
+        if str(model_cfg.get("bnb_4bit_compute_dtype", "auto")) != "auto":
+            extras.append(f"compute {model_cfg.bnb_4bit_compute_dtype}")
+        return f"{name} (4-bit base: {', '.join(extras)}; bitsandbytes)"
+    if model_cfg.get("load_in_8bit"):
+        return f"{name} (8-bit base: LLM.int8; bitsandbytes)"
+    return name
 
 
 def metric_change(rows: list[dict[str, Any]], key: str) -> str | None:
@@ -100,18 +136,11 @@ def summary_rows(stage: str, rows: list[dict[str, Any]], summary: dict[str, Any]
     return out
 
 
-def read_metrics(output_dir: Path) -> list[dict[str, Any]]:
-    path = Path(output_dir) / METRICS_FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _bar_metrics(stage: str, last: dict[str, Any]) -> str:
+    """'name=value ...' of the stage's bar metrics, named as in metrics.jsonl (what a user greps, plots
+    and compares between runs) less TRL's "objective/" prefix, which every PPO headline metric shares."""
     return " ".join(
-        f"{k.replace('objective/', '').replace('/', '_')}={_fmt(last[k])}"
-        for k in BAR_METRICS.get(stage, [])
-        if k in last
+        f"{k.removeprefix('objective/')}={_fmt(last[k])}" for k in BAR_METRICS.get(stage, []) if k in last
     )
 
 
@@ -163,7 +192,7 @@ class RunLogger:
         table.add_column(no_wrap=True)
         table.add_column(overflow="fold")  # long paths fold onto more lines: never cut with "…"
         rows = {
-            "model": self.cfg.model.name_or_path,
+            "model": describe_base(self.cfg.model),
             "lora": self.lora or self._asked_lora(),
             "data": self.cfg.data.train,
             "steps": f"{total_steps} (batch {self.cfg.train.batch_size} x accum {self.cfg.train.grad_accum_steps}, "
@@ -237,9 +266,7 @@ class RunLogger:
         if self._tensorboard is not None:
             self._tensorboard.flush()
         try:
-            from ppo_cli.plots import PLOTS_DIR, write_run_plots
-
-            written = write_run_plots(self.output_dir, self.stage, read_metrics(self.output_dir))
+            written = plots.write_run_plots(self.output_dir, self.stage, read_metrics(self.output_dir))
         except Exception as exc:  # noqa: BLE001 - matplotlib missing, a bad value, a full disk...
             from rich.markup import escape
 
@@ -251,7 +278,7 @@ class RunLogger:
             return
         if written:
             self.console.print(
-                Text(f"plots: {self.output_dir / PLOTS_DIR} ({len(written)} PNGs)"), soft_wrap=True
+                Text(f"plots: {self.output_dir / plots.PLOTS_DIR} ({len(written)} PNGs)"), soft_wrap=True
             )
 
     def close_progress(self) -> None:
@@ -309,7 +336,7 @@ class RunLogger:
         for col in columns:
             table.add_column(col, overflow="fold")
         for row in rows:
-            table.add_row(*[_fmt(v) if isinstance(v, float) else str(v) for v in row])
+            table.add_row(*[Text(_fmt(v) if isinstance(v, float) else printable(str(v))) for v in row])
         self.console.print(table)
         if self._wandb is not None:
             import wandb

@@ -10,7 +10,8 @@ run logs `episode`.
 stage on each (a sweep, seeds), one colour per run, labelled with the run directory's name.
 
 matplotlib is imported only inside the drawing functions, with the Agg backend (no display needed): the
-CLI starts without paying for it. Each PNG carries its panel in its PNG text fields, for tools and tests:
+CLI, and ppo_cli/logger.py which imports this module, start without paying for it. This module reads
+metrics.jsonl through ppo_cli/metrics_file.py and imports nothing of the logger. Each PNG carries its panel in its PNG text fields, for tools and tests:
 `Title` (the panel's title; overview.png: every panel's, joined by " | "), `Metrics` (the metric names of
 its panels, comma-separated) and `Runs` (the runs' labels).
 """
@@ -22,6 +23,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ppo_cli.metrics_file import METRICS_FILE, read_metrics
 
 PLOTS_DIR = "plots"
 OVERVIEW = "overview.png"
@@ -165,6 +168,7 @@ def _draw_panel(
     """Draw `panel` for each (label, rows) of `runs` on `ax`; returns the metrics drawn (none when no run
     logged any of the panel's metrics: a critic-free run has no value loss)."""
     import numpy as np
+    from matplotlib.ticker import MaxNLocator
 
     colours = [f"C{i}" for i in range(10)]
     present = [m for m in panel.metrics if any(series(rows, m)[0] for _, rows in runs)]
@@ -207,6 +211,7 @@ def _draw_panel(
         top = ax.secondary_xaxis(
             "top", functions=(lambda s: _extend_interp(s, xs, eps), lambda e: _extend_interp(e, eps, xs))
         )
+        top.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole responses, as the steps
         top.set_xlabel("episode (responses sampled)", fontsize=8)
         top.tick_params(labelsize=8)
     return tuple(present)
@@ -214,8 +219,11 @@ def _draw_panel(
 
 def _readable_ticks(ax) -> None:
     """Whole values on the y ticks: matplotlib's default would show "+0.39" or "1e-7" once in a corner,
-    where it collides with the episode axis and is easy to miss."""
-    from matplotlib.ticker import FuncFormatter, ScalarFormatter
+    where it collides with the episode axis and is easy to miss. Whole steps on the x axis: a run of a few
+    steps would otherwise get ticks at 1.5, 2.5, steps that do not exist."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator, ScalarFormatter
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
     low, high = ax.get_ylim()
     top = max(abs(low), abs(high))
@@ -384,7 +392,6 @@ def parse_args(args: list[str]) -> tuple[list[Path], Path, float | None]:
 def plot_runs(run_dirs: list[Path], output: Path, weight: float | None) -> tuple[str, list[Path]]:
     """Overlay the runs' curves into `output`; returns (stage, paths written)."""
     from ppo_cli.errors import UserError
-    from ppo_cli.logger import METRICS_FILE, read_metrics
 
     loaded: list[tuple[Path, str, list[dict[str, Any]]]] = []
     for run_dir in run_dirs:

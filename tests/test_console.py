@@ -69,21 +69,22 @@ def short_run(out: Path, progress: bool = False) -> RunLogger:
 # ------------------------------------------------------------------------------ the console's width
 
 
-def test_console_off_a_terminal_is_wide(monkeypatch):
-    monkeypatch.setenv("COLUMNS", "80")
+def test_console_off_a_terminal_is_wide_unless_columns_is_set(monkeypatch):
+    monkeypatch.delenv("COLUMNS", raising=False)
     monkeypatch.delenv("TTY_COMPATIBLE", raising=False)
     monkeypatch.delenv("FORCE_COLOR", raising=False)
     assert make_console().width >= 200  # pytest's captured stdout is not a terminal
     assert make_console().soft_wrap  # plain text lines are not wrapped at all
     monkeypatch.setenv("COLUMNS", "300")
     assert make_console().width == 300
-    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setenv("COLUMNS", "80")  # the user's word: a log read in an 80-column terminal
+    assert make_console().width == 80 and not make_console().soft_wrap
     monkeypatch.setenv("TTY_COMPATIBLE", "1")  # a terminal: fit its window
     assert make_console().width == 80
 
 
 def test_summary_off_a_terminal_keeps_paths_whole(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.delenv("COLUMNS", raising=False)
     out = tmp_path / LONG_NAME
     out.mkdir()
     short_run(out)
@@ -183,7 +184,7 @@ def test_progress_off_a_terminal_is_plain_lines(tmp_path, monkeypatch, capsys):
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("sft step")]
     assert [ln.split()[2] for ln in lines] == ["2/4", "2/4", "4/4", "4/4"], lines
     assert "sft step 2/4 loss=2.5 lr=1.00e-04 tokens_per_second=1.23e+05 elapsed" in lines[0], lines
-    assert "sft step 4/4 eval_loss=1.5 elapsed" in lines[-1] and "eta" in lines[-1], lines
+    assert "sft step 4/4 eval/loss=1.5 elapsed" in lines[-1] and "eta" in lines[-1], lines
 
 
 # -------------------------------------------------------------------------------------- LoRA targets
