@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from ppo_cli.ppo.guards import BatchSigns, PPOGuards, distinct_n, kl_t_statistic
+from ppo_cli.ppo.guards import BatchSigns, PPOGuards, distinct_n, eos_fall_z, eos_knob, kl_t_statistic
 
 
 def test_distinct_n_hand_computed():
@@ -58,10 +58,31 @@ def test_significantly_negative_kl_warns_once_after_three_steps():
     assert len(said) == 1 and "significantly negative for 3 steps" in said[0]
 
 
-def test_eos_collapse_names_the_penalty():
+def test_eos_collapse_compares_the_first_and_last_three_steps_and_names_the_active_knob():
+    # 16 responses a step: 14 ended in each of the first 3 (0.9 -> 14), then 3 (0.2 -> 3): 9 of 48 = 19%.
+    steps = [({}, healthy(eos=0.9))] * 3 + [({}, healthy(eos=0.2))] * 3
     guards = PPOGuards(max_new_tokens=24, kl_warn=None)
-    said = run_steps(guards, [({}, healthy(eos=0.9)), ({}, healthy(eos=0.6)), ({}, healthy(eos=0.2))])
-    assert len(said) == 1 and "ppo.missing_eos_penalty" in said[0] and "20%" in said[0]
+    said = run_steps(guards, steps)
+    assert len(said) == 1 and said[0].startswith("step 6: only 19% of responses end with EOS"), said
+    assert "first 3 steps: 88%" in said[0] and "lower ppo.missing_eos_score" in said[0], said
+    penalty = PPOGuards(max_new_tokens=24, kl_warn=None, eos_knob=eos_knob(1.0, -1.0))
+    assert "raise ppo.missing_eos_penalty" in run_steps(penalty, steps)[0]
+    assert eos_knob(None, None) == "set ppo.missing_eos_score, e.g. -1"
+
+
+def test_eos_share_of_a_barely_trained_policy_wobbling_is_not_a_collapse():
+    """4 responses a step whose ending is a coin with p ~ 0.3: a step with none ending, or three in a row
+    with one, is chance (the warning used to fire at step 2 of the untrained tiny model)."""
+    shares = [0.5, 0.0, 0.25, 0.0, 0.25, 0.0, 0.0, 0.25, 0.0, 0.25]
+    guards = PPOGuards(max_new_tokens=24, kl_warn=None)
+    assert run_steps(guards, [({}, healthy(n=4, eos=share)) for share in shares]) == []
+
+
+def test_eos_fall_z_hand_computed():
+    # p0 = 0.5, recent 2 of 16: (2 - 8) / sqrt(16 * 0.25) = -3
+    assert eos_fall_z((8, 16), (2, 16)) == pytest.approx(-3.0)
+    assert eos_fall_z((8, 16), (9, 16)) == 0.0  # no fall
+    assert eos_fall_z((16, 16), (15, 16)) == -math.inf
 
 
 def test_responses_pinned_at_the_cap():
@@ -96,9 +117,10 @@ def test_ratio_out_of_band():
     assert "val/ratio=3.000" in guards.check(1, {"val/ratio": 3.0, "objective/kl": 0.0}, healthy())[0]
 
 
-def test_state_round_trip_keeps_the_first_batch():
+def test_state_round_trip_keeps_the_first_steps():
     guards = PPOGuards(max_new_tokens=24, kl_warn=None)
-    run_steps(guards, [({}, healthy(eos=0.9))])
+    run_steps(guards, [({}, healthy(eos=0.9))] * 3 + [({}, healthy(eos=0.1))] * 2)
     restored = PPOGuards(max_new_tokens=24, kl_warn=None)
     restored.load_state_dict(guards.state_dict())
-    assert "ppo.missing_eos_penalty" in restored.check(2, {"val/ratio": 1.0}, healthy(eos=0.1))[0]
+    said = restored.check(6, {"val/ratio": 1.0}, healthy(eos=0.1))
+    assert "ppo.missing_eos_score" in said[0] and "first 3 steps: 88%" in said[0], said

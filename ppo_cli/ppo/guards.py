@@ -4,8 +4,11 @@ PPO fails quietly. The policy can learn to exploit the reward (never stop, repea
 likes) while `objective/scores` keeps rising, or generation and scoring can disagree so that every number
 is biased. Each guard below watches one such sign in the step's metrics and the batch's samples. A guard
 speaks once when its sign appears and again only after it has cleared, so the console is not flooded.
+A sign that one batch shows by chance needs more evidence: the EOS collapse compares the first EOS_WINDOW
+steps with the last EOS_WINDOW (a fall by half, beyond chance), so a barely trained policy whose second
+batch happens to stop less often is not called a reward hacker.
 
-The statistics are pure functions (`distinct_n`, `kl_t_statistic`); `PPOGuards.check` turns them into
+The statistics are pure functions (`distinct_n`, `kl_t_statistic`, `eos_fall_z`); `PPOGuards.check` turns them into
 warnings and returns them, so tests need no trainer.
 """
 
@@ -21,8 +24,15 @@ RATIO_BAND = (0.5, 2.0)
 KL_T_ALARM = -3.0
 # ... for this many steps in a row (k1 is noisy around 0 at a small learning rate).
 KL_NEGATIVE_STEPS = 3
-# EOS collapse: the share of responses that end with EOS fell below this fraction of the first batch's.
+# EOS collapse: the share of responses that end with EOS, over the last EOS_WINDOW steps, fell below this
+# fraction of the share over the first EOS_WINDOW steps ...
 EOS_COLLAPSE_FRACTION = 0.5
+# ... the windows not overlapping: one batch of an untrained or barely trained policy stops (or not) by
+# chance, and a small batch's share jumps by a whole response ...
+EOS_WINDOW = 3
+# ... and the fall is this many binomial standard errors below the first window's share: chance alone
+# rarely goes that far.
+EOS_Z_ALARM = -3.0
 # Responses pinned at the cap: at least this share ends exactly at max_new_tokens ...
 PINNED_SHARE = 0.9
 # Degeneration: distinct-2 of the batch fell below this fraction of the first batch's ...
@@ -62,6 +72,28 @@ def kl_t_statistic(kl_per_sequence: Sequence[float]) -> float:
     return mean / math.sqrt(var / n)
 
 
+def eos_fall_z(first: tuple[int, int], recent: tuple[int, int]) -> float:
+    """How far the recent share of responses that end with EOS fell below the first one, in binomial
+    standard errors of the recent window: (ended - n p0) / sqrt(n p0 (1 - p0)), with (ended, n) the
+    recent window's counts and p0 the first window's share. -inf for any fall from p0 = 1."""
+    ended, n = recent
+    p0 = first[0] / first[1] if first[1] else 0.0
+    expected = n * p0
+    if ended >= expected:
+        return 0.0
+    spread = math.sqrt(n * p0 * (1 - p0))
+    return -math.inf if spread == 0 else (ended - expected) / spread
+
+
+def eos_knob(missing_eos_penalty: float | None, missing_eos_score: float | None) -> str:
+    """The setting that makes a response that never ends cost more, under the active rule."""
+    if missing_eos_penalty is not None:
+        return "raise ppo.missing_eos_penalty"
+    if missing_eos_score is not None:
+        return "lower ppo.missing_eos_score"
+    return "set ppo.missing_eos_score, e.g. -1"
+
+
 @dataclass
 class BatchSigns:
     """What the guards read from one step, beyond its metrics."""
@@ -76,8 +108,13 @@ class BatchSigns:
 class PPOGuards:
     max_new_tokens: int
     kl_warn: float | None  # nats per sequence; None = no KL ceiling warning
+    # What to turn when responses stop ending (eos_knob of the run's ppo.missing_eos_* settings).
+    eos_knob: str = "lower ppo.missing_eos_score"
     first: dict[str, float] = field(default_factory=dict)  # the first batch's eos share, distinct-2, score
     negative_kl_streak: int = 0
+    # (responses that ended with EOS, responses) of each of the first EOS_WINDOW steps, and of the last.
+    eos_first: list[tuple[int, int]] = field(default_factory=list)
+    eos_recent: list[tuple[int, int]] = field(default_factory=list)
     active: set[str] = field(default_factory=set)
 
     def check(self, step: int, metrics: dict[str, float], signs: BatchSigns) -> list[str]:
@@ -85,6 +122,7 @@ class PPOGuards:
         score = metrics.get("objective/scores_normalized", metrics.get("objective/scores", 0.0))
         if not self.first:
             self.first = {"eos_share": signs.eos_share, "distinct_2": distinct, "score": score}
+        self._count_eos(signs)
         t = kl_t_statistic(signs.kl_per_sequence)
         self.negative_kl_streak = self.negative_kl_streak + 1 if t < KL_T_ALARM else 0
         kl = metrics.get("objective/kl", 0.0)
@@ -109,17 +147,11 @@ class PPOGuards:
             )
             if self.kl_warn is not None
             else (False, ""),
-            "eos_collapse": (
-                self.first["eos_share"] > 0
-                and signs.eos_share < EOS_COLLAPSE_FRACTION * self.first["eos_share"],
-                f"step {step}: only {signs.eos_share:.0%} of responses end with EOS (first batch: "
-                f"{self.first['eos_share']:.0%}): the policy is learning not to stop, a common reward hack "
-                "(raise ppo.missing_eos_penalty or ppo.kl_coef).",
-            ),
+            "eos_collapse": self._eos_collapse(step),
             "pinned": (
                 signs.capped_share >= PINNED_SHARE and self.first["eos_share"] > 1 - PINNED_SHARE,
                 f"step {step}: {signs.capped_share:.0%} of responses are cut at generation.max_new_tokens="
-                f"{self.max_new_tokens} (raise it if answers need the room, else ppo.missing_eos_penalty).",
+                f"{self.max_new_tokens} (raise it if answers need the room, else {self.eos_knob}).",
             ),
             "degenerate": (
                 distinct < DISTINCT_COLLAPSE_FRACTION * self.first["distinct_2"]
@@ -136,9 +168,41 @@ class PPOGuards:
             (self.active.add if firing else self.active.discard)(name)
         return warnings
 
+    def _count_eos(self, signs: BatchSigns) -> None:
+        n = len(signs.completions)
+        counts = (round(signs.eos_share * n), n)
+        if len(self.eos_first) < EOS_WINDOW:
+            self.eos_first.append(counts)
+        self.eos_recent = [*self.eos_recent, counts][-EOS_WINDOW:]
+
+    def _eos_collapse(self, step: int) -> tuple[bool, str]:
+        """Fewer responses end with EOS over the last EOS_WINDOW steps than over the first EOS_WINDOW
+        (the two windows apart): by half and by more than chance explains (EOS_Z_ALARM)."""
+        if step < 2 * EOS_WINDOW or len(self.eos_first) < EOS_WINDOW:
+            return False, ""
+        first = tuple(map(sum, zip(*self.eos_first)))
+        recent = tuple(map(sum, zip(*self.eos_recent)))
+        share_first, share_recent = first[0] / max(first[1], 1), recent[0] / max(recent[1], 1)
+        firing = (
+            share_recent < EOS_COLLAPSE_FRACTION * share_first and eos_fall_z(first, recent) < EOS_Z_ALARM
+        )
+        return firing, (
+            f"step {step}: only {share_recent:.0%} of responses end with EOS over the last {EOS_WINDOW} "
+            f"steps (first {EOS_WINDOW} steps: {share_first:.0%}): the policy is learning not to stop, a "
+            f"common reward hack ({self.eos_knob}, or raise ppo.kl_coef)."
+        )
+
     def state_dict(self) -> dict:
-        return {"first": dict(self.first), "negative_kl_streak": self.negative_kl_streak}
+        return {
+            "first": dict(self.first),
+            "negative_kl_streak": self.negative_kl_streak,
+            "eos_first": [list(c) for c in self.eos_first],
+            "eos_recent": [list(c) for c in self.eos_recent],
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.first = dict(state.get("first", {}))
         self.negative_kl_streak = int(state.get("negative_kl_streak", 0))
+        # Checkpoints from before the windows have none: they fill again from the resumed step.
+        self.eos_first = [tuple(c) for c in state.get("eos_first", [])]
+        self.eos_recent = [tuple(c) for c in state.get("eos_recent", [])]
