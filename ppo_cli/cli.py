@@ -8,6 +8,7 @@ arguments to Hydra with its flags first, as Hydra 1.3 wants.
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 
 from ppo_cli import __version__
@@ -115,8 +116,14 @@ def main(argv: list[str] | None = None) -> None:
         overrides = [*overrides, *filled_at_run_time(cfg, getattr(module.main, "prepare", None))]
     sys.argv = [f"ppo-cli {command}", *flags, *overrides]
     if {"--help", "-h"}.intersection(flags):
-        help_with_descriptions(module.main, config_name)
+        help_with_descriptions(module.main, config_name, command)
     module.main()
+    # The command returned, on every rank of a torchrun: leave the process group together (barrier, then
+    # destroy) while the interpreter is whole (see ppo_cli/dist.py). Only a command that imported
+    # ppo_cli.dist can have one; looking it up keeps `--cfg job` and the like from importing torch.
+    dist = sys.modules.get("ppo_cli.dist")
+    if dist is not None:
+        dist.shutdown()
 
 
 def filled_at_run_time(cfg, prepare) -> list[str]:
@@ -140,8 +147,9 @@ def filled_at_run_time(cfg, prepare) -> list[str]:
     return [f"{key}={hydra_quote(str(OmegaConf.select(cfg, key)))}" for key in missing if key not in still]
 
 
-def help_with_descriptions(main, config_name: str) -> None:
-    """Hydra's --help with each key's description (ppo_cli/config.py's comments) above it; exits."""
+def help_with_descriptions(main, config_name: str, command: str) -> None:
+    """Hydra's --help under the command's own heading, with each key's description (ppo_cli/config.py's
+    comments) above it; exits."""
     import contextlib
     import io
 
@@ -154,8 +162,24 @@ def help_with_descriptions(main, config_name: str) -> None:
             main()
         except SystemExit as exc:
             code = exc.code
-    print(annotate_config_yaml(captured.getvalue(), field_descriptions(schema_class(config_name))), end="")
+    text = annotate_config_yaml(captured.getvalue(), field_descriptions(schema_class(config_name)))
+    # A command whose config writes its own help (pipeline's hydra.help) has no Hydra header to replace.
+    print(HYDRA_HEADER.sub(lambda _: command_heading(command), text, count=1), end="")
     sys.exit(code)
+
+
+# Hydra's own first line ("train is powered by Hydra.", named after the job's module): the command's
+# heading replaces it, since what a user wants first is what the command does.
+HYDRA_HEADER = re.compile(r"\A[^\n]* is powered by Hydra\.\n+")
+
+
+def command_heading(command: str) -> str:
+    """What `ppo-cli COMMAND --help` opens with: the command's one line and its usage."""
+    return (
+        f"ppo-cli {command}: {COMMANDS[command][2]}\n\n"
+        f"usage: ppo-cli {command} [hydra flags] [key=value ...]\n"
+        "Every key below can be set as key=value; above each, what it means, and its default beside it.\n\n"
+    )
 
 
 if __name__ == "__main__":
