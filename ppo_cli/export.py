@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from rich.text import Text
 
 from ppo_cli.app import hydra_app
 from ppo_cli.errors import UserError
@@ -130,7 +131,7 @@ def run(cfg: DictConfig) -> Path:
     checkpoint = validate(cfg)
     note = quantized_base_note(checkpoint, cfg)
     if note:
-        console.print(f"[bold]ppo-cli export[/]: {note}")
+        console.print(Text.assemble(("ppo-cli export", "bold"), f": {note}"))
     output = Path(cfg.output).expanduser()
     merged, tokenizer, task, base = merge(checkpoint, cfg)
     info = read_product_info(checkpoint, "checkpoint")
@@ -161,14 +162,24 @@ def run(cfg: DictConfig) -> Path:
         os.replace(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    for line in written_lines(output, checkpoint, base, task, merged):
+        console.print(line, soft_wrap=True)  # whole lines: they hold paths to copy
+    return output
+
+
+def written_lines(output: Path, checkpoint: Path, base: str, task: str, merged) -> list[Text]:
+    """What export says it did: where the new model is, and what it was made from. The base is only
+    read (a copy of it is merged), which "merged X into BASE" would leave in doubt."""
     kind = "AutoModelForSequenceClassification" if task == "SEQ_CLS" else "AutoModelForCausalLM"
     n_params = sum(p.numel() for p in merged.parameters())
-    console.print(
-        f"[bold]ppo-cli export[/]: merged {checkpoint} into {base} -> {output} "
-        f"({kind}, {n_params:,} parameters, {str(merged.dtype).removeprefix('torch.')}); load it with "
-        f"{kind}.from_pretrained('{output}')"
-    )
-    return output
+    dtype = str(merged.dtype).removeprefix("torch.")
+    return [
+        Text.assemble(
+            ("ppo-cli export", "bold"), f": wrote {output} ({kind}, {n_params:,} parameters, {dtype})"
+        ),
+        Text(f"  made from: the adapter {checkpoint} merged into a copy of the base {base} (left unchanged)"),
+        Text(f"  load it with: {kind}.from_pretrained('{output}')"),
+    ]
 
 
 @hydra_app("export", "export")
