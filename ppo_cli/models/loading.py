@@ -1,12 +1,24 @@
 """Loading base models and tokenizers from the Hub or a local directory.
 
 The pad token is never EOS (a model trained with pad == EOS never learns to stop); `trust_remote_code` only
-when the config asks for it."""
+when the config asks for it.
+
+A Hub name on a machine without network would cost about a minute of retries (huggingface_hub retries each
+file) before the error. Before the first Hub load, one TCP connection to the Hub's host (a few seconds at
+most) tells whether it can be reached; when it cannot, models and tokenizers load from the local Hugging
+Face cache only (`local_files_only`), at once, and a name that is not there is an error that says so.
+HF_HUB_OFFLINE=1 skips the check (the cache only, as huggingface_hub does), and so does a proxy setting
+(the proxy, not this machine, reaches the Hub)."""
 
 from __future__ import annotations
 
+import functools
+import os
+import socket
+import threading
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch
 from omegaconf import DictConfig
@@ -17,11 +29,90 @@ from ppo_cli.models.devices import resolve_dtype
 from ppo_cli.models.quantization import bnb_config
 
 PAD_TOKEN = "<|pad|>"
+# Seconds the Hub reachability check waits for the name lookup and for the connection, each.
+HUB_PROBE_TIMEOUT = 3.0
+# huggingface_hub's words for true in HF_HUB_OFFLINE.
+_TRUE = {"1", "ON", "YES", "TRUE"}
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+OFFLINE_HINT = "set HF_HUB_OFFLINE=1 to use the local Hugging Face cache without trying the network"
 
 
 def looks_local(name_or_path: str) -> bool:
     """True for what can only be a local path (a Hub id is `name` or `owner/name`)."""
     return str(name_or_path).startswith(("/", ".", "~")) or str(name_or_path).count("/") > 1
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or transformers' older TRANSFORMERS_OFFLINE) is set: the cache only."""
+    return any(os.environ.get(key, "").upper() in _TRUE for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def hub_host() -> tuple[str, int]:
+    """The Hub's (host, port): HF_ENDPOINT's, as huggingface_hub reads it, or huggingface.co."""
+    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    return url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+
+
+@functools.cache
+def hub_unreachable() -> str | None:
+    """Why this machine cannot reach the Hub (a name that does not resolve, a connection refused or
+    timed out), or None when it can, when HF_HUB_OFFLINE is set, or behind a proxy. Asked once per
+    process: the answer does not change within a run, and each ask may cost seconds."""
+    if hub_offline() or any(os.environ.get(key) for key in _PROXY_VARS):
+        return None
+    host, port = hub_host()
+    found: list[Any] = []
+    # getaddrinfo has no timeout of its own: a hanging resolver must not hang the run.
+    lookup = threading.Thread(target=lambda: found.append(_resolve(host, port)), daemon=True)
+    lookup.start()
+    lookup.join(HUB_PROBE_TIMEOUT)
+    if not found:
+        return f"looking up {host} took over {HUB_PROBE_TIMEOUT:g} s"
+    if isinstance(found[0], OSError):
+        return f"{host}: {found[0].strerror or found[0]}"
+    try:
+        with socket.create_connection(found[0], timeout=HUB_PROBE_TIMEOUT):
+            return None
+    except OSError as exc:
+        return f"cannot connect to {host}:{port}: {exc.strerror or exc}"
+
+
+def _resolve(host: str, port: int) -> tuple[str, int] | OSError:
+    try:
+        address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][4]
+        return address[0], address[1]
+    except OSError as exc:
+        return exc
+
+
+def hub_kwargs(name_or_path: str) -> dict[str, Any]:
+    """from_pretrained's extra arguments for `name_or_path`: the cache only for a Hub name when the Hub
+    cannot be reached (see the module's docstring)."""
+    if Path(str(name_or_path)).expanduser().is_dir() or hub_unreachable() is None:
+        return {}
+    return {"local_files_only": True}
+
+
+def load_error(what: str, name_or_path: str, exc: BaseException) -> UserError:
+    """`cannot load WHAT 'NAME': ...`; when a Hub name's files could not be had (an OSError), what to do
+    about the network or the cache, with transformers' own words last."""
+    name, said = str(name_or_path), first_line(exc)
+    if not isinstance(exc, OSError) or Path(name).expanduser().is_dir():
+        return UserError(f"cannot load {what} '{name}': {said}")
+    fetch = f"download it where there is a network (`hf download {name}`) or pass a local directory"
+    if hub_offline():
+        return UserError(
+            f"cannot load {what} '{name}': HF_HUB_OFFLINE is set, so only the local Hugging Face cache is "
+            f"looked in, and it is not there: {fetch}, or unset HF_HUB_OFFLINE. (transformers: {said})"
+        )
+    why = hub_unreachable()
+    if why is not None:
+        return UserError(
+            f"cannot load {what} '{name}': the Hub is not reachable from this machine ({why}), and the "
+            f"local Hugging Face cache does not hold it: {fetch}. HF_HUB_OFFLINE=1 skips this network "
+            f"check. (transformers: {said})"
+        )
+    return UserError(f"cannot load {what} '{name}': {said} (check the name and the network; {OFFLINE_HINT}.)")
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None):
@@ -45,10 +136,10 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision:
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            name_or_path, trust_remote_code=trust_remote_code, revision=revision
+            name_or_path, trust_remote_code=trust_remote_code, revision=revision, **hub_kwargs(name_or_path)
         )
     except Exception as exc:
-        raise UserError(f"cannot load the tokenizer of '{name_or_path}': {first_line(exc)}") from exc
+        raise load_error("the tokenizer of", name_or_path, exc) from exc
     if tokenizer.eos_token_id is None:
         raise UserError(
             f"the tokenizer of '{name_or_path}' has no EOS token; set one in its tokenizer_config.json."
@@ -85,6 +176,7 @@ def _from_pretrained(
         extra["attn_implementation"] = model_cfg.attn_implementation
     if quantization is not None:
         kwargs["quantization_config"] = quantization
+    kwargs.update(hub_kwargs(name_or_path))
     try:
         return cls.from_pretrained(
             name_or_path,
@@ -103,9 +195,9 @@ def _from_pretrained(
                 revision=model_cfg.revision,
                 **kwargs,
             )
-        raise UserError(f"cannot load model '{name_or_path}': {first_line(exc)}") from exc
+        raise load_error("model", name_or_path, exc) from exc
     except OSError as exc:
-        raise UserError(f"cannot load model '{name_or_path}': {first_line(exc)}") from exc
+        raise load_error("model", name_or_path, exc) from exc
 
 
 def fit_embeddings(model, tokenizer) -> None:
