@@ -361,7 +361,9 @@ def test_build_all_caches_and_rebuilds_on_new_args(tmp_path):
 
 
 def test_cli(tmp_path, capsys):
-    tiny_cli.main([str(tmp_path), "--arch", "qwen2", "--hidden-size", "32", "--layers", "1"])
+    tiny_cli.main(
+        [str(tmp_path), "--arch", "qwen2", "--hidden-size", "32", "--layers", "1", "--pretrain-steps", "0"]
+    )
     printed = json.loads(capsys.readouterr().out)
     assert Path(printed["model"]) == tmp_path / "model"
     config = json.loads((tmp_path / "model" / "config.json").read_text())

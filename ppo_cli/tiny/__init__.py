@@ -16,4 +16,6 @@ Modules: `task` (words, prompts, gold metric, `positive_reward`), `tokenizer`, `
 Usage::
 
     python -m ppo_cli.tiny OUT_DIR [--arch llama] [--hidden-size 64] [--layers 2] [--pretrain-steps 300]
+
+(pretrained for 300 steps by default, the demo's base; `--pretrain-steps 0` for a random-init model)
 """

@@ -8,6 +8,10 @@ from typing import TYPE_CHECKING
 
 from ppo_cli.tiny.task import all_prompts, sample_completion
 
+# The demo base's pretraining (the tiny recipe's and `python -m ppo_cli.tiny`'s default): enough for the model
+# to answer with task words and stop, in well under a minute on 2 CPU cores.
+DEMO_PRETRAIN_STEPS = 300
+
 if TYPE_CHECKING:  # torch and transformers are imported only when a model is pretrained
     from transformers import PreTrainedTokenizerFast
 

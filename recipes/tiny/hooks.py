@@ -21,6 +21,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from ppo_cli.errors import UserError
+from ppo_cli.tiny.pretrain import DEMO_PRETRAIN_STEPS
 
 # Model/data build arguments (ppo_cli.tiny.cache.build_all) and report settings.
 DEFAULTS: dict[str, Any] = {
@@ -29,7 +30,7 @@ DEFAULTS: dict[str, Any] = {
     "num_layers": 2,
     "num_heads": 4,
     "seed": 0,
-    "pretrain_steps": 300,
+    "pretrain_steps": DEMO_PRETRAIN_STEPS,
     "vocab_multiple": 64,
     # Held-out prompts (prompts_eval.jsonl) and samples per prompt of the ppo stage's final evaluation
     # (its eval.limit and eval.samples_per_prompt), which the before/after comparison reports.
@@ -120,6 +121,16 @@ def _gold_measures(texts: list[str]) -> dict[str, float]:
     }
 
 
+# What train-ppo trained with, by ppo.advantage_estimator: the report's name for the trained policy.
+METHODS = {"gae": "PPO", "grpo": "GRPO", "rloo": "RLOO", "reinforce_plus_plus": "REINFORCE++"}
+
+
+def method_name(configs: dict[str, DictConfig]) -> str:
+    """'PPO' for the tiny recipe, 'GRPO' for tiny-grpo: the ppo stage's estimator."""
+    ppo = configs["ppo"].get("ppo") or {}
+    return METHODS.get(str(ppo.get("advantage_estimator", "gae")), "PPO")
+
+
 def evaluate(run_dir: str | Path, configs: dict[str, DictConfig], **args: Any) -> dict[str, Any]:
     """The SFT and PPO policies on held-out prompts: train-ppo's evaluation plus the task's gold measures."""
     _settings(args)
@@ -153,18 +164,20 @@ def evaluate(run_dir: str | Path, configs: dict[str, DictConfig], **args: Any) -
 def report(run_dir: str | Path, configs: dict[str, DictConfig], **args: Any) -> dict[str, Any]:
     """Print the before/after table and a few samples side by side; save them to RUN/report.json."""
     from rich.table import Table
+    from rich.text import Text
 
     from ppo_cli.data import prompt_text
-    from ppo_cli.logger import make_console
+    from ppo_cli.logger import make_console, printable
 
     settings = _settings(args)
     result = evaluate(run_dir, configs, **args)
+    method = method_name(configs)
     console = make_console()
     table = Table(
-        title=f"tiny recipe: SFT policy vs PPO policy on {result['prompts']} held-out prompts x "
+        title=f"tiny recipe: SFT policy vs {method} policy on {result['prompts']} held-out prompts x "
         f"{result['samples_per_prompt']} samples (T={result['temperature']:g}; from {result['evaluation']})"
     )
-    for column in ("metric", "SFT", "PPO", "change"):
+    for column in ("metric", "SFT", method, "change"):
         table.add_column(column, justify="left" if column == "metric" else "right")
     labels = {
         "gold_score": "gold score (tiny.gold_score, higher is better)",
@@ -184,17 +197,20 @@ def report(run_dir: str | Path, configs: dict[str, DictConfig], **args: Any) -> 
         table.add_row(label, f"{before:.3f}", f"{after:.3f}", f"{after - before:+.3f}")
     console.print(table)
     console.print(
-        f"win rate of the PPO policy over the SFT policy by reward (ties half): {result['win_rate']:.3f}"
+        f"win rate of the {method} policy over the SFT policy by reward (ties half): {result['win_rate']:.3f}"
     )
     samples = Table(title="samples (same prompt, same seed)", show_lines=True)
-    for column in ("prompt", "SFT", "PPO"):
+    for column in ("prompt", "SFT", method):
         samples.add_column(column, overflow="fold")
     for row in result["samples"][: settings["report_rows"]]:
-        samples.add_row(prompt_text(row["prompt"]), row["sft"], row["ppo"])
+        # Text, not markup: completions are any text, shown as written.
+        samples.add_row(*(Text(printable(t)) for t in (prompt_text(row["prompt"]), row["sft"], row["ppo"])))
     console.print(samples)
     gain = result["ppo"]["gold_score"] - result["sft"]["gold_score"]
     verdict = "improved" if gain > 0 else "did NOT improve"
-    console.print(f"PPO {verdict} the gold score by {gain:+.3f} (from {result['sft']['gold_score']:.3f}).")
+    console.print(
+        f"{method} {verdict} the gold score by {gain:+.3f} (from {result['sft']['gold_score']:.3f})."
+    )
     path = Path(run_dir) / "report.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     console.print(f"report saved to {path}")
