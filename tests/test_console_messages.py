@@ -249,6 +249,14 @@ def test_sample_cells_show_control_characters_and_markup_as_text(tmp_path, colum
     assert printable("tab\tand\nnewline kept\x00") == "tab\tand\nnewline kept\ufffd"
 
 
+def test_generate_preview_shows_a_completion_as_written(columns_80, capsys):
+    from ppo_cli.generate import preview
+
+    preview([{"prompt": "Hi:", "completion": "a [/] b\x1b[2J c", "reward": 0.5}], 1, "completions")
+    out = capsys.readouterr().out
+    assert "a [/] b\ufffd[2J c" in out and too_wide(out) == [], out
+
+
 # ----------------------------------------------------------------------------------------- item 12
 
 
