@@ -32,7 +32,7 @@ from ppo_cli import sampling
 from ppo_cli.app import hydra_app
 from ppo_cli.data import encode_prompt, load_rows, pad_left, pad_right, prompt_of, prompt_text
 from ppo_cli.errors import UserError
-from ppo_cli.logger import make_console
+from ppo_cli.logger import make_console, printable
 from ppo_cli.models import (
     adapter_task_type,
     eos_token_ids,
@@ -341,8 +341,8 @@ def write_jsonl_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def preview(rows: list[dict[str, Any]], n: int, title: str) -> None:
-    from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     if n <= 0 or not rows:
         return
@@ -358,11 +358,12 @@ def preview(rows: list[dict[str, Any]], n: int, title: str) -> None:
         completion = (
             row["completion"] if isinstance(row["completion"], str) else row["completion"][0]["content"]
         )
-        cells = [str(i), _clip(prompt, 300), _clip(completion, 400)]
+        # Text, not markup: a completion is any text ("[/]", control bytes), shown as written.
+        cells = [str(i), Text(printable(_clip(prompt, 300))), Text(printable(_clip(completion, 400)))]
         if with_reward:
             cells.append(f"{row['reward']:.4g}")
         table.add_row(*cells)
-    Console(highlight=False).print(table)
+    make_console().print(table)
 
 
 def _clip(text: str, limit: int) -> str:

@@ -105,22 +105,24 @@ def load_examples(
     cfg: DictConfig,
     tokenizer,
     build: Callable[..., tuple[list[dict], LengthReport]],
-    say: Callable[[str], None],
+    say: Callable[[Any], None],
     nothing_left: Callable[[LengthReport, int], str],
     noun: str = "examples",
 ) -> tuple[list[dict], list[dict]]:
     """The training and evaluation examples of a supervised stage: data.train / data.eval rows (or the
     held-out fraction) through `build(tokenizer, rows, max_length, overflow)`. What the length limit cut
-    or dropped is said with `say`, counting `noun`; no training example left is a UserError that names
-    data.train, then `nothing_left(report, data.max_length)`."""
+    or dropped is said with `say` (a rich console's print, or print), counting `noun`; no training
+    example left is a UserError that names data.train, then `nothing_left(report, data.max_length)`."""
+    from rich.text import Text  # styled without markup: print shows it plain, file names stay verbatim
+
     data_cfg = cfg.data
     train_rows, eval_rows = load_train_eval_rows(data_cfg, cfg.train.seed)
     train, report = build(tokenizer, train_rows, data_cfg.max_length, data_cfg.overflow)
     evals, eval_report = build(tokenizer, eval_rows, data_cfg.max_length, data_cfg.overflow)
     for name, rep in (("data.train", report), ("eval", eval_report)):
-        message = rep.describe(data_cfg.max_length)
+        message = rep.describe(data_cfg.max_length, noun)
         if message:
-            say(f"[yellow]{name}: {message.replace('examples', noun)}[/]")
+            say(Text(f"{name}: {message}", style="yellow"))
     if not train:
         raise UserError(f"data.train={data_cfg.train}: {nothing_left(report, data_cfg.max_length)}")
     return train, evals

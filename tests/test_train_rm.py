@@ -129,7 +129,9 @@ def test_length_limit_truncates_keeping_the_start_or_drops(tokenizer):
         and kept[0]["rejected"] == encode_pair(tokenizer, rows[0])["rejected"]
     )
     assert (report.total, report.truncated, report.dropped) == (3, 1, 1)
-    assert "1 of 3 examples truncated and 1 dropped" in report.describe(12)
+    message = report.describe(12, "pairs")
+    assert "1 of 3 pairs truncated to data.max_length=12" in message, message
+    assert "1 of 3 pairs dropped: the prompt, with any start both answers share, is at least" in message
     kept, report = build_pair_examples(tokenizer, rows, max_length=12, overflow="drop")
     assert len(kept) == 1 and (report.truncated, report.dropped) == (0, 2)
 
@@ -220,7 +222,8 @@ def run_in_process(monkeypatch, capsys, *args: str) -> tuple[int, str]:
 
 def test_learns_a_separable_preference(rm_run):
     out, _, result = rm_run
-    assert "SFT adapter" in result.stdout and "(8 LoRA tensors)" in result.stdout
+    panel = " ".join(result.stdout.replace("│", " ").split())  # the 80-column panel folds long rows
+    assert "SFT adapter" in panel and "(8 LoRA tensors)" in panel, result.stdout
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_lines = [m for m in lines if "loss" in m]
     assert [m["step"] for m in train_lines] == [3, 6, 9, 12]

@@ -152,6 +152,7 @@ def execute(plan: Plan, overrides: list[str]) -> dict[str, tuple[str, float]]:
 def run_pipeline(cfg: DictConfig, overrides: list[str]) -> Plan:
     """The pipeline command: plan, set up, run the stages, report."""
 
+    start = time.perf_counter()  # "finished in" is the whole pipeline's time: setup and report included
     console = make_console()
     setup_args = OmegaConf.to_container(cfg.setup, resolve=True) if cfg.setup else {}
     # stages= as typed; left at its default, the recipe's own stages (a recipe may have no rm stage).
@@ -177,15 +178,17 @@ def run_pipeline(cfg: DictConfig, overrides: list[str]) -> Plan:
     if not dist.is_main:
         plan = make_plan(cfg.recipe, overrides, run_dir, cfg.resume, stages, setup_args, build=False)
     apply_cpu_threads(plan.recipe)
-    start = time.perf_counter()
     timings = execute(plan, overrides)
     if dist.is_main:
         console.print(summary_table(plan, timings))
         if plan.recipe.report:
             report = load_hook(plan.recipe, plan.recipe.report, "report")
             report(plan.run_dir, plan.configs, **plan.setup_args)
+        minutes, seconds = divmod(round(time.perf_counter() - start), 60)
+        took = f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
         console.print(
-            f"pipeline {plan.recipe.name} finished in {time.perf_counter() - start:.0f}s: {plan.run_dir}"
+            f"pipeline {plan.recipe.name} finished in {took} (setup, stages, report): {plan.run_dir}",
+            soft_wrap=True,
         )
     return plan
 

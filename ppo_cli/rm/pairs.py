@@ -120,6 +120,8 @@ def build_pair_examples(
         max_length,
         overflow,
         is_useless=lambda example: example["chosen"] == example["rejected"],
+        useless_why="the prompt, with any start both answers share, is at least data.max_length={max_length} "
+        "tokens long, leaving chosen and rejected the same",
     )
 
 
