@@ -34,6 +34,18 @@ class Rollout:
     scores: torch.Tensor  # (B,) on the fixed scale used in the rewards, missing-EOS penalty included
     prompts: list[str]
     completions: list[str]
+    # (B, R) generation.engine=vllm: vLLM's logprobs of its own samples (under the distribution it drew
+    # them from), padded like the responses; None with the hf engine, whose sampler is the trained policy.
+    # Only measured against the old logprobs (rollout/sampler_logprob_gap), never used in the loss.
+    sampler_logprobs: torch.Tensor | None = None
+
+
+def pad_logprobs(rows: list[list[float]], length: int) -> torch.Tensor:
+    """(B, length) float32 logprobs, each row right-padded with 0 (its pads are outside response_mask)."""
+    out = torch.zeros(len(rows), length)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
+    return out
 
 
 class RolloutMixin:
@@ -41,13 +53,16 @@ class RolloutMixin:
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]]) -> tuple[torch.Tensor, ...]:
+        """(prompt ids, prompt mask, responses, response mask, the sampler's logprobs or None)."""
         pad = self.tokenizer.pad_token_id
         input_ids = pad_left(prompt_ids, pad).to(self.device)
         prompt_mask = pad_left([[1] * len(p) for p in prompt_ids], 0).to(self.device)
         self.roles.eval()
+        sampler_logprobs = None
         if self.vllm is not None:  # generation.engine=vllm: the same draws, from vLLM
-            sampled = self.vllm.sample(prompt_ids, self.step, self.eos_ids, pad)
+            sampled, sampled_logprobs = self.vllm.sample(prompt_ids, self.step, self.eos_ids, pad)
             responses = pad_right(sampled, pad).to(self.device)
+            sampler_logprobs = pad_logprobs(sampled_logprobs, responses.shape[1]).to(self.device)
         else:
             with self.roles.role(POLICY), self.precision():
                 out = sampling.generate(
@@ -55,7 +70,7 @@ class RolloutMixin:
                 )
             responses = out[:, input_ids.shape[1] :]
         responses, response_mask = rlhf.truncate_after_eos(responses, self.eos_ids, pad)
-        return input_ids, prompt_mask, responses, response_mask
+        return input_ids, prompt_mask, responses, response_mask, sampler_logprobs
 
     def precision(self):
         """Mixed precision for one pass (models.autocast); bf16 on CPUs and GPUs that do it natively."""
@@ -122,7 +137,7 @@ class RolloutMixin:
         first update pass will give them: fuse_first_pass)."""
         timings = {}
         start = time.perf_counter()
-        prompt_ids, prompt_mask, responses, response_mask = self.generate(
+        prompt_ids, prompt_mask, responses, response_mask, sampler_logprobs = self.generate(
             [p["input_ids"] for p in batch_prompts]
         )
         timings["time/generate"] = time.perf_counter() - start
@@ -162,5 +177,6 @@ class RolloutMixin:
             scores,
             prompts,
             completions,
+            sampler_logprobs,
         )
         return rollout, timings

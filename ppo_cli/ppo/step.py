@@ -28,6 +28,7 @@ from ppo_cli.models.devices import release_freed_cpu_memory
 from ppo_cli.ppo.estimators import critic_free_advantages
 from ppo_cli.ppo.roles import POLICY
 from ppo_cli.ppo.rollout import Rollout
+from ppo_cli.ppo.vllm_rollout import GAP_METRIC, sampler_logprob_gap
 from ppo_cli.supervised import check_finite, optimizer_step
 
 # What the first update pass computed for every row of a fused rollout, reused as epoch 0's only
@@ -242,6 +243,10 @@ class StepMixin:
         kl = rlhf.masked_sum(ro.logprobs - ro.ref_logprobs, mask, dim=1)
         non_score_total = rlhf.masked_sum(non_score, mask, dim=1)
         eos_count = sum(int((ro.responses == e).logical_and(mask).sum()) for e in self.eos_ids)
+        # engine=vllm: how far the sampler's policy is from the trained one (a quantized base: not 0).
+        gap = {}
+        if ro.sampler_logprobs is not None:
+            gap[GAP_METRIC] = sampler_logprob_gap(ro.sampler_logprobs, ro.logprobs, mask)
         return {
             "objective/kl": float(kl.mean()),
             "objective/entropy": float(rlhf.masked_sum(-ro.logprobs, mask, dim=1).mean()),
@@ -251,5 +256,6 @@ class StepMixin:
             "objective/scores_normalized": float(ro.scores.mean()),
             "val/num_eos_tokens": float(eos_count),
             "val/mean_response_length": float(mask.sum(1).float().mean()),
+            **gap,
             **timings,
         }
