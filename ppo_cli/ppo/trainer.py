@@ -15,7 +15,7 @@ from ppo_cli.dist import broadcast_parameters
 from ppo_cli.loop import LoopStage, LoopState, TrainingLoop
 from ppo_cli.models import autocast_dtype
 from ppo_cli.ppo.estimators import Estimation, resolve_estimation
-from ppo_cli.ppo.guards import BatchSigns, PPOGuards
+from ppo_cli.ppo.guards import BatchSigns, PPOGuards, eos_knob
 from ppo_cli.ppo.roles import Roles
 from ppo_cli.ppo.rollout import Rollout, RolloutMixin
 from ppo_cli.ppo.scale import RewardScale
@@ -90,7 +90,11 @@ class PPOTrainer(RolloutMixin, StepMixin, LoopStage):
         self.put_critic_on_scale()  # rm_stats: the scale is known already
         self.scale_announced = False
         self.episode = 0  # prompts rolled out so far, over all ranks
-        self.watch = PPOGuards(self.gen_cfg.max_new_tokens, self.ppo_cfg.kl_warn)
+        self.watch = PPOGuards(
+            self.gen_cfg.max_new_tokens,
+            self.ppo_cfg.kl_warn,
+            eos_knob(self.ppo_cfg.missing_eos_penalty, self.ppo_cfg.missing_eos_score),
+        )
         self.base_dtype = roles.model.get_input_embeddings().weight.dtype
         if autocast_dtype(self.device, self.train_cfg.mixed_precision) is not None:
             # Under autocast every matmul casts its own operands; peft's cast of each LoRA input to the
@@ -188,6 +192,9 @@ class PPOTrainer(RolloutMixin, StepMixin, LoopStage):
 
     def guards(self, step: int, metrics: dict[str, float], signs: BatchSigns) -> None:
         for message in self.watch.check(step, metrics, signs):
+            self.run.logger.warn(message)
+        # engine=vllm on a quantized training base: vLLM samples another policy than PPO trains (said once).
+        if self.vllm is not None and (message := self.vllm.gap_warning(step, metrics)):
             self.run.logger.warn(message)
 
     def show_samples(self, ro: Rollout, step: int, n: int = 4) -> None:
