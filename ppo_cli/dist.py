@@ -4,16 +4,38 @@ Single-process runs never touch torch.distributed. Under torchrun (WORLD_SIZE > 
 process group (nccl on GPU, gloo on CPU); rank 0 alone writes files and prints. The rest of the package
 talks to the group only through the helpers here, which send tensors on the device the backend serves
 (DistInfo.device) whatever device the caller's tensors are on.
+
+Teardown: a process that joined a group leaves it (`shutdown`) while the interpreter is still whole.
+gloo runs collectives on worker threads, and a worker that releases a finished collective's tensors takes
+the GIL to drop their Python objects. Should the main thread begin finalizing the interpreter meanwhile,
+CPython (< 3.14) ends that worker with pthread_exit, whose unwinding reaches a noexcept C++ destructor:
+the rank aborts with "terminate called without an active exception" (pytorch/pytorch#190489).
+destroy_process_group joins the workers, provided it really frees the group: nothing else may still hold
+it (see the torch.distributed.nn import below, and `shutdown`'s gc.collect). The command calls
+`shutdown()` (barrier, then destroy) once it returned on every rank (ppo_cli/cli.py); any other exit (an
+error, Ctrl-C, the graceful stop's SystemExit) destroys the group without a barrier from the atexit hook
+that init_distributed registers, which Python runs before it finalizes.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import gc
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as tdist
+
+# torch.distributed.nn.functional binds `group.WORLD` as the default argument of its functions when first
+# imported. transformers imports it lazily (its FSDP integration, on the first model or config load), after
+# the group exists: those defaults would then hold the group for good, destroy_process_group could not free
+# it, and its gloo threads would live on into interpreter finalization (module docstring). Imported here,
+# before any group exists, the defaults are None.
+import torch.distributed.nn  # noqa: F401
 
 # Per-rank seeds are seed + rank * SEED_STRIDE (a large prime): ranks sample differently while the
 # data order, seeded with the plain seed, is shared (docs/ppo-details.md, detail 18).
@@ -51,6 +73,10 @@ def init_distributed(device_name: str) -> DistInfo:
         torch.cuda.set_device(local_rank)
     if not tdist.is_initialized():
         tdist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        # Whatever way the process ends, the group goes before the interpreter finalizes (module
+        # docstring). Unregistered first: a second init in the same process must not add a second hook.
+        atexit.unregister(_shutdown_at_exit)
+        atexit.register(_shutdown_at_exit)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=backend_device(local_rank))
 
 
@@ -124,9 +150,47 @@ def barrier(info: DistInfo) -> None:
         tdist.barrier(device_ids=[info.device.index] if info.device.type == "cuda" else None)
 
 
-def cleanup(info: DistInfo) -> None:
-    if info.enabled and tdist.is_initialized():
-        tdist.destroy_process_group()
+def shutdown(synchronize: bool = True) -> None:
+    """Leave the process group (module docstring): a barrier (if `synchronize`), then destroy_process_group,
+    which joins gloo's threads. Nothing to do without a group, or once it is gone.
+
+    synchronize=True only where every rank is at the same point (the command returned on all of them):
+    no rank then closes its connections while another still talks to it. After an error one rank may be
+    inside a collective, where a barrier would pair with it (gloo matches collectives by their order, not
+    their kind: a hang or corrupt data), so error exits leave without one (`_shutdown_at_exit`). A barrier
+    that fails means another rank ended first (its own error says why): this rank's work is done, so
+    the failure is only reported and the group destroyed anyway."""
+    if not tdist.is_available() or not tdist.is_initialized():
+        return
+    if synchronize and tdist.get_world_size() > 1:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        info = DistInfo(
+            rank=tdist.get_rank(),
+            world_size=tdist.get_world_size(),
+            local_rank=local_rank,
+            device=backend_device(local_rank),
+        )
+        try:
+            barrier(info)
+        except Exception as exc:  # noqa: BLE001 - gloo/nccl report a gone peer as several error types
+            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            print(
+                f"rank {info.rank}: another rank left before the final barrier ({first_line}); "
+                "closing the process group.",
+                file=sys.stderr,
+            )
+    # destroy_process_group drops torch's own references; the group, and its gloo threads, go with the
+    # last one. A DDP model caught in a reference cycle (a trainer and its loop) holds one until the cycle
+    # collector happens to run, possibly only during finalization: collect it now.
+    gc.collect()
+    tdist.destroy_process_group()
+
+
+def _shutdown_at_exit() -> None:
+    """atexit hook of init_distributed: destroy the group without a barrier (see `shutdown`)."""
+    # The process is exiting: its own error, if any, is already out; a failed teardown adds nothing.
+    with contextlib.suppress(Exception):
+        shutdown(synchronize=False)
 
 
 def _in_place(tensor: torch.Tensor, info: DistInfo, collective) -> None:

@@ -30,10 +30,15 @@ def _free_port() -> int:
 
 
 def torchrun(
-    *args: str, cwd: Path, env: dict | None = None, timeout: float = 600
+    *args: str,
+    cwd: Path,
+    env: dict | None = None,
+    timeout: float = 600,
+    entry: tuple[str, ...] = ("-m", "ppo_cli"),
 ) -> subprocess.CompletedProcess:
-    """`ppo-cli ARGS` on two CPU ranks. On timeout (e.g. ranks stuck in unmatched collectives) the whole
-    process group goes, workers included, and the test fails."""
+    """`ppo-cli ARGS` on two CPU ranks (`entry`: what torchrun starts, e.g. a script that runs ppo_cli). On
+    timeout (e.g. ranks stuck in unmatched collectives) the whole process group goes, workers included,
+    and the test fails."""
     cmd = [
         sys.executable,
         "-m",
@@ -44,8 +49,7 @@ def torchrun(
         "127.0.0.1",
         "--master_port",
         str(_free_port()),
-        "-m",
-        "ppo_cli",
+        *entry,
         *args,
         "logger.progress=false",
     ]
@@ -175,6 +179,167 @@ def test_default_output_dir_is_shared_by_ranks(tiny, tmp_path):
     runs = list((tmp_path / "outputs" / "sft").iterdir())
     assert len(runs) == 1, runs
     assert (runs[0] / "final").is_dir()
+
+
+# ------------------------------------------------------------------------------------------- teardown
+# Every rank leaves its process group before the interpreter finalizes (ppo_cli/dist.py): a gloo worker
+# thread still alive then may take the GIL to drop a finished collective's tensor, which CPython answers
+# with pthread_exit inside a C++ destructor, and the rank aborts with "terminate called without an active
+# exception" (seen once in CI, in test_ppo_two_ranks_cross_an_epoch_boundary_with_equal_rows).
+
+# In the scripts below, registered before ppo_cli.dist's hook: each process reports its threads after the
+# teardown (atexit runs its callbacks last-registered first).
+_REPORT_THREADS_AT_EXIT = """
+import atexit, os, sys
+
+def _threads_at_exit():
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/comm") as f:
+            names.append(f.read().strip())
+    print("threads at exit:", sorted(names), file=sys.stderr, flush=True)
+
+atexit.register(_threads_at_exit)
+"""
+
+_EXIT_PATHS = (
+    """
+import atexit, os, sys
+
+how, rank = sys.argv[1], int(os.environ["RANK"])
+if how == "collective_in_flight" and rank == 1:
+    import ctypes
+
+    # Registered first, so the last thing before finalization, holding the GIL throughout (a PyDLL call
+    # never releases it): a gloo worker that finishes meanwhile can only take the GIL once the
+    # interpreter is finalizing. Without ppo_cli.dist's teardown, this run aborted every time.
+    atexit.register(ctypes.PyDLL(None).usleep, 3_000_000)
+"""
+    + _REPORT_THREADS_AT_EXIT
+    + """
+import time
+
+import torch
+import torch.distributed as tdist
+
+from ppo_cli import dist
+
+info = dist.init_distributed("cpu")
+dist.check_in_sync([torch.nn.Parameter(torch.ones(3))], info)  # a checkpoint's collectives
+dist.barrier(info)
+if how == "command_returns":  # what ppo_cli/cli.py does once the command returned, on every rank
+    dist.shutdown()
+elif how == "graceful_stop":  # the loop's stop: a checkpoint (ending in a barrier), then SystemExit
+    raise SystemExit(130)
+elif how == "one_rank_fails":
+    if rank == 1:
+        raise RuntimeError("rank 1 failed after the last collective")
+    dist.shutdown()  # its barrier fails once rank 1 is gone: reported, and the group destroyed anyway
+elif how == "collective_in_flight":  # rank 1 leaves with an all_reduce running; rank 0 joins it late
+    if rank == 0:
+        time.sleep(0.5)
+        tdist.all_reduce(torch.ones(4))
+    else:
+        tensor = torch.ones(4)
+        tdist.all_reduce(tensor, async_op=True)
+        del tensor  # now owned by the gloo work alone
+"""
+)
+
+
+def _gloo_threads_at_exit(stderr: str) -> list[str]:
+    """The gloo threads (pt_gloo_runloop, gloo_tcp_loop) in a process's `threads at exit:` report."""
+    line = next(line for line in stderr.splitlines() if "threads at exit:" in line)
+    return [t for t in ast.literal_eval(line.split("threads at exit:", 1)[1].strip()) if "gloo" in t]
+
+
+def _two_ranks(script: Path, *args: str, timeout: float = 180) -> list[subprocess.CompletedProcess]:
+    """`python SCRIPT ARGS` as ranks 0 and 1 of a gloo group (torchrun's environment), run to the end of
+    each process: not torch.multiprocessing, whose children leave with os._exit, skipping finalization.
+    Each rank's output (stdout and stderr, into a file: a full pipe would stall the ranks) is its
+    CompletedProcess's stderr."""
+    env = {**cli_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
+    logs = [script.parent / f"rank{rank}.log" for rank in (0, 1)]
+    procs = []
+    for rank, log in enumerate(logs):
+        with log.open("w") as out:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, str(script), *args],
+                    cwd=script.parent,
+                    env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+    try:
+        codes = [proc.wait(timeout=timeout) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    return [
+        subprocess.CompletedProcess(proc.args, code, "", log.read_text())
+        for proc, code, log in zip(procs, codes, logs, strict=True)
+    ]
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names in /proc")
+
+
+@needs_proc
+@pytest.mark.parametrize(
+    ("how", "exit_codes"),
+    [
+        ("command_returns", [0, 0]),
+        ("graceful_stop", [130, 130]),
+        ("one_rank_fails", [0, 1]),
+        ("collective_in_flight", [0, 0]),
+    ],
+)
+def test_every_exit_leaves_the_group_before_the_interpreter_finalizes(tmp_path, how, exit_codes):
+    """Both ranks exit right after their last collective, along each way out of a command: no gloo
+    thread is left when the interpreter finalizes, and no rank aborts."""
+    script = tmp_path / "exit_paths.py"
+    script.write_text(_EXIT_PATHS)
+    ranks = _two_ranks(script, how)
+    assert [r.returncode for r in ranks] == exit_codes, [r.stderr[-3000:] for r in ranks]
+    for rank in ranks:
+        assert "terminate called" not in rank.stderr, rank.stderr[-3000:]
+        assert _gloo_threads_at_exit(rank.stderr) == [], rank.stderr[-3000:]
+    if how == "one_rank_fails":
+        assert "another rank left before the final barrier" in ranks[0].stderr
+
+
+@needs_proc
+def test_train_command_leaves_no_gloo_thread_to_the_interpreter_finalization(tiny, tmp_path):
+    """The real command on two ranks (train-sft: transformers, DDP). destroy_process_group alone left the
+    gloo threads running here: the group stayed referenced by torch.distributed.nn's default arguments
+    (imported by transformers once the group existed) and by the DDP model (in a reference cycle)."""
+    wrapper = tmp_path / "ppo_cli_reporting_threads.py"
+    wrapper.write_text(
+        _REPORT_THREADS_AT_EXIT
+        + "import runpy\n"
+        + "sys.argv = ['ppo_cli', *sys.argv[1:]]\n"
+        + "runpy.run_module('ppo_cli', run_name='__main__', alter_sys=True)\n"
+    )
+    result = torchrun(
+        "train-sft",
+        f"model.name_or_path={tiny['model']}",
+        f"data.train={tiny['sft']}",
+        f"output_dir={tmp_path / 'sft'}",
+        "train.max_steps=1",
+        "train.batch_size=2",
+        "train.eval_every=0",
+        cwd=tmp_path,
+        entry=(str(wrapper),),
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = [line for line in result.stderr.splitlines() if "threads at exit:" in line]
+    assert len(reports) == 2, result.stderr[-3000:]
+    assert [_gloo_threads_at_exit(line) for line in reports] == [[], []], reports
 
 
 def _sync_worker(rank: int, port: int, same: bool, results) -> None:
@@ -331,7 +496,7 @@ def _device_worker(rank: int, port: int, results) -> None:
             "whitened_as_one_process": _whitening_matches_one_process(info),
         }
     finally:
-        dist.cleanup(info)
+        dist.shutdown(synchronize=False)  # no barrier: on an error the other rank may be in a collective
 
 
 def _whitening_matches_one_process(info: DistInfo) -> bool:
