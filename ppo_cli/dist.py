@@ -12,9 +12,9 @@ CPython (< 3.14) ends that worker with pthread_exit, whose unwinding reaches a n
 the rank aborts with "terminate called without an active exception" (pytorch/pytorch#190489).
 destroy_process_group joins the workers, provided it really frees the group: nothing else may still hold
 it (see the torch.distributed.nn import below, and `shutdown`'s gc.collect). The command calls
-`shutdown()` (barrier, then destroy) once it returned on every rank (ppo_cli/cli.py); any other exit (an
-error, Ctrl-C, the graceful stop's SystemExit) destroys the group without a barrier from the atexit hook
-that init_distributed registers, which Python runs before it finalizes.
+`shutdown()` once it returned (ppo_cli/cli.py); any other exit (an error, Ctrl-C, the graceful stop's
+SystemExit) goes through the atexit hook that init_distributed registers, which Python runs before it
+finalizes.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import atexit
 import contextlib
 import gc
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,35 +149,18 @@ def barrier(info: DistInfo) -> None:
         tdist.barrier(device_ids=[info.device.index] if info.device.type == "cuda" else None)
 
 
-def shutdown(synchronize: bool = True) -> None:
-    """Leave the process group (module docstring): a barrier (if `synchronize`), then destroy_process_group,
-    which joins gloo's threads. Nothing to do without a group, or once it is gone.
+def shutdown() -> None:
+    """Leave the process group (module docstring): destroy_process_group, which joins gloo's threads once
+    nothing else holds the group. Nothing to do without a group, or once it is gone.
 
-    synchronize=True only where every rank is at the same point (the command returned on all of them):
-    no rank then closes its connections while another still talks to it. After an error one rank may be
-    inside a collective, where a barrier would pair with it (gloo matches collectives by their order, not
-    their kind: a hang or corrupt data), so error exits leave without one (`_shutdown_at_exit`). A barrier
-    that fails means another rank ended first (its own error says why): this rank's work is done, so
-    the failure is only reported and the group destroyed anyway."""
+    No barrier first. A training command's last collective already is one (its final checkpoint's), after
+    which rank 0 alone may work on for long (final/, plots, train-ppo's final evaluation): a second barrier would hold the other ranks all that time, past nccl's watchdog timeout,
+    which takes a waiting rank down and torchrun the whole run with it. On the way out of an error one rank
+    may still be inside a collective, which a barrier would meet there (gloo pairs collectives by their
+    order, not their kind: a hang or corrupt data). Leaving without one is safe: a rank past its last
+    collective has nothing in flight, and what it sent still arrives after it closes its connections."""
     if not tdist.is_available() or not tdist.is_initialized():
         return
-    if synchronize and tdist.get_world_size() > 1:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        info = DistInfo(
-            rank=tdist.get_rank(),
-            world_size=tdist.get_world_size(),
-            local_rank=local_rank,
-            device=backend_device(local_rank),
-        )
-        try:
-            barrier(info)
-        except Exception as exc:  # noqa: BLE001 - gloo/nccl report a gone peer as several error types
-            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            print(
-                f"rank {info.rank}: another rank left before the final barrier ({first_line}); "
-                "closing the process group.",
-                file=sys.stderr,
-            )
     # destroy_process_group drops torch's own references; the group, and its gloo threads, go with the
     # last one. A DDP model caught in a reference cycle (a trainer and its loop) holds one until the cycle
     # collector happens to run, possibly only during finalization: collect it now.
@@ -187,10 +169,10 @@ def shutdown(synchronize: bool = True) -> None:
 
 
 def _shutdown_at_exit() -> None:
-    """atexit hook of init_distributed: destroy the group without a barrier (see `shutdown`)."""
+    """atexit hook of init_distributed (see `shutdown`)."""
     # The process is exiting: its own error, if any, is already out; a failed teardown adds nothing.
     with contextlib.suppress(Exception):
-        shutdown(synchronize=False)
+        shutdown()
 
 
 def _in_place(tensor: torch.Tensor, info: DistInfo, collective) -> None:

@@ -231,10 +231,10 @@ if how == "command_returns":  # what ppo_cli/cli.py does once the command return
     dist.shutdown()
 elif how == "graceful_stop":  # the loop's stop: a checkpoint (ending in a barrier), then SystemExit
     raise SystemExit(130)
-elif how == "one_rank_fails":
+elif how == "one_rank_fails":  # rank 1 fails (its atexit hook leaves the group), rank 0 completes
     if rank == 1:
         raise RuntimeError("rank 1 failed after the last collective")
-    dist.shutdown()  # its barrier fails once rank 1 is gone: reported, and the group destroyed anyway
+    dist.shutdown()
 elif how == "collective_in_flight":  # rank 1 leaves with an all_reduce running; rank 0 joins it late
     if rank == 0:
         time.sleep(0.5)
@@ -308,8 +308,6 @@ def test_every_exit_leaves_the_group_before_the_interpreter_finalizes(tmp_path, 
     for rank in ranks:
         assert "terminate called" not in rank.stderr, rank.stderr[-3000:]
         assert _gloo_threads_at_exit(rank.stderr) == [], rank.stderr[-3000:]
-    if how == "one_rank_fails":
-        assert "another rank left before the final barrier" in ranks[0].stderr
 
 
 @needs_proc
@@ -496,7 +494,7 @@ def _device_worker(rank: int, port: int, results) -> None:
             "whitened_as_one_process": _whitening_matches_one_process(info),
         }
     finally:
-        dist.shutdown(synchronize=False)  # no barrier: on an error the other rank may be in a collective
+        dist.shutdown()
 
 
 def _whitening_matches_one_process(info: DistInfo) -> bool:
