@@ -67,6 +67,7 @@ from ppo_cli.data import pad_left
 from ppo_cli.dist import DistInfo
 from ppo_cli.errors import UserError
 from ppo_cli.ppo.roles import POLICY, REWARD
+from ppo_cli.ppo.step import step_metrics
 from ppo_cli.reward.functions import call_reward_function, load_reward_function
 
 CONTRACT_METRICS = [
@@ -285,15 +286,15 @@ def test_critic_on_rm_stats_scale_from_the_start(tiny, adapters, shifted_rm, tmp
 
 def stop_even_rows(trainer) -> None:
     """Make the trainer's rollouts end the even rows with EOS (the tiny policy rarely stops on its own)."""
-    sample = trainer.generate
+    sample = trainer.rollouts.generate
     eos, pad = trainer.eos_ids[0], trainer.tokenizer.pad_token_id
 
-    def even_rows_stop(prompt_ids):
-        ids, prompt_mask, responses, _ = sample(prompt_ids)
+    def even_rows_stop(prompt_ids, step):
+        ids, prompt_mask, responses, _, sampler_logprobs = sample(prompt_ids, step)
         responses[::2, 1] = eos
-        return ids, prompt_mask, *rlhf.truncate_after_eos(responses, eos, pad)
+        return ids, prompt_mask, *rlhf.truncate_after_eos(responses, eos, pad), sampler_logprobs
 
-    trainer.generate = even_rows_stop
+    trainer.rollouts.generate = even_rows_stop
 
 
 def test_defaults_hold_kl_near_a_target_and_score_unfinished_responses_low(trainer_factory):
@@ -388,8 +389,8 @@ def test_row6_kl_and_masked_sums_count_real_tokens_only(trainer_factory):
     results = []
     for garbage in (float("nan"), 1e4):
         case = crafted(garbage)
-        rewards, non_score, adv, returns = trainer.advantages(case)
-        metrics = trainer.step_metrics(case, non_score, {})
+        rewards, non_score, adv, returns = trainer.updater.advantages(case)
+        metrics = step_metrics(case, non_score, trainer.eos_ids, {})
         results.append(metrics)
         assert torch.isfinite(rewards).all() and torch.isfinite(adv).all() and torch.isfinite(returns).all()
         assert (non_score[~mask] == 0).all() and (rewards[~mask] == 0).all() and (adv[~mask] == 0).all()
@@ -431,7 +432,7 @@ def test_row14_epochs_over_reshuffled_minibatches(trainer_factory):
         return original(qr, mask, responses, role, **kwargs)
 
     steps = []
-    trainer.policy_logprobs = recording
+    trainer.passes.policy_logprobs = recording  # the passes the update runs
     optimizer_step = trainer.optimizer.step
     trainer.optimizer.step = lambda *a, **k: (steps.append(len(seen)), optimizer_step(*a, **k))[1]
     before = [p.detach().clone() for p in trainer.policy_params]

@@ -2,19 +2,29 @@
 
 `Rollout` is what a step learns from; it is never changed in place: the step that adds the old
 logprobs and values (from the first update pass) makes a new one with dataclasses.replace.
+`ForwardPasses` are the scoring passes over the roles, shared with the update (step.py);
+`RolloutMaker` samples and scores one batch with them.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ppo_cli import rlhf, sampling
 from ppo_cli.data import pad_left, pad_right
+from ppo_cli.dist import DistInfo
 from ppo_cli.models import autocast
-from ppo_cli.ppo.roles import POLICY, REFERENCE
+from ppo_cli.ppo.roles import POLICY, REFERENCE, Roles
+from ppo_cli.ppo.scale import RewardScale
+from ppo_cli.ppo.vllm_rollout import VLLMRollouts
+
+if TYPE_CHECKING:
+    from transformers import GenerationConfig
 
 
 @dataclass(frozen=True)
@@ -48,33 +58,24 @@ def pad_logprobs(rows: list[list[float]], length: int) -> torch.Tensor:
     return out
 
 
-class RolloutMixin:
-    """PPOTrainer's sampling and scoring passes (the trainer holds the roles, config and reward)."""
+class ForwardPasses:
+    """The passes that score responses under a role: the one code path for the rollout's old and
+    reference logprobs and values, and the update's new ones (detail 15).
 
-    @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]]) -> tuple[torch.Tensor, ...]:
-        """(prompt ids, prompt mask, responses, response mask, the sampler's logprobs or None)."""
-        pad = self.tokenizer.pad_token_id
-        input_ids = pad_left(prompt_ids, pad).to(self.device)
-        prompt_mask = pad_left([[1] * len(p) for p in prompt_ids], 0).to(self.device)
-        self.roles.eval()
-        sampler_logprobs = None
-        if self.vllm is not None:  # generation.engine=vllm: the same draws, from vLLM
-            sampled, sampled_logprobs = self.vllm.sample(prompt_ids, self.step, self.eos_ids, pad)
-            responses = pad_right(sampled, pad).to(self.device)
-            sampler_logprobs = pad_logprobs(sampled_logprobs, responses.shape[1]).to(self.device)
-        else:
-            with self.roles.role(POLICY), self.precision():
-                out = sampling.generate(
-                    self.roles.model, self.generation_config, input_ids=input_ids, attention_mask=prompt_mask
-                )
-            responses = out[:, input_ids.shape[1] :]
-        responses, response_mask = rlhf.truncate_after_eos(responses, self.eos_ids, pad)
-        return input_ids, prompt_mask, responses, response_mask, sampler_logprobs
+    roles: the four roles on one base; pad_token_id: never sampled, so given no probability;
+    temperature: generation.temperature, the T of softmax(logits / T) the responses were sampled from;
+    device and mixed_precision: where the passes run and under which autocast (train.mixed_precision).
+    """
+
+    def __init__(
+        self, roles: Roles, pad_token_id: int, temperature: float, device: torch.device, mixed_precision: str
+    ):
+        self.roles, self.pad_token_id, self.temperature = roles, pad_token_id, temperature
+        self.device, self.mixed_precision = device, mixed_precision
 
     def precision(self):
         """Mixed precision for one pass (models.autocast); bf16 on CPUs and GPUs that do it natively."""
-        return autocast(self.device, self.train_cfg.mixed_precision)
+        return autocast(self.device, self.mixed_precision)
 
     def policy_logprobs(
         self,
@@ -92,53 +93,104 @@ class RolloutMixin:
         with self.roles.role(role), self.precision():
             logits = self.roles.response_logits(qr, mask, responses.shape[1])
         # The pad token is never sampled (suppressed in generation), so it has no probability here either.
-        pad = self.tokenizer.pad_token_id
-        return sampling.sampled_logprobs(logits, responses, self.gen_cfg.temperature, pad, with_entropy)
+        return sampling.sampled_logprobs(logits, responses, self.temperature, self.pad_token_id, with_entropy)
 
     def value_estimates(self, qr: torch.Tensor, mask: torch.Tensor, length: int) -> torch.Tensor:
         with self.precision():
             return self.roles.values(qr, mask, length).float()
 
-    def put_critic_on_scale(self) -> None:
-        """Once the score scale is fixed, rescale a critic copied from the RM head to it, once.
 
-        Its copy of the RM head predicts raw scores, while the returns it learns are built from the
-        normalised ones: left there, value clipping would take ~|mean| / clip_range_value rollouts to
-        close the gap, and meanwhile GAE would push the tokens near EOS for or against stopping by the
-        sign of the RM's mean. Per-batch whitening has no fixed scale, and without normalisation the
-        raw scale is PPO's.
-        """
-        stats = self.scale.fixed_stats()
-        if self.critic_on_scale or stats is None:
-            return
-        if self.roles.value_head is not None and self.roles.value_head_from_reward:
-            self.roles.put_value_head_on_scale(*stats)
-        self.critic_on_scale = True
+@dataclass(frozen=True)
+class RolloutSettings:
+    """What a rollout takes from the config and from the update that follows it."""
+
+    # Rows per scoring pass: the update's micro-batch, so its first pass sees the same numbers (detail 15).
+    micro: int
+    # The old logprobs and values are left to the first update pass (PPOTrainer: one micro-batch).
+    fuse_first_pass: bool
+    critic: bool  # the run has a value adapter and head: values too
+    score_clip: float | None  # ppo.score_clip
+    missing_eos_penalty: float | None  # ppo.missing_eos_penalty (TRL's rule), or
+    missing_eos_score: float | None  # ppo.missing_eos_score (lm-human-preferences')
+
+
+class RolloutMaker:
+    """Samples a batch of responses to this rank's prompts and scores it (steps 2-5).
+
+    passes: the scoring passes (and their device); roles: whose policy adapter generates;
+    generation_config: pure sampling at temperature T (sampling.sampling_config); reward(qr, mask,
+    prompts, completions): the raw scores; scale: puts them on the run's fixed scale (all ranks' scores:
+    `dist`); eos_ids: the stop tokens; after_scoring(): called once a batch is scored, before the value
+    pass (the first batch may fix the scale, which the critic must be put on); vllm: generation.engine=vllm
+    draws the tokens, None: the policy's generate does.
+    """
+
+    def __init__(
+        self,
+        settings: RolloutSettings,
+        passes: ForwardPasses,
+        roles: Roles,
+        tokenizer,
+        generation_config: GenerationConfig,
+        reward: Callable[..., torch.Tensor],
+        scale: RewardScale,
+        eos_ids: list[int],
+        dist: DistInfo,
+        after_scoring: Callable[[], None],
+        vllm: VLLMRollouts | None = None,
+    ):
+        self.settings, self.passes, self.roles, self.tokenizer = settings, passes, roles, tokenizer
+        self.generation_config, self.reward, self.scale = generation_config, reward, scale
+        self.eos_ids, self.dist, self.after_scoring, self.vllm = eos_ids, dist, after_scoring, vllm
+        self.device = passes.device
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], step: int) -> tuple[torch.Tensor, ...]:
+        """(prompt ids, prompt mask, responses, response mask, the sampler's logprobs or None), sampled
+        from the policy after `step` updates."""
+        pad = self.tokenizer.pad_token_id
+        input_ids = pad_left(prompt_ids, pad).to(self.device)
+        prompt_mask = pad_left([[1] * len(p) for p in prompt_ids], 0).to(self.device)
+        self.roles.eval()
+        sampler_logprobs = None
+        if self.vllm is not None:  # generation.engine=vllm: the same draws, from vLLM
+            sampled, sampled_logprobs = self.vllm.sample(prompt_ids, step, self.eos_ids, pad)
+            responses = pad_right(sampled, pad).to(self.device)
+            sampler_logprobs = pad_logprobs(sampled_logprobs, responses.shape[1]).to(self.device)
+        else:
+            with self.roles.role(POLICY), self.passes.precision():
+                out = sampling.generate(
+                    self.roles.model, self.generation_config, input_ids=input_ids, attention_mask=prompt_mask
+                )
+            responses = out[:, input_ids.shape[1] :]
+        responses, response_mask = rlhf.truncate_after_eos(responses, self.eos_ids, pad)
+        return input_ids, prompt_mask, responses, response_mask, sampler_logprobs
 
     def score(self, qr, mask, responses, response_mask, originals, completions):
         """(raw scores, the scores PPO uses): scaled, clipped, and the missing-EOS rule applied."""
-        with self.precision():
+        rules = self.settings
+        with self.passes.precision():
             raw = self.reward(qr, mask, originals, completions).to(self.device).float()
-        scores = rlhf.clip_scores(self.scale(raw, self.run.dist), self.ppo_cfg.score_clip)
+        scores = rlhf.clip_scores(self.scale(raw, self.dist), rules.score_clip)
         # A response that never stopped: its score is replaced (missing_eos_score) or, when
         # missing_eos_penalty is set, lowered (TRL's rule). Both are in the units of the scores PPO uses
         # (std of the SFT samples' scores when normalised), so a value means the same against any reward
         # source; the scale is fixed on the source's own scores, and no clip takes the penalty back.
         eos_present = rlhf.has_eos(responses, response_mask, self.eos_ids)
-        if self.ppo_cfg.missing_eos_penalty is not None:
-            scores = rlhf.apply_missing_eos_penalty(scores, eos_present, self.ppo_cfg.missing_eos_penalty)
+        if rules.missing_eos_penalty is not None:
+            scores = rlhf.apply_missing_eos_penalty(scores, eos_present, rules.missing_eos_penalty)
         else:
-            scores = rlhf.replace_missing_eos_score(scores, eos_present, self.ppo_cfg.missing_eos_score)
+            scores = rlhf.replace_missing_eos_score(scores, eos_present, rules.missing_eos_score)
         return raw, scores
 
     @torch.no_grad()
-    def rollout(self, batch_prompts: list[dict]) -> tuple[Rollout, dict[str, float]]:
-        """Generate, score, and the reference's logprobs (the policy's and the values too, unless the
-        first update pass will give them: fuse_first_pass)."""
+    def rollout(self, batch_prompts: list[dict], step: int) -> tuple[Rollout, dict[str, float]]:
+        """Generate (from the policy after `step` updates), score, and the reference's logprobs (the
+        policy's and the values too, unless the first update pass will give them: fuse_first_pass)."""
         timings = {}
         start = time.perf_counter()
         prompt_ids, prompt_mask, responses, response_mask, sampler_logprobs = self.generate(
-            [p["input_ids"] for p in batch_prompts]
+            [p["input_ids"] for p in batch_prompts], step
         )
         timings["time/generate"] = time.perf_counter() - start
 
@@ -154,16 +206,16 @@ class RolloutMixin:
         raw, scores = self.score(qr, mask, responses, response_mask, originals, completions)
         # Scored first: the first batch may fix the scale, and the critic's values are read after it
         # has been put on that scale.
-        self.put_critic_on_scale()
-        self.announce_scale()
+        self.after_scoring()
+        micro, passes = self.settings.micro, self.passes
         logprobs, ref_logprobs, values = [], [], []
-        for s in range(0, qr.shape[0], self.micro):
-            chunk = slice(s, s + self.micro)
-            ref_logprobs.append(self.policy_logprobs(qr[chunk], mask[chunk], responses[chunk], REFERENCE))
-            if not self.fuse_first_pass:
-                logprobs.append(self.policy_logprobs(qr[chunk], mask[chunk], responses[chunk], POLICY))
-                if self.estimation.critic:
-                    values.append(self.value_estimates(qr[chunk], mask[chunk], length))
+        for s in range(0, qr.shape[0], micro):
+            chunk = slice(s, s + micro)
+            ref_logprobs.append(passes.policy_logprobs(qr[chunk], mask[chunk], responses[chunk], REFERENCE))
+            if not self.settings.fuse_first_pass:
+                logprobs.append(passes.policy_logprobs(qr[chunk], mask[chunk], responses[chunk], POLICY))
+                if self.settings.critic:
+                    values.append(passes.value_estimates(qr[chunk], mask[chunk], length))
         timings["time/score"] = time.perf_counter() - start
         rollout = Rollout(
             qr,

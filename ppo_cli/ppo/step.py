@@ -12,23 +12,28 @@
 7. ppo.epochs epochs over reshuffled minibatches: clipped policy loss + vf_coef * clipped value
    loss (13, 14);
 8. KL controller update (detail 7), metrics with TRL's names (the loop checkpoints).
+
+Steps 2-5 are rollout.py's RolloutMaker; the rest of 4 and 5-7 are PPOUpdate here, 8 is `step_metrics`
+here and the KL controller's update in PPOTrainer.ppo_step (trainer.py), which runs the two in turn.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
+from omegaconf import DictConfig
 
 from ppo_cli import rlhf
-from ppo_cli.dist import DistInfo, all_reduce_mean, all_reduce_sum, average_gradients
+from ppo_cli.dist import DistInfo, all_reduce_sum, average_gradients
 from ppo_cli.models.devices import release_freed_cpu_memory
-from ppo_cli.ppo.estimators import critic_free_advantages
-from ppo_cli.ppo.roles import POLICY
-from ppo_cli.ppo.rollout import Rollout
+from ppo_cli.ppo.estimators import Estimation, critic_free_advantages
+from ppo_cli.ppo.roles import POLICY, Roles
+from ppo_cli.ppo.rollout import ForwardPasses, Rollout
 from ppo_cli.ppo.vllm_rollout import GAP_METRIC, sampler_logprob_gap
+from ppo_cli.run import StageRun
 from ppo_cli.supervised import check_finite, optimizer_step
 
 # What the first update pass computed for every row of a fused rollout, reused as epoch 0's only
@@ -65,36 +70,75 @@ def minibatch_scales(
     return [rlhf.LossScale(tokens=float(t), rows=float(r)) for t, r in zip(tokens, rows)]
 
 
-class StepMixin:
-    """PPOTrainer's step (the trainer holds the roles, optimizer, controllers and config)."""
+@dataclass(frozen=True)
+class UpdateSettings:
+    """The numbers one update runs on, read once from the config (PPOUpdate)."""
 
-    def ppo_step(self, batch_prompts: list[dict]) -> tuple[Rollout, dict[str, float]]:
-        """Steps 2-8 on this rank's prompts: the rollout and the step's metrics (mean over ranks)."""
-        step_start = time.perf_counter()
-        ro, timings = self.rollout(batch_prompts)  # 2-5: generate, truncate, score, reference
-        start = time.perf_counter()
-        lr = self.scheduler.get_last_lr()[0]  # the rate this step's updates use
-        kl_coef = self.kl_ctl.value  # the beta this step's rewards use
-        ro, update_stats, non_score = self.update(ro)  # 4-7: old logprobs/values, advantages, epochs
-        self.scheduler.step()
-        timings["time/train"] = time.perf_counter() - start
-        timings["time/step"] = time.perf_counter() - step_start
-        timings["memory/peak_mb"] = peak_memory_mb(self.device)
-        metrics = {**self.step_metrics(ro, non_score, timings), **update_stats}
-        metrics = all_reduce_mean(metrics, self.run.dist)
-        # 8: the KL controller sees the batch-mean KL; n_steps counts episodes, as in Ziegler et al.
-        self.kl_ctl.update(metrics["objective/kl"], self.episodes_per_step)
-        metrics.update({"objective/kl_coef": kl_coef, "lr": lr})
-        return ro, metrics
+    estimation: Estimation  # the advantage estimator, KL placement and loss aggregation
+    epochs: int  # ppo.epochs
+    minibatch: int  # rows per optimizer step: the rank's rollout rows / ppo.num_minibatches
+    micro: int  # rows per forward/backward pass: minibatch / train.grad_accum_steps
+    clip_range: float
+    clip_range_value: float
+    vf_coef: float
+    gamma: float
+    lam: float
+    max_grad_norm: float  # 0: no clipping
+    max_new_tokens: int  # generation.max_new_tokens: the constant some loss aggregations divide by
+    gradient_checkpointing: bool  # model.gradient_checkpointing, in the update's train mode
 
-    def update(self, ro: Rollout) -> tuple[Rollout, dict[str, float], torch.Tensor]:
+    @classmethod
+    def from_config(cls, cfg: DictConfig, estimation: Estimation, rows: int) -> UpdateSettings:
+        """The settings of a run whose rollouts hold `rows` rows on each rank."""
+        minibatch = rows // cfg.ppo.num_minibatches
+        return cls(
+            estimation=estimation,
+            epochs=cfg.ppo.epochs,
+            minibatch=minibatch,
+            micro=minibatch // cfg.train.grad_accum_steps,
+            clip_range=cfg.ppo.clip_range,
+            clip_range_value=cfg.ppo.clip_range_value,
+            vf_coef=cfg.ppo.vf_coef,
+            gamma=cfg.ppo.gamma,
+            lam=cfg.ppo.lam,
+            max_grad_norm=cfg.train.max_grad_norm,
+            max_new_tokens=cfg.generation.max_new_tokens,
+            gradient_checkpointing=cfg.model.gradient_checkpointing,
+        )
+
+
+class PPOUpdate:
+    """Steps 4-7 on a rollout: old logprobs and values, rewards and advantages, ppo.epochs of updates.
+
+    passes: the policy's logprobs and the critic's values (the rollout's own code path, detail 15);
+    roles: switched to train mode for the update and back; optimizer: AdamW over `params` (the policy's
+    trainable parameters, then the value adapter's and head's); kl_ctl: beta, in the rewards or the
+    loss; run: its dist info (whitening, loss scales, gradient all-reduce), device, and the context of a
+    divergence's error message.
+    """
+
+    def __init__(
+        self,
+        settings: UpdateSettings,
+        passes: ForwardPasses,
+        roles: Roles,
+        optimizer: torch.optim.Optimizer,
+        params: list[torch.nn.Parameter],
+        kl_ctl: rlhf.FixedKLController | rlhf.AdaptiveKLController,
+        run: StageRun,
+    ):
+        self.settings, self.passes, self.roles = settings, passes, roles
+        self.optimizer, self.params, self.kl_ctl, self.run = optimizer, params, kl_ctl, run
+
+    def update(self, ro: Rollout, step: int) -> tuple[Rollout, dict[str, float], torch.Tensor]:
         """Steps 4-7 on a rollout: old logprobs and values (from the first update pass when the rollout
         lacks them), rewards and advantages, ppo.epochs of clipped updates. Returns the rollout with its
-        old logprobs and values, the update's stats, and the per-token non-score reward."""
-        self.roles.train(self.cfg.model.gradient_checkpointing)  # dropout is off either way (detail 9)
+        old logprobs and values, the update's stats, and the per-token non-score reward. `step`: the
+        step being taken (1-based), for error messages."""
+        self.roles.train(self.settings.gradient_checkpointing)  # dropout is off either way (detail 9)
         ro, first = self.old_logprobs_and_values(ro)
         _, non_score, adv, returns = self.advantages(ro)
-        stats = self.train_epochs(ro, adv, returns, first)
+        stats = self.train_epochs(ro, adv, returns, first, step)
         self.roles.eval()
         return ro, stats, non_score
 
@@ -120,17 +164,16 @@ class StepMixin:
 
         The KL penalty is in the rewards unless the estimator puts it in the loss (train_epochs); the
         critic-free estimators take their baseline from the rollout itself (ppo/estimators.py)."""
-        est = self.estimation
+        cfg = self.settings
+        est = cfg.estimation
         beta = self.kl_ctl.value if est.kl_in == "reward" else 0.0
         rewards, non_score = rlhf.shape_rewards(
             ro.scores, ro.logprobs, ro.ref_logprobs, ro.response_mask, beta, est.kl_estimator
         )
         if est.critic:
-            adv, returns = rlhf.gae(
-                rewards, ro.values, ro.response_mask, self.ppo_cfg.gamma, self.ppo_cfg.lam
-            )
+            adv, returns = rlhf.gae(rewards, ro.values, ro.response_mask, cfg.gamma, cfg.lam)
         else:
-            adv, returns = critic_free_advantages(est, rewards, ro.response_mask, self.ppo_cfg.gamma)
+            adv, returns = critic_free_advantages(est, rewards, ro.response_mask, cfg.gamma)
         if est.whiten:
             adv = whiten_advantages(adv, ro.response_mask, self.run.dist)
         return rewards, non_score, adv, returns
@@ -141,25 +184,26 @@ class StepMixin:
         """Policy logprobs and values of rows `idx`, with gradients (one update micro-batch), and the
         policy's entropy at each response position (no gradient; for policy/entropy_avg)."""
         qr, mask = ro.query_responses[idx], ro.attention_mask[idx]
-        new_lp, entropy = self.policy_logprobs(qr, mask, ro.responses[idx], POLICY, with_entropy=True)
-        values = self.value_estimates(qr, mask, ro.responses.shape[1]) if self.estimation.critic else None
+        new_lp, entropy = self.passes.policy_logprobs(qr, mask, ro.responses[idx], POLICY, with_entropy=True)
+        critic = self.settings.estimation.critic
+        values = self.passes.value_estimates(qr, mask, ro.responses.shape[1]) if critic else None
         return new_lp, values, entropy
 
     def train_epochs(
-        self, ro: Rollout, adv: torch.Tensor, returns: torch.Tensor, first: FirstPass | None
+        self, ro: Rollout, adv: torch.Tensor, returns: torch.Tensor, first: FirstPass | None, step: int
     ) -> dict[str, float]:
         """Step 7: ppo.epochs over reshuffled minibatches of micro-batches, one optimizer step each."""
         stats: dict[str, list[float]] = defaultdict(list)
         B = ro.responses.shape[0]
-        params = self.policy_params + self.value_params
-        for _epoch in range(self.ppo_cfg.epochs):
+        cfg, params, run = self.settings, self.params, self.run
+        for _epoch in range(cfg.epochs):
             # Reshuffled every epoch (detail 14); the torch RNG is checkpointed.
             order = first[0] if first is not None else torch.randperm(B)
-            scales = minibatch_scales(ro.response_mask, order, self.minibatch, self.run.dist)
-            for mb_start, scale in zip(range(0, B, self.minibatch), scales):
-                mb = order[mb_start : mb_start + self.minibatch]
-                for mi_start in range(0, len(mb), self.micro):
-                    idx = mb[mi_start : mi_start + self.micro]
+            scales = minibatch_scales(ro.response_mask, order, cfg.minibatch, run.dist)
+            for mb_start, scale in zip(range(0, B, cfg.minibatch), scales):
+                mb = order[mb_start : mb_start + cfg.minibatch]
+                for mi_start in range(0, len(mb), cfg.micro):
+                    idx = mb[mi_start : mi_start + cfg.micro]
                     if first is not None:  # epoch 0's one micro-batch: already forwarded
                         _, new_lp, vpred, entropy = first
                         first = None
@@ -170,18 +214,18 @@ class StepMixin:
                     loss = sum(
                         losses.pop(name) for name in ("loss", "value_term", "kl_term") if name in losses
                     )
-                    check_finite(loss.detach(), "the PPO loss", self.step + 1, self.run)
+                    check_finite(loss.detach(), "the PPO loss", step, run)
                     loss.backward()
-                    release_freed_cpu_memory(self.run.device)
+                    release_freed_cpu_memory(run.device)
                     for key, value in losses.items():
                         stats[key].append(float(value.detach()))
                     entropy_avg = rlhf.masked_mean(entropy, ro.response_mask[idx])
                     stats["policy/entropy_avg"].append(float(entropy_avg))
-                average_gradients(params, self.run.dist)
-                if self.train_cfg.max_grad_norm > 0:
-                    norm = torch.nn.utils.clip_grad_norm_(params, self.train_cfg.max_grad_norm)
-                    check_finite(norm, "the gradient norm", self.step + 1, self.run)
-                optimizer_step(self.optimizer, self.step + 1, self.run)
+                average_gradients(params, run.dist)
+                if cfg.max_grad_norm > 0:
+                    norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    check_finite(norm, "the gradient norm", step, run)
+                optimizer_step(self.optimizer, step, run)
                 self.optimizer.zero_grad(set_to_none=True)
         result = {k: sum(v) / len(v) for k, v in stats.items()}
         # The very first minibatch, before any update: ratio must be exactly 1 there (detail 15).
@@ -202,15 +246,16 @@ class StepMixin:
         clipped value loss, with a critic; "kl_term": beta x the KL estimate, when the KL is in the loss),
         each its share of the minibatch's loss (`scale`), and the metrics beside them (this micro-batch's
         own means), with TRL's names."""
-        est, mask = self.estimation, ro.response_mask[idx]
+        cfg, mask = self.settings, ro.response_mask[idx]
+        est = cfg.estimation
         pg = rlhf.policy_loss(
             new_lp,
             ro.logprobs[idx],
             adv[idx],
             mask,
-            self.ppo_cfg.clip_range,
+            cfg.clip_range,
             est.loss_aggregation,
-            self.gen_cfg.max_new_tokens,
+            cfg.max_new_tokens,
             scale,
         )
         out = {
@@ -221,41 +266,41 @@ class StepMixin:
             "val/ratio": pg["ratio"],
         }
         if vpred is not None:
-            vf = rlhf.value_loss(
-                vpred, ro.values[idx], returns[idx], mask, self.ppo_cfg.clip_range_value, scale
-            )
-            out.update({"value_term": self.ppo_cfg.vf_coef * vf["loss"], "loss/value_avg": vf["mean_loss"],
+            vf = rlhf.value_loss(vpred, ro.values[idx], returns[idx], mask, cfg.clip_range_value, scale)
+            out.update({"value_term": cfg.vf_coef * vf["loss"], "loss/value_avg": vf["mean_loss"],
                         "val/clipfrac_avg": vf["clipfrac"]})  # fmt: skip
         if est.kl_in == "loss":
             # The old logprobs: k3_iw weights each token by pi / pi_old, the policy that sampled it.
             kl = rlhf.kl_estimate(new_lp, ro.ref_logprobs[idx], mask, est.kl_estimator, ro.logprobs[idx])
-            max_tokens = self.gen_cfg.max_new_tokens
+            max_tokens = cfg.max_new_tokens
             kl_loss = rlhf.aggregate_loss(kl, mask, est.loss_aggregation, max_tokens, scale)
             kl_mean = rlhf.aggregate_loss(kl.detach(), mask, est.loss_aggregation, max_tokens)
             out.update({"kl_term": self.kl_ctl.value * kl_loss, "loss/kl_avg": kl_mean})
         return out
 
-    def step_metrics(
-        self, ro: Rollout, non_score: torch.Tensor, timings: dict[str, float]
-    ) -> dict[str, float]:
-        mask = ro.response_mask
-        # k1 per sequence: TRL's objective/kl
-        kl = rlhf.masked_sum(ro.logprobs - ro.ref_logprobs, mask, dim=1)
-        non_score_total = rlhf.masked_sum(non_score, mask, dim=1)
-        eos_count = sum(int((ro.responses == e).logical_and(mask).sum()) for e in self.eos_ids)
-        # engine=vllm: how far the sampler's policy is from the trained one (a quantized base: not 0).
-        gap = {}
-        if ro.sampler_logprobs is not None:
-            gap[GAP_METRIC] = sampler_logprob_gap(ro.sampler_logprobs, ro.logprobs, mask)
-        return {
-            "objective/kl": float(kl.mean()),
-            "objective/entropy": float(rlhf.masked_sum(-ro.logprobs, mask, dim=1).mean()),
-            "objective/non_score_reward": float(non_score_total.mean()),
-            "objective/rlhf_reward": float((ro.scores + non_score_total).mean()),
-            "objective/scores": float(ro.raw_scores.mean()),
-            "objective/scores_normalized": float(ro.scores.mean()),
-            "val/num_eos_tokens": float(eos_count),
-            "val/mean_response_length": float(mask.sum(1).float().mean()),
-            **gap,
-            **timings,
-        }
+
+def step_metrics(
+    ro: Rollout, non_score: torch.Tensor, eos_ids: list[int], timings: dict[str, float]
+) -> dict[str, float]:
+    """Step 8's metrics of this rank's rollout (TRL's names), its non-score reward and `timings`."""
+    mask = ro.response_mask
+    # k1 per sequence: TRL's objective/kl
+    kl = rlhf.masked_sum(ro.logprobs - ro.ref_logprobs, mask, dim=1)
+    non_score_total = rlhf.masked_sum(non_score, mask, dim=1)
+    eos_count = sum(int((ro.responses == e).logical_and(mask).sum()) for e in eos_ids)
+    # engine=vllm: how far the sampler's policy is from the trained one (a quantized base: not 0).
+    gap = {}
+    if ro.sampler_logprobs is not None:
+        gap[GAP_METRIC] = sampler_logprob_gap(ro.sampler_logprobs, ro.logprobs, mask)
+    return {
+        "objective/kl": float(kl.mean()),
+        "objective/entropy": float(rlhf.masked_sum(-ro.logprobs, mask, dim=1).mean()),
+        "objective/non_score_reward": float(non_score_total.mean()),
+        "objective/rlhf_reward": float((ro.scores + non_score_total).mean()),
+        "objective/scores": float(ro.raw_scores.mean()),
+        "objective/scores_normalized": float(ro.scores.mean()),
+        "val/num_eos_tokens": float(eos_count),
+        "val/mean_response_length": float(mask.sum(1).float().mean()),
+        **gap,
+        **timings,
+    }

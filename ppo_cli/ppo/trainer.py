@@ -4,6 +4,8 @@ then its guards and sample tables; the loop owns checkpoints, resume, the log ca
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from typing import Any
 
 import torch
@@ -11,25 +13,27 @@ from omegaconf import DictConfig
 
 from ppo_cli import rlhf, sampling
 from ppo_cli.data import EpochBatches
-from ppo_cli.dist import broadcast_parameters
+from ppo_cli.dist import all_reduce_mean, broadcast_parameters
 from ppo_cli.loop import LoopStage, LoopState, TrainingLoop
 from ppo_cli.models import autocast_dtype
 from ppo_cli.ppo.estimators import Estimation, resolve_estimation
 from ppo_cli.ppo.guards import BatchSigns, PPOGuards, eos_knob
 from ppo_cli.ppo.roles import Roles
-from ppo_cli.ppo.rollout import Rollout, RolloutMixin
+from ppo_cli.ppo.rollout import ForwardPasses, Rollout, RolloutMaker, RolloutSettings
 from ppo_cli.ppo.scale import RewardScale
-from ppo_cli.ppo.step import StepMixin
+from ppo_cli.ppo.step import PPOUpdate, UpdateSettings, peak_memory_mb, step_metrics
 from ppo_cli.ppo.vllm_rollout import VLLMRollouts
 from ppo_cli.run import StageRun
 from ppo_cli.supervised import build_scheduler
 
 
-class PPOTrainer(RolloutMixin, StepMixin, LoopStage):
+class PPOTrainer(LoopStage):
     """PPO on the roles of one base (policy, reference, value, and the reward when it is an adapter).
 
-    The rollout and the step are in rollout.py and step.py; this class holds their state and supplies
-    the loop's hooks (a checkpoint holds the trainable parameters of every role, value head included).
+    The rollout is rollout.py's RolloutMaker and the update step.py's PPOUpdate, both on one set of
+    ForwardPasses; this class builds them from the config, runs a step as the one then the other
+    (ppo_step), and supplies the loop's hooks (a checkpoint holds the trainable parameters of every role,
+    value head included).
     """
 
     def __init__(
@@ -58,14 +62,13 @@ class PPOTrainer(RolloutMixin, StepMixin, LoopStage):
         # prompt's in consecutive rows (a group never spans ranks or is split before its advantages).
         self.group_size = self.estimation.group_size
         self.local_batch = self.train_cfg.batch_size * self.group_size
-        self.minibatch = self.local_batch // self.ppo_cfg.num_minibatches
-        self.micro = self.minibatch // self.train_cfg.grad_accum_steps
+        settings = UpdateSettings.from_config(self.cfg, self.estimation, self.local_batch)
         # When the whole rollout batch is one micro-batch, the first update pass runs on the unchanged
         # policy and value weights over every row: its logprobs and values ARE the old ones. Taking
         # them from there (detached) saves two of the four scoring passes and makes detail 15 exact by
         # construction. With several micro-batches the old values must exist for every row before
         # the first loss (advantages are whitened over the batch), so they get their own pass.
-        self.fuse_first_pass = self.micro == self.local_batch
+        fuse_first_pass = settings.micro == self.local_batch
         # Every rollout batch is full (pad_last), so every rank runs the same minibatches and collectives.
         self.batches = EpochBatches(
             len(prompts), self.train_cfg.batch_size * world, self.train_cfg.seed, pad_last=True
@@ -110,11 +113,127 @@ class PPOTrainer(RolloutMixin, StepMixin, LoopStage):
             eos_ids,
             suppress_pad=True,
         )
+        self.passes = ForwardPasses(
+            roles,
+            tokenizer.pad_token_id,
+            self.gen_cfg.temperature,
+            self.device,
+            self.train_cfg.mixed_precision,
+        )
+        rollout_settings = RolloutSettings(
+            micro=settings.micro,
+            fuse_first_pass=fuse_first_pass,
+            critic=self.estimation.critic,
+            score_clip=self.ppo_cfg.score_clip,
+            missing_eos_penalty=self.ppo_cfg.missing_eos_penalty,
+            missing_eos_score=self.ppo_cfg.missing_eos_score,
+        )
+        self.rollouts = RolloutMaker(
+            rollout_settings,
+            self.passes,
+            roles,
+            tokenizer,
+            self.generation_config,
+            reward,
+            self.scale,
+            eos_ids,
+            run.dist,
+            after_scoring=self.after_scoring,
+            vllm=vllm,
+        )
+        self.updater = PPOUpdate(
+            settings,
+            self.passes,
+            roles,
+            self.optimizer,
+            self.policy_params + self.value_params,
+            self.kl_ctl,
+            run,
+        )
         # The last step's rollout (for the sample tables) and all-reduced metrics (for the log).
         self.last_rollout: Rollout | None = None
         self.last_metrics: dict[str, float] = {}
         state = LoopState(roles, self.optimizer, self.scheduler, self.batches)
         self.loop = TrainingLoop(run, state, self.total_steps, self)
+
+    # -- the step: the rollout, then the update ---------------------------------------------------
+    def ppo_step(self, batch_prompts: list[dict]) -> tuple[Rollout, dict[str, float]]:
+        """Steps 2-8 on this rank's prompts: the rollout and the step's metrics (mean over ranks)."""
+        step_start = time.perf_counter()
+        ro, timings = self.rollout(batch_prompts)  # 2-5: generate, truncate, score, reference
+        start = time.perf_counter()
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step's updates use
+        kl_coef = self.kl_ctl.value  # the beta this step's rewards use
+        ro, update_stats, non_score = self.update(ro)  # 4-7: old logprobs/values, advantages, epochs
+        self.scheduler.step()
+        timings["time/train"] = time.perf_counter() - start
+        timings["time/step"] = time.perf_counter() - step_start
+        timings["memory/peak_mb"] = peak_memory_mb(self.device)
+        metrics = {**step_metrics(ro, non_score, self.eos_ids, timings), **update_stats}
+        metrics = all_reduce_mean(metrics, self.run.dist)
+        # 8: the KL controller sees the batch-mean KL; n_steps counts episodes, as in Ziegler et al.
+        self.kl_ctl.update(metrics["objective/kl"], self.episodes_per_step)
+        metrics.update({"objective/kl_coef": kl_coef, "lr": lr})
+        return ro, metrics
+
+    def rollout(self, batch_prompts: list[dict]) -> tuple[Rollout, dict[str, float]]:
+        """Steps 2-5 (RolloutMaker.rollout), from the policy after the steps taken so far."""
+        return self.rollouts.rollout(batch_prompts, self.step)
+
+    def generate(self, prompt_ids: list[list[int]]) -> tuple[torch.Tensor, ...]:
+        return self.rollouts.generate(prompt_ids, self.step)
+
+    def update(self, ro: Rollout) -> tuple[Rollout, dict[str, float], torch.Tensor]:
+        """Steps 4-7 (PPOUpdate.update) as the next step's."""
+        return self.updater.update(ro, self.step + 1)
+
+    @property
+    def policy_logprobs(self):
+        """The scoring passes' policy_logprobs (to wrap one for a test, patch `trainer.passes`)."""
+        return self.passes.policy_logprobs
+
+    @property
+    def minibatch(self) -> int:
+        return self.updater.settings.minibatch
+
+    @property
+    def micro(self) -> int:
+        return self.updater.settings.micro
+
+    @micro.setter
+    def micro(self, rows: int) -> None:
+        """Another micro-batch size, for the rollout's scoring passes and the update alike (tests)."""
+        self.updater.settings = dataclasses.replace(self.updater.settings, micro=rows)
+        self.rollouts.settings = dataclasses.replace(self.rollouts.settings, micro=rows)
+
+    @property
+    def fuse_first_pass(self) -> bool:
+        return self.rollouts.settings.fuse_first_pass
+
+    @fuse_first_pass.setter
+    def fuse_first_pass(self, fuse: bool) -> None:
+        self.rollouts.settings = dataclasses.replace(self.rollouts.settings, fuse_first_pass=fuse)
+
+    def after_scoring(self) -> None:
+        """Once a batch is scored: the first may have fixed the scale, which the critic is put on."""
+        self.put_critic_on_scale()
+        self.announce_scale()
+
+    def put_critic_on_scale(self) -> None:
+        """Once the score scale is fixed, rescale a critic copied from the RM head to it, once.
+
+        Its copy of the RM head predicts raw scores, while the returns it learns are built from the
+        normalised ones: left there, value clipping would take ~|mean| / clip_range_value rollouts to
+        close the gap, and meanwhile GAE would push the tokens near EOS for or against stopping by the
+        sign of the RM's mean. Per-batch whitening has no fixed scale, and without normalisation the
+        raw scale is PPO's.
+        """
+        stats = self.scale.fixed_stats()
+        if self.critic_on_scale or stats is None:
+            return
+        if self.roles.value_head is not None and self.roles.value_head_from_reward:
+            self.roles.put_value_head_on_scale(*stats)
+        self.critic_on_scale = True
 
     def kl_horizon(self) -> float:
         """The adaptive controller's horizon in episodes: ppo.kl_horizon, or a tenth of the run's."""
