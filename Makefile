@@ -45,7 +45,11 @@ format: install
 
 # Speed: ppo-cli beside TRL 1.12 (bench/run.py), then the rollout engines hf and vllm side by side (bench/engines.py,
 # in the vLLM virtualenv, where both engines run).
+# The regression guard first: the working tree beside the merge base with main (HEAD itself on main, so
+# uncommitted changes are what is measured), per phase, in one run (bench/against.py).
+BENCH_AGAINST ?= $(shell git merge-base HEAD origin/main 2>/dev/null || git merge-base HEAD main 2>/dev/null || echo HEAD)
 bench: install vllm-venv
+	$(PYTHON) bench/run.py --against $(BENCH_AGAINST)
 	$(PYTHON) bench/run.py
 	$(VLLM_VENV)/bin/python bench/engines.py --threads 1
 

@@ -8,6 +8,7 @@ reward model = the base as a sequence classifier. ppo-cli keeps all four roles o
 model is a LoRA adapter + head there); TRL keeps separate reward and value models.
 
     python bench/run.py [--steps 5] [--warmup 1] [--device cpu|cuda] [--skip-trl] [--out FILE]
+    python bench/run.py --against REV [--repeats 2]    # the regression guard (bench/against.py)
 
 The TRL side runs only when `trl==1.12.0` is importable (install it with a constraint that keeps your
 torch, e.g. `pip install trl==1.12.0 -c <(echo torch==$(python -c 'import torch;print(torch.__version__)'))`).
@@ -22,7 +23,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -167,8 +167,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--skip-trl", action="store_true", help="measure ppo-cli only")
     ap.add_argument("--cache", default=str(HERE / "results" / "cache"), help="where the bench model is built")
-    ap.add_argument("--out", default=str(HERE / "results" / "latest.json"))
+    ap.add_argument(
+        "--out", default=None, help="results JSON (default bench/results/latest.json, or against.json)"
+    )
+    ap.add_argument("--against", metavar="REV", help="ppo-cli at git REV beside the working tree, per phase")
+    ap.add_argument("--repeats", type=int, default=2, help="--against: runs of each tree, alternating")
     args = ap.parse_args(argv)
+    args.out = args.out or str(HERE / "results" / ("against.json" if args.against else "latest.json"))
 
     import torch
 
@@ -185,6 +190,13 @@ def main(argv: list[str] | None = None) -> dict:
         prompts_file.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
         rm_dir = build_rm_adapter(model_dir, Path(args.cache) / "llama-30m-rm")
         steps = args.steps + args.warmup
+        if args.against:
+            from against import run_against
+
+            def command(out: Path) -> list[str]:
+                return ppo_cli_command(model_dir, rm_dir, prompts_file, out, steps, args.device)
+
+            return run_against(args.against, args, command)
 
         def ours(precision: str) -> dict:
             metrics = run_ppo_cli(model_dir, rm_dir, prompts_file, work, steps, args.device, precision)
@@ -209,9 +221,12 @@ def main(argv: list[str] | None = None) -> dict:
     for dtype in ("fp32", "bf16"):
         if trl.get(dtype) and f"ppo-cli {dtype}" in rows:
             ratios[dtype] = trl[dtype]["median_step_s"] / rows[f"ppo-cli {dtype}"]["median_step_s"]
+    from against import cpu_description, describe_cpu
+
+    cpu = cpu_description()
     result = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-        + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
+        "machine": describe_cpu(cpu) + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
+        "cpu": cpu,
         "torch": torch.__version__,
         "settings": {
             "model_params": spec["model_params"],
