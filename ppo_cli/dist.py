@@ -33,8 +33,9 @@ import torch.distributed as tdist
 # imported. transformers imports it lazily (its FSDP integration, on the first model or config load), after
 # the group exists: those defaults would then hold the group for good, destroy_process_group could not free
 # it, and its gloo threads would live on into interpreter finalization (module docstring). Imported here,
-# before any group exists, the defaults are None.
-import torch.distributed.nn  # noqa: F401
+# before any group exists, the defaults are None. (A torch built without distributed support has neither.)
+if tdist.is_available():
+    import torch.distributed.nn  # noqa: F401
 
 # Per-rank seeds are seed + rank * SEED_STRIDE (a large prime): ranks sample differently while the
 # data order, seeded with the plain seed, is shared (docs/ppo-details.md, detail 18).
