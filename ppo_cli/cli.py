@@ -118,9 +118,9 @@ def main(argv: list[str] | None = None) -> None:
     if {"--help", "-h"}.intersection(flags):
         help_with_descriptions(module.main, config_name, command)
     module.main()
-    # The command returned, on every rank of a torchrun: leave the process group together (barrier, then
-    # destroy) while the interpreter is whole (see ppo_cli/dist.py). Only a command that imported
-    # ppo_cli.dist can have one; looking it up keeps `--cfg job` and the like from importing torch.
+    # The command returned: leave the process group (a torchrun's) while the interpreter is whole (see
+    # ppo_cli/dist.py). Only a command that imported ppo_cli.dist can have one; looking it up keeps
+    # `--cfg job` and the like from importing torch.
     dist = sys.modules.get("ppo_cli.dist")
     if dist is not None:
         dist.shutdown()
