@@ -342,21 +342,10 @@ def kill_and_resume(args_a: list[str], args_b: list[str], root: Path, deadline_s
     }
 
 
-def assert_resumed_identically(runs: dict) -> list[dict]:
-    """`kill_and_resume`'s runs: both finished, B was killed and resumed at step 2, and B's final policy,
-    value adapter and head and its metrics (times and peak memory aside) are A's exactly. Returns A's
-    comparable metrics."""
-    import signal
-
+def assert_same_products(a: Path, b: Path) -> None:
+    """Two train-ppo runs' final/ hold identical policy and value adapters and value heads."""
     from safetensors.torch import load_file
 
-    for name in ("A", "B"):
-        result, _ = runs[name]
-        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    killed, _ = runs["killed"]
-    assert killed.returncode == -signal.SIGKILL
-    (_, a), (result_b, b) = runs["A"], runs["B"]
-    assert "resumed at" in result_b.stdout and "step 2" in result_b.stdout
     for rel in (
         "adapter_model.safetensors",
         "value/adapter_model.safetensors",
@@ -366,6 +355,35 @@ def assert_resumed_identically(runs: dict) -> list[dict]:
         assert ta.keys() == tb.keys() and ta, rel
         for key in ta:
             assert torch.equal(ta[key], tb[key]), f"{rel}: {key} differs after resume"
+
+
+def assert_usage_error(result, command: str, *needles: str) -> str:
+    """Exit 2, no traceback anywhere, and one paragraph on stderr that names every needle."""
+    everything = result.stdout + result.stderr
+    assert result.returncode == 2, f"exit {result.returncode}\n{everything[-3000:]}"
+    assert "Traceback" not in everything, everything[-3000:]
+    paragraph = result.stderr.strip()
+    assert paragraph.startswith(f"ppo-cli {command}: error: "), everything[-3000:]
+    assert "\n" not in paragraph, f"more than one paragraph on stderr:\n{paragraph}"
+    for needle in needles:
+        assert needle in paragraph, f"{needle!r} not in: {paragraph}"
+    return paragraph
+
+
+def assert_resumed_identically(runs: dict) -> list[dict]:
+    """`kill_and_resume`'s runs: both finished, B was killed and resumed at step 2, and B's final policy,
+    value adapter and head and its metrics (times and peak memory aside) are A's exactly. Returns A's
+    comparable metrics."""
+    import signal
+
+    for name in ("A", "B"):
+        result, _ = runs[name]
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    killed, _ = runs["killed"]
+    assert killed.returncode == -signal.SIGKILL
+    (_, a), (result_b, b) = runs["A"], runs["B"]
+    assert "resumed at" in result_b.stdout and "step 2" in result_b.stdout
+    assert_same_products(a, b)
 
     def comparable(run_dir):
         # Times and peak memory (process RSS) are not the run's numbers.

@@ -121,8 +121,8 @@ def test_ppo_gradient_on_two_ranks_equals_one_rank(tiny, adapters, tmp_path):
     assert_same_gradients(one_rank, torch.load(out / "grads.pt"))
 
 
-def sft_gradient(model, examples, batch_size: int, accum: int, tmp_path: Path) -> list[torch.Tensor]:
-    """The gradient of train-sft's first optimizer step over `examples` in batches of `batch_size`."""
+def sft_trainer(model, train: list[dict], evals: list[dict], out: Path, batch_size: int, accum: int = 1):
+    """train-sft's trainer (its real loss and item count) on `model` and ready-made examples."""
     from omegaconf import OmegaConf
 
     from ppo_cli.config import SFTConfig
@@ -132,11 +132,31 @@ def sft_gradient(model, examples, batch_size: int, accum: int, tmp_path: Path) -
     from ppo_cli.supervised import SupervisedTask, SupervisedTrainer
 
     cfg = OmegaConf.structured(SFTConfig)
-    cfg.output_dir, cfg.train.device, cfg.train.max_steps = str(tmp_path / f"sft{accum}"), "cpu", 1
+    cfg.output_dir, cfg.train.device, cfg.train.max_steps = str(out), "cpu", 1
     cfg.train.batch_size, cfg.train.grad_accum_steps, cfg.train.max_grad_norm = batch_size, accum, 0.0
     collate = lambda rows: collate_sft(rows, 0)  # noqa: E731
-    task = SupervisedTask(model, examples, [], collate, sft_loss, None, {}, labelled_tokens)
-    trainer = SupervisedTrainer(StageRun(cfg, "sft"), task)
+    task = SupervisedTask(model, train, evals, collate, sft_loss, None, {}, labelled_tokens)
+    return SupervisedTrainer(StageRun(cfg, "sft"), task)
+
+
+def sft_model_and_examples(tiny, seed: int):
+    """The tiny model in fp32 and four examples whose completions label LENGTHS tokens."""
+    from ppo_helpers import load_base, tokenizer_of
+
+    from ppo_cli.data import IGNORE_INDEX
+
+    model = load_base(tiny["model"], tokenizer_of(tiny["model"])).float()
+    g = torch.Generator().manual_seed(seed)
+    examples = []
+    for n in LENGTHS:
+        ids = torch.randint(3, model.config.vocab_size, (4 + n,), generator=g).tolist()
+        examples.append({"input_ids": ids, "labels": [IGNORE_INDEX] * 4 + ids[4:]})
+    return model, examples
+
+
+def sft_gradient(model, examples, batch_size: int, accum: int, tmp_path: Path) -> list[torch.Tensor]:
+    """The gradient of train-sft's first optimizer step over `examples` in batches of `batch_size`."""
+    trainer = sft_trainer(model, examples, [], tmp_path / f"sft{accum}", batch_size, accum)
     grads: list[list[torch.Tensor]] = []
     trainable = [p for p in model.parameters() if p.requires_grad]
     trainer.optimizer.step = lambda: grads.append([p.grad.detach().clone() for p in trainable])
@@ -146,53 +166,18 @@ def sft_gradient(model, examples, batch_size: int, accum: int, tmp_path: Path) -
 
 def test_sft_gradient_does_not_depend_on_grad_accum(tiny, tmp_path):
     """Four examples whose completions label 6, 6, 1 and 1 tokens, in 1, 2 or 4 micro-batches."""
-    from ppo_helpers import load_base, tokenizer_of
-
-    from ppo_cli.data import IGNORE_INDEX
-
-    model = load_base(tiny["model"], tokenizer_of(tiny["model"])).float()
-    g = torch.Generator().manual_seed(0)
-    examples = []
-    for n in LENGTHS:
-        ids = torch.randint(3, model.config.vocab_size, (4 + n,), generator=g).tolist()
-        examples.append({"input_ids": ids, "labels": [IGNORE_INDEX] * 4 + ids[4:]})
+    model, examples = sft_model_and_examples(tiny, seed=0)
     grads = {accum: sft_gradient(model, examples, 4 // accum, accum, tmp_path) for accum in (1, 2, 4)}
     assert_same_gradients(grads[1], grads[2])
     assert_same_gradients(grads[1], grads[4])
 
 
-def sft_eval_loss(model, examples, batch_size: int, tmp_path: Path) -> float:
-    from omegaconf import OmegaConf
-
-    from ppo_cli.config import SFTConfig
-    from ppo_cli.data import collate_sft
-    from ppo_cli.run import StageRun
-    from ppo_cli.sft.train import labelled_tokens, sft_loss
-    from ppo_cli.supervised import SupervisedTask, SupervisedTrainer
-
-    cfg = OmegaConf.structured(SFTConfig)
-    cfg.output_dir, cfg.train.device, cfg.train.batch_size = (
-        str(tmp_path / f"eval{batch_size}"),
-        "cpu",
-        batch_size,
-    )
-    collate = lambda rows: collate_sft(rows, 0)  # noqa: E731
-    task = SupervisedTask(model, examples[:1], examples, collate, sft_loss, None, {}, labelled_tokens)
-    return SupervisedTrainer(StageRun(cfg, "sft"), task).evaluate()["eval/loss"]
-
-
 def test_sft_eval_loss_is_the_token_mean_whatever_the_batch(tiny, tmp_path):
     """eval/loss is the mean over every labelled token of the evaluation set: evaluating in batches of 1
     must not make a 1-token example weigh as much as a 6-token one."""
-    from ppo_helpers import load_base, tokenizer_of
-
-    from ppo_cli.data import IGNORE_INDEX
-
-    model = load_base(tiny["model"], tokenizer_of(tiny["model"])).float()
-    g = torch.Generator().manual_seed(1)
-    examples = []
-    for n in LENGTHS:
-        ids = torch.randint(3, model.config.vocab_size, (4 + n,), generator=g).tolist()
-        examples.append({"input_ids": ids, "labels": [IGNORE_INDEX] * 4 + ids[4:]})
-    whole, one_by_one = (sft_eval_loss(model, examples, bs, tmp_path) for bs in (4, 1))
+    model, examples = sft_model_and_examples(tiny, seed=1)
+    whole, one_by_one = (
+        sft_trainer(model, examples[:1], examples, tmp_path / f"eval{bs}", bs).evaluate()["eval/loss"]
+        for bs in (4, 1)
+    )
     assert one_by_one == pytest.approx(whole, abs=1e-6)

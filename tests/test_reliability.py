@@ -34,7 +34,7 @@ import pytest
 import torch
 import yaml
 from conftest import run_cli_in_process
-from ppo_helpers import cli_env, tiny_adapters
+from ppo_helpers import assert_usage_error, cli_env, tiny_adapters
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -52,19 +52,6 @@ REWARD_FN = "reward_fn=ppo_cli.tiny.task:positive_reward"
 def run_in_process(*args: str) -> subprocess.CompletedProcess:
     """`ppo-cli ARGS` through the real dispatcher in this process: exit code, stdout, stderr."""
     return run_cli_in_process(*args)
-
-
-def assert_usage_error(result: subprocess.CompletedProcess, command: str, *needles: str) -> str:
-    """Exit 2, no traceback anywhere, and one paragraph on stderr that names every needle."""
-    everything = result.stdout + result.stderr
-    assert result.returncode == 2, f"exit {result.returncode}\n{everything[-3000:]}"
-    assert "Traceback" not in everything, everything[-3000:]
-    paragraph = result.stderr.strip()
-    assert paragraph.startswith(f"ppo-cli {command}: error: "), everything[-3000:]
-    assert "\n" not in paragraph, f"more than one paragraph on stderr:\n{paragraph}"
-    for needle in needles:
-        assert needle in paragraph, f"{needle!r} not in: {paragraph}"
-    return paragraph
 
 
 def snapshot(*roots: Path) -> dict[str, tuple[int, bytes]]:

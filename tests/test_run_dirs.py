@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli_in_process
 from omegaconf import OmegaConf
+from ppo_helpers import assert_usage_error
 
 from ppo_cli.errors import UserError
 
@@ -39,19 +40,6 @@ PIPELINE_ARGS = [  # tests/test_pipeline.py's smallest tiny pipeline
     "ppo.generation.max_new_tokens=6",
     "ppo.sample_every=0",
 ]
-
-
-def assert_usage_error(result, command: str, *needles: str) -> str:
-    """Exit 2, no traceback, one paragraph on stderr naming every needle."""
-    everything = result.stdout + result.stderr
-    assert result.returncode == 2, f"exit {result.returncode}\n{everything[-3000:]}"
-    assert "Traceback" not in everything, everything[-3000:]
-    paragraph = result.stderr.strip()
-    assert paragraph.startswith(f"ppo-cli {command}: error: "), everything[-3000:]
-    assert "\n" not in paragraph, f"more than one paragraph on stderr:\n{paragraph}"
-    for needle in needles:
-        assert needle in paragraph, f"{needle!r} not in: {paragraph}"
-    return paragraph
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
