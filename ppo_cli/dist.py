@@ -155,8 +155,9 @@ def shutdown() -> None:
     nothing else holds the group. Nothing to do without a group, or once it is gone.
 
     No barrier first. A training command's last collective already is one (its final checkpoint's), after
-    which rank 0 alone may work on for long (final/, plots, train-ppo's final evaluation): a second barrier would hold the other ranks all that time, past nccl's watchdog timeout,
-    which takes a waiting rank down and torchrun the whole run with it. On the way out of an error one rank
+    which rank 0 alone may work on for long (final/, plots, train-ppo's final evaluation): a second barrier
+    would hold the other ranks all that time, past nccl's watchdog timeout, which takes a waiting rank down
+    and torchrun the whole run with it. On the way out of an error one rank
     may still be inside a collective, which a barrier would meet there (gloo pairs collectives by their
     order, not their kind: a hang or corrupt data). Leaving without one is safe: a rank past its last
     collective has nothing in flight, and what it sent still arrives after it closes its connections."""

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from ppo_cli import sampling
+from ppo_cli import rlhf, sampling
 from ppo_cli.app import hydra_app
 from ppo_cli.data import encode_prompt, load_rows, pad_left, pad_right, prompt_of, prompt_text
 from ppo_cli.errors import UserError
@@ -238,9 +238,8 @@ def sequence_logprobs(
         logits = logits[:, query.shape[1] - 1 : -1]
         suppressed = pad if suppress_pad else None
         logp = sampling.sampled_logprobs(logits, resp.to(policy.device), temperature, suppressed)
-        # where, not a product: a suppressed pad after a short response has logprob -inf (and -inf * 0 is nan)
-        real = resp_mask.to(logp.device).bool()
-        totals.append(torch.where(real, logp, torch.zeros_like(logp)).sum(-1).float().cpu())
+        # masked_sum, not a product with the mask: a suppressed pad after a short response has logprob -inf
+        totals.append(rlhf.masked_sum(logp, resp_mask.to(logp.device), dim=1).float().cpu())
     return torch.cat(totals) if totals else torch.zeros(0)
 
 

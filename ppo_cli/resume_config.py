@@ -372,10 +372,10 @@ def start_afresh(run_dir: Path | str) -> str | None:
     _announced.discard(key)
     if not nothing_to_continue(run_dir):
         return None
-    if not (run_dir / RUN_MARKER).exists() and not _attempt_files(run_dir):
-        return None
-    line = fresh_start_line(run_dir)
     kept = _attempt_files(run_dir)
+    if not (run_dir / RUN_MARKER).exists() and not kept:
+        return None
+    line = fresh_start_line(run_dir)  # before the move: it names where the attempt goes
     if kept:
         target = _attempt_dir(run_dir)
         target.mkdir()

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from ppo_cli import rlhf
 from ppo_cli.errors import UserError
 from ppo_cli.ppo.roles import POLICY, Roles
 from ppo_cli.vllm_sampler import EngineShape, VLLMSampler, request_seed, vllm_lora_rank
@@ -45,12 +46,10 @@ def sampler_logprob_gap(sampler_logprobs: torch.Tensor, logprobs: torch.Tensor, 
 
     On the sampler's own samples this is k1's estimate of KL(sampler || trained policy) per token: ~0 when
     both are one policy (vLLM in fp32 on the training base), positive in expectation when they differ (a
-    quantized training base, which vLLM does not load). `where`, not a product with the mask: the trained
-    policy gives a pad after EOS logprob -inf.
+    quantized training base, which vLLM does not load). rlhf.masked_mean leaves the pads out with `where`:
+    the trained policy gives a pad after EOS logprob -inf.
     """
-    mask = mask.bool()
-    diff = torch.where(mask, sampler_logprobs.float() - logprobs.float(), 0.0)
-    return float(diff.sum() / mask.sum().clamp(min=1))
+    return float(rlhf.masked_mean(sampler_logprobs.float() - logprobs.float(), mask))
 
 
 def quantized_bits(model_cfg: DictConfig) -> int | None:
