@@ -63,6 +63,13 @@ class Schedule(Choice):
     constant = "constant"
 
 
+class Strategy(Choice):
+    """How several ranks share the model: ddp replicates it, fsdp shards it (ppo_cli/fsdp.py)."""
+
+    ddp = "ddp"
+    fsdp = "fsdp"
+
+
 class MixedPrecision(Choice):
     auto = "auto"
     bf16 = "bf16"

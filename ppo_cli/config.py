@@ -30,6 +30,7 @@ from ppo_cli.choices import (
     QuantType,
     RewardNormalization,
     Schedule,
+    Strategy,
     WandbMode,
 )
 
@@ -124,6 +125,16 @@ class LoggerConfig:
 
 
 @dataclass
+class FSDPConfig:
+    # Free each decoder layer's gathered weights after its forward pass and gather them again for the
+    # backward (less memory, one more all-gather per layer); false keeps them until the backward.
+    reshard_after_forward: bool = True
+    # Keep the shards, their gradients and the optimizer state in CPU memory (FSDP2's CPUOffloadPolicy);
+    # the optimizer step then runs on the CPU. On a CPU run the shards are there already: no effect.
+    cpu_offload: bool = False
+
+
+@dataclass
 class TrainConfig:
     # Optimizer steps to run; -1 = derive from num_epochs.
     max_steps: int = -1
@@ -158,6 +169,12 @@ class TrainConfig:
     mixed_precision: MixedPrecision = MixedPrecision.auto
     # Device: auto (cuda when available), cpu, cuda, cuda:1, ...
     device: str = "auto"
+    # Several ranks (torchrun): ddp (each rank holds the whole model, gradients are averaged) or fsdp
+    # (the base is sharded across ranks with PyTorch FSDP2, each rank holds 1/world of it). One process
+    # runs as it does without torchrun either way.
+    strategy: Strategy = Strategy.ddp
+    # FSDP settings (train.strategy=fsdp only).
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
 
 
 @dataclass

@@ -1,0 +1,206 @@
+"""train.strategy=fsdp: the base sharded across ranks with PyTorch FSDP2 (`fully_shard`), in every stage.
+
+Under torchrun with train.strategy=fsdp, every decoder layer becomes one FSDP unit, then the stage's
+outermost module (SFT's and the RM's peft model, PPO's `Roles`) the root unit, which holds the rest
+(embeddings, final norm, output and score/value heads). LoRA adapters live inside the layers they adapt,
+so they are sharded with them. Each rank keeps 1/world of every unit's parameters; a unit's forward
+all-gathers them, and the backward reduce-scatters (averages over ranks) the gradients, as DDP's
+all-reduce does. With one process there is nothing to shard: the stage runs as it does under ddp.
+
+Precision: the trainable parameters (LoRA, heads) are fp32 and the frozen base keeps its dtype. FSDP2
+all-gathers a unit whose parameters mix dtypes as bytes, and reduce-scatters only gradients, which all
+belong to fp32 parameters: no MixedPrecisionPolicy is needed, a bf16 base included.
+
+Loading (first version): every rank loads the base as under ddp, and `fully_shard` then keeps only its
+shard of each parameter; the full copy is freed as the units are sharded, so a rank holds the whole base
+only while it loads. The trainable weights are broadcast from rank 0 before sharding (one source).
+
+Checkpoints keep DDP's format: the trainable state and the optimizer state are gathered to full tensors
+on save (`full_tensors`, every rank takes part, rank 0 writes), and a resume cuts each rank's shard out
+of the full tensors (`copy_full_into`, `shard_optimizer_state`). The trainable state is small, the
+files are the ones a ddp run writes, and a checkpoint resumes on any number of ranks and either strategy.
+final/ is written from the gathered trainable state (`gathered_state`), as a plain peft adapter.
+
+Only this module and ppo_cli/dist.py touch torch.distributed (tests/test_distributed.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ppo_cli.dist import DistInfo, broadcast_parameters
+from ppo_cli.errors import UserError
+
+
+def check_fsdp(cfg: DictConfig) -> None:
+    """Refuse, before anything loads, what train.strategy=fsdp cannot run (exit 2). Refused with one
+    process too, where fsdp would run unsharded: the same command must not fail once scaled out."""
+    if str(OmegaConf.select(cfg, "train.strategy", default="ddp")) != "fsdp":
+        return
+    if str(OmegaConf.select(cfg, "generation.engine", default="hf")) == "vllm":
+        raise UserError(
+            "generation.engine=vllm cannot sample for train.strategy=fsdp: vLLM needs the whole policy on "
+            "each rank, while FSDP keeps only a shard of the base there. Use generation.engine=hf (every "
+            "rank generates its own prompts on the shards), or train.strategy=ddp with generation.engine=vllm."
+        )
+    if cfg.model.load_in_4bit or cfg.model.load_in_8bit:
+        key = "model.load_in_4bit" if cfg.model.load_in_4bit else "model.load_in_8bit"
+        raise UserError(
+            f"{key}=true cannot be sharded with train.strategy=fsdp: bitsandbytes' packed weights and their "
+            "quantization state do not split into FSDP shards. Use train.strategy=ddp for a quantized base, "
+            f"or {key}=false model.dtype=bfloat16 to shard a bf16 base."
+        )
+
+
+def enabled(cfg: DictConfig, dist: DistInfo) -> bool:
+    """Whether this run shards: train.strategy=fsdp and more than one rank."""
+    return str(cfg.train.strategy) == "fsdp" and dist.enabled
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    """Whether `module`'s parameters are FSDP shards (DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def decoder_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of the transformers model(s) inside `module`, found generically: the modules
+    whose class a model names in `_no_split_modules` (its decoder layer), else the longest ModuleList."""
+    names: set[str] = set()
+    for sub in module.modules():
+        names.update(getattr(sub, "_no_split_modules", None) or ())
+    layers = [sub for sub in module.modules() if type(sub).__name__ in names]
+    if layers:
+        return layers
+    lists = [sub for sub in module.modules() if isinstance(sub, torch.nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
+
+
+def _mesh(dist: DistInfo):
+    """One dimension over every rank, on the device the backend serves (cpu for gloo, cuda for nccl)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(dist.device.type, (dist.world_size,))
+
+
+def _offload_policy(settings: DictConfig, dist: DistInfo):
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
+
+    # On a CPU run the shards are in CPU memory already (and pinning needs a GPU).
+    if settings.cpu_offload and dist.device.type == "cuda":
+        return CPUOffloadPolicy()
+    return OffloadPolicy()
+
+
+def shard(
+    module: torch.nn.Module, settings: DictConfig, dist: DistInfo, forward_methods: Iterable[str] = ()
+) -> torch.nn.Module:
+    """Shard `module` in place across the ranks: each decoder layer (with its LoRA adapters) one unit,
+    then `module` the root unit. settings: train.fsdp. forward_methods: methods of `module` other than
+    forward through which its passes enter (e.g. Roles.values): FSDP gathers the root unit around them.
+    Returns `module`, now an FSDPModule."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    # One source for the trainable weights: rank 0's (the base comes from the same files on every rank).
+    broadcast_parameters([p for p in module.parameters() if p.requires_grad], dist)
+    mesh, offload = _mesh(dist), _offload_policy(settings, dist)
+    for layer in decoder_layers(module):
+        fully_shard(
+            layer,
+            mesh=mesh,
+            reshard_after_forward=bool(settings.reshard_after_forward),
+            offload_policy=offload,
+        )
+    # The root keeps FSDP's default: gathered from its forward to the backward that follows at once.
+    fully_shard(module, mesh=mesh, offload_policy=offload)
+    for name in forward_methods:
+        register_fsdp_forward_method(module, name)
+    return module
+
+
+def set_gradient_sync(module: torch.nn.Module, sync: bool) -> None:
+    """Gradient accumulation: with sync=False the next backward keeps its gradients unreduced (the
+    micro-batches before the last); the last one's backward reduce-scatters the sum. A no-op on a module
+    that is not sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(module, FSDPModule):
+        module.set_requires_gradient_sync(sync)
+
+
+def to_shards(module: torch.nn.Module) -> None:
+    """Put a sharded module's root unit back on its shards, before its parameters change in place outside
+    a pass. Why: after a forward without gradients the root stays gathered (FSDP's default for a root),
+    its registered parameters are then the gathered copies, and a change to those would be dropped
+    when FSDP frees them. A no-op on a module that is not sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(module, FSDPModule):
+        module.reshard()
+
+
+def full_tensors(value: Any) -> Any:
+    """`value` (a tensor, or dicts / lists / tuples of them) with every DTensor shard replaced by the full
+    tensor: a collective, which every rank must call on the same structure. Anything else is returned
+    as is, so a ddp run's state passes through unchanged."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(value, DTensor):
+        return value.full_tensor()
+    if isinstance(value, dict):
+        return {k: full_tensors(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(full_tensors(v) for v in value)
+    return value
+
+
+def _shard_like(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of `full` laid out as `param` (a DTensor) is: cut locally, no communication
+    (every rank read the same full tensor)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    full = full.to(device=param.device, dtype=param.dtype)
+    return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+
+
+def copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
+    """param <- full (a checkpoint's tensor): for a shard, this rank's part of it."""
+    from torch.distributed.tensor import DTensor
+
+    with torch.no_grad():
+        if isinstance(param, DTensor):
+            param.to_local().copy_(_shard_like(param, full).to_local())
+        else:
+            param.copy_(full.to(param.device, param.dtype))
+
+
+def shard_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
+    """A full optimizer state dict (`full_tensors` of one, as checkpoints hold it) with each state
+    tensor shaped like its parameter cut to this rank's shard, for `optimizer.load_state_dict`."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {}
+    for index, entries in state_dict["state"].items():
+        param = params[int(index)]
+        state[index] = {
+            key: _shard_like(param, value)
+            if isinstance(param, DTensor) and torch.is_tensor(value) and value.shape == param.shape
+            else value
+            for key, value in entries.items()
+        }
+    return {**state_dict, "state": state}
+
+
+def gathered_state(module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The full trainable tensors of a sharded `module` by parameter name, on the CPU, for its final/
+    (save_pretrained(state_dict=...)); None when it is not sharded. Every rank must call it."""
+    if not is_sharded(module):
+        return None
+    trainable = {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
+    return {name: t.cpu() for name, t in full_tensors(trainable).items()}
