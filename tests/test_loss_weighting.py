@@ -181,3 +181,22 @@ def test_sft_eval_loss_is_the_token_mean_whatever_the_batch(tiny, tmp_path):
         for bs in (4, 1)
     )
     assert one_by_one == pytest.approx(whole, abs=1e-6)
+
+
+def test_the_policy_backpropagates_before_the_critic_forwards(tiny, adapters, tmp_path, monkeypatch):
+    """Each micro-batch's policy loss goes backward before the critic's forward pass, so the update holds
+    one pass's activations at a time, not two (its peak memory; the gradients are those of the summed
+    loss, as the tests above check)."""
+    trainer = make(tiny, adapters, tmp_path / "run", "train.batch_size=4")
+    ro = fixed_rollout(trainer)
+    trainer.micro = trainer.minibatch // 2
+    policy_has_gradients = []
+    value_estimates = trainer.passes.value_estimates
+
+    def spy(*args):
+        policy_has_gradients.append(all(p.grad is not None for p in trainer.policy_params))
+        return value_estimates(*args)
+
+    monkeypatch.setattr(trainer.passes, "value_estimates", spy)
+    update_gradients(trainer, ro)
+    assert policy_has_gradients == [True, True]

@@ -27,9 +27,11 @@ def release_freed_cpu_memory(device: torch.device) -> None:
 
     Why: glibc serves tensors of a few MB from its heap once their size has been freed before, and a
     freed block between live ones stays in the process. After each backward pass the step's activations
-    are free, but without this the process's RSS keeps them and grows from micro-batch to micro-batch
-    (measured on a 267M Llama's PPO step: peak 4.3 GB without, 3.6 GB with; 4-bit base 7.6 GB and 6.4 GB)
-    at a cost of ~1-3% of the step's time. CUDA's caching allocator manages its own memory: no-op there.
+    are free, but without this the process's RSS keeps them and grows from micro-batch to micro-batch.
+    The cost is the page faults that bring those pages back at the next micro-batch: small for SFT's
+    one pass per micro-batch; for PPO's update it was a fifth of the update on an AVX2 CPU, so the PPO
+    update backpropagates one pass at a time instead and does not trim (bench/README.md).
+    CUDA's caching allocator manages its own memory: no-op there.
     """
     if device.type != "cpu":
         return

@@ -28,7 +28,6 @@ from omegaconf import DictConfig
 
 from ppo_cli import rlhf
 from ppo_cli.dist import DistInfo, all_reduce_sum, average_gradients
-from ppo_cli.models.devices import release_freed_cpu_memory
 from ppo_cli.ppo.estimators import Estimation, critic_free_advantages
 from ppo_cli.ppo.roles import POLICY, Roles
 from ppo_cli.ppo.rollout import ForwardPasses, Rollout
@@ -151,7 +150,12 @@ class PPOUpdate:
         if ro.logprobs is not None:
             return ro, None
         order = torch.randperm(ro.responses.shape[0])  # epoch 0's order, drawn where the epochs would
-        new_lp, vpred, entropy = self.forward_micro(ro, order)
+        qr, mask = ro.query_responses[order], ro.attention_mask[order]
+        new_lp, entropy = self.passes.policy_logprobs(
+            qr, mask, ro.responses[order], POLICY, with_entropy=True
+        )
+        critic = self.settings.estimation.critic
+        vpred = self.passes.value_estimates(qr, mask, ro.responses.shape[1]) if critic else None
         ro = dataclasses.replace(
             ro,
             logprobs=torch.empty_like(new_lp).index_copy_(0, order, new_lp.detach()),
@@ -178,17 +182,6 @@ class PPOUpdate:
             adv = whiten_advantages(adv, ro.response_mask, self.run.dist)
         return rewards, non_score, adv, returns
 
-    def forward_micro(
-        self, ro: Rollout, idx: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Policy logprobs and values of rows `idx`, with gradients (one update micro-batch), and the
-        policy's entropy at each response position (no gradient; for policy/entropy_avg)."""
-        qr, mask = ro.query_responses[idx], ro.attention_mask[idx]
-        new_lp, entropy = self.passes.policy_logprobs(qr, mask, ro.responses[idx], POLICY, with_entropy=True)
-        critic = self.settings.estimation.critic
-        values = self.passes.value_estimates(qr, mask, ro.responses.shape[1]) if critic else None
-        return new_lp, values, entropy
-
     def train_epochs(
         self, ro: Rollout, adv: torch.Tensor, returns: torch.Tensor, first: FirstPass | None, step: int
     ) -> dict[str, float]:
@@ -204,23 +197,10 @@ class PPOUpdate:
                 mb = order[mb_start : mb_start + cfg.minibatch]
                 for mi_start in range(0, len(mb), cfg.micro):
                     idx = mb[mi_start : mi_start + cfg.micro]
-                    if first is not None:  # epoch 0's one micro-batch: already forwarded
-                        _, new_lp, vpred, entropy = first
-                        first = None
-                    else:
-                        new_lp, vpred, entropy = self.forward_micro(ro, idx)
-                    losses = self.micro_losses(ro, idx, new_lp, vpred, adv, returns, scale)
-                    # Each term is already this micro-batch's share of the minibatch's loss (LossScale).
-                    loss = sum(
-                        losses.pop(name) for name in ("loss", "value_term", "kl_term") if name in losses
-                    )
-                    check_finite(loss.detach(), "the PPO loss", step, run)
-                    loss.backward()
-                    release_freed_cpu_memory(run.device)
-                    for key, value in losses.items():
-                        stats[key].append(float(value.detach()))
-                    entropy_avg = rlhf.masked_mean(entropy, ro.response_mask[idx])
-                    stats["policy/entropy_avg"].append(float(entropy_avg))
+                    # Epoch 0's one micro-batch of a fused rollout: already forwarded.
+                    forwarded, first = (first[1:], None) if first is not None else (None, first)
+                    for key, value in self.train_micro(ro, idx, adv, returns, scale, forwarded, step).items():
+                        stats[key].append(value)
                 average_gradients(params, run.dist)
                 if cfg.max_grad_norm > 0:
                     norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -232,20 +212,53 @@ class PPOUpdate:
         result["policy/first_ratio"] = stats["val/ratio"][0]
         return result
 
-    def micro_losses(
+    def train_micro(
         self,
         ro: Rollout,
         idx: torch.Tensor,
-        new_lp: torch.Tensor,
-        vpred: torch.Tensor | None,
         adv: torch.Tensor,
         returns: torch.Tensor,
-        scale: rlhf.LossScale | None = None,
+        scale: rlhf.LossScale,
+        forwarded: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None,
+        step: int,
+    ) -> dict[str, float]:
+        """One micro-batch's gradients, added to the parameters' .grad: the policy's loss, then the
+        critic's, each forwarded and backpropagated in turn. The two share no trainable parameter (the
+        base is frozen), so their gradients are those of the summed loss, while only one pass's
+        activations are alive at a time: the update's peak memory is one pass, not two (measured in
+        bench/README.md). `forwarded`: (logprobs, values, entropy) of a fused first pass, whose two
+        passes both exist already. Returns the micro-batch's metrics."""
+        qr, mask = ro.query_responses[idx], ro.attention_mask[idx]
+        if forwarded is not None:
+            new_lp, vpred, entropy = forwarded
+        else:
+            new_lp, entropy = self.passes.policy_logprobs(
+                qr, mask, ro.responses[idx], POLICY, with_entropy=True
+            )
+            vpred = None
+        terms = self.policy_terms(ro, idx, new_lp, adv, scale)
+        # Each term is already this micro-batch's share of the minibatch's loss (LossScale).
+        self.backward(terms.pop("loss") + terms.pop("kl_term", 0.0), step)
+        del new_lp
+        if self.settings.estimation.critic:
+            if vpred is None:
+                vpred = self.passes.value_estimates(qr, mask, ro.responses.shape[1])
+            value = self.value_terms(ro, idx, vpred, returns, scale)
+            self.backward(value.pop("value_term"), step)
+            terms.update(value)
+        terms["policy/entropy_avg"] = rlhf.masked_mean(entropy, ro.response_mask[idx])
+        return {key: float(value.detach()) for key, value in terms.items()}
+
+    def backward(self, loss: torch.Tensor, step: int) -> None:
+        check_finite(loss.detach(), "the PPO loss", step, self.run)
+        loss.backward()
+
+    def policy_terms(
+        self, ro: Rollout, idx: torch.Tensor, new_lp: torch.Tensor, adv: torch.Tensor, scale: rlhf.LossScale
     ) -> dict[str, torch.Tensor]:
-        """One micro-batch's loss terms ("loss": the clipped policy loss; "value_term": vf_coef x the
-        clipped value loss, with a critic; "kl_term": beta x the KL estimate, when the KL is in the loss),
-        each its share of the minibatch's loss (`scale`), and the metrics beside them (this micro-batch's
-        own means), with TRL's names."""
+        """One micro-batch's policy loss terms ("loss": the clipped policy loss; "kl_term": beta x the KL
+        estimate, when the KL is in the loss), each its share of the minibatch's loss (`scale`), and the
+        metrics beside them (this micro-batch's own means), with TRL's names."""
         cfg, mask = self.settings, ro.response_mask[idx]
         est = cfg.estimation
         pg = rlhf.policy_loss(
@@ -265,10 +278,6 @@ class PPOUpdate:
             "loss/policy_avg": pg["mean_loss"],
             "val/ratio": pg["ratio"],
         }
-        if vpred is not None:
-            vf = rlhf.value_loss(vpred, ro.values[idx], returns[idx], mask, cfg.clip_range_value, scale)
-            out.update({"value_term": cfg.vf_coef * vf["loss"], "loss/value_avg": vf["mean_loss"],
-                        "val/clipfrac_avg": vf["clipfrac"]})  # fmt: skip
         if est.kl_in == "loss":
             # The old logprobs: k3_iw weights each token by pi / pi_old, the policy that sampled it.
             kl = rlhf.kl_estimate(new_lp, ro.ref_logprobs[idx], mask, est.kl_estimator, ro.logprobs[idx])
@@ -277,6 +286,21 @@ class PPOUpdate:
             kl_mean = rlhf.aggregate_loss(kl.detach(), mask, est.loss_aggregation, max_tokens)
             out.update({"kl_term": self.kl_ctl.value * kl_loss, "loss/kl_avg": kl_mean})
         return out
+
+    def value_terms(
+        self,
+        ro: Rollout,
+        idx: torch.Tensor,
+        vpred: torch.Tensor,
+        returns: torch.Tensor,
+        scale: rlhf.LossScale,
+    ) -> dict[str, torch.Tensor]:
+        """One micro-batch's critic term ("value_term": vf_coef x the clipped value loss, its share of the
+        minibatch's loss) and its metrics."""
+        cfg, mask = self.settings, ro.response_mask[idx]
+        vf = rlhf.value_loss(vpred, ro.values[idx], returns[idx], mask, cfg.clip_range_value, scale)
+        return {"value_term": cfg.vf_coef * vf["loss"], "loss/value_avg": vf["mean_loss"],
+                "val/clipfrac_avg": vf["clipfrac"]}  # fmt: skip
 
 
 def step_metrics(
