@@ -33,6 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ppo_cli.errors import UserError
+from ppo_cli.fsdp import copy_full_into
 from ppo_cli.resume_config import RUN_MARKER, saved_stage
 
 CHECKPOINTS = "checkpoints"
@@ -163,9 +164,8 @@ def load_trainable_state(module: torch.nn.Module, tensors: dict[str, torch.Tenso
             f"{sorted(unexpected)[:2]}): it was written by another stage, model or LoRA shape. "
             "Use another output_dir or resume=never with a fresh output_dir."
         )
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+    for name, tensor in tensors.items():
+        copy_full_into(params[name], tensor)  # an FSDP shard takes its part of the full tensor
 
 
 def _fsync_file(path: Path) -> None:

@@ -187,12 +187,21 @@ def _in_place(tensor: torch.Tensor, info: DistInfo, collective) -> None:
     tensor.copy_(moved)
 
 
+def _replicated(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    """The parameters every rank holds whole. An FSDP shard (a DTensor: train.strategy=fsdp) is left to
+    FSDP: it was cut from rank 0's weights, and FSDP's reduce-scatter averages its gradient already
+    (all-reducing the ranks' different shards would mix them)."""
+    from torch.distributed.tensor import DTensor
+
+    return [p for p in params if not isinstance(p, DTensor)]
+
+
 def broadcast_parameters(params: list[torch.nn.Parameter], info: DistInfo) -> None:
     """Start every rank from rank 0's trainable weights (DDP does this itself; PPO syncs by hand)."""
     if not info.enabled:
         return
     with torch.no_grad():
-        for p in params:
+        for p in _replicated(params):
             _in_place(p.data, info, lambda t: tdist.broadcast(t, src=0))
 
 
@@ -200,7 +209,7 @@ def average_gradients(params: list[torch.nn.Parameter], info: DistInfo) -> None:
     """Replace each gradient by its mean over ranks (a parameter without one counts as zeros)."""
     if not info.enabled:
         return
-    for p in params:
+    for p in _replicated(params):
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         _in_place(p.grad, info, tdist.all_reduce)

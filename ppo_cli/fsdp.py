@@ -203,4 +203,5 @@ def gathered_state(module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     if not is_sharded(module):
         return None
     trainable = {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
-    return {name: t.cpu() for name, t in full_tensors(trainable).items()}
+    # Cloned: a gathered tensor may be a view into FSDP's padded buffer, which safetensors refuses.
+    return {name: t.cpu().clone() for name, t in full_tensors(trainable).items()}

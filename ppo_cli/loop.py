@@ -52,6 +52,7 @@ from typing import Any
 import torch
 
 from ppo_cli import checkpoint as ckpt
+from ppo_cli import fsdp
 from ppo_cli.dist import all_gather_object, any_flag
 from ppo_cli.models import attention_kernel
 from ppo_cli.run import StageRun
@@ -144,18 +145,23 @@ class TrainingLoop:
     def save(self) -> None:
         # Every rank's RNG state (rank 0 alone writes): each rank samples from its own stream.
         rng, rng_tensors = ckpt.split_rng_ranks(all_gather_object(ckpt.capture_rng(), self.run.dist))
+        # Under FSDP the weights and the optimizer state are shards: gathered to full tensors (every rank
+        # takes part), so the files are a ddp run's and resume on any number of ranks (ppo_cli/fsdp.py).
         objects = {
-            "optimizer": self.state.optimizer.state_dict(),
+            "optimizer": fsdp.full_tensors(self.state.optimizer.state_dict()),
             "scheduler": self.state.scheduler.state_dict(),
             **rng_tensors,
         }
         state = {"data": self.state.data.state_dict(), **rng, **self.stage.extra_state()}
-        self.run.save_checkpoint(self.step, ckpt.trainable_state(self.state.module), objects, state)
+        trainable = fsdp.full_tensors(ckpt.trainable_state(self.state.module))
+        self.run.save_checkpoint(self.step, trainable, objects, state)
 
     def restore(self) -> None:
         loaded = ckpt.load_checkpoint(self.run.resume_from)
         ckpt.load_trainable_state(self.state.module, loaded.trainable, str(loaded.path))
-        self.state.optimizer.load_state_dict(loaded.objects["optimizer"])
+        # Full tensors on disk; under FSDP each rank keeps its shard of them.
+        optimizer_state = fsdp.shard_optimizer_state(self.state.optimizer, loaded.objects["optimizer"])
+        self.state.optimizer.load_state_dict(optimizer_state)
         self.state.scheduler.load_state_dict(loaded.objects["scheduler"])
         follow_schedule(self.state.scheduler)
         self.state.data.load_state_dict(loaded.state["data"])

@@ -10,7 +10,8 @@ weights the run ends with, plus its length:
 - train.max_steps, train.num_epochs: run longer (or shorter). The learning-rate schedule follows the new
   length from the resumed step on, so the result is not the one a run started with that length would give.
 - train.log_every, save_every, eval_every, keep_last, logger.*, sample_every: bookkeeping and display.
-- model.gradient_checkpointing: memory only (the recomputed activations are the same).
+- model.gradient_checkpointing, train.fsdp.reshard_after_forward: memory only (the recomputed
+  activations, the gathered weights are the same).
 - data.eval, from one evaluation set to another: evaluation only (when it is null, the evaluation rows
   are held out of data.train, so setting or clearing it changes the training rows and is refused).
 
@@ -77,6 +78,7 @@ MAY_CHANGE_ON_RESUME = (
     "logger.",
     "sample_every",
     "model.gradient_checkpointing",
+    "train.fsdp.reshard_after_forward",
 )
 RUN_LENGTH_KEYS = ("train.max_steps", "train.num_epochs")
 # Keys about this invocation, not the training: never taken from the saved config.

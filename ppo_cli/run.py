@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ppo_cli import checkpoint as ckpt
+from ppo_cli import fsdp
 from ppo_cli.dist import SEED_STRIDE, DistInfo, barrier, broadcast_object, check_in_sync, init_distributed
 from ppo_cli.errors import UserError
 from ppo_cli.logger import RunLogger
@@ -76,6 +77,7 @@ def validate_train(cfg: DictConfig) -> None:
     eval_fraction = OmegaConf.select(cfg, "data.eval_fraction")
     if eval_fraction is not None and not 0 <= eval_fraction < 1:
         raise UserError(f"data.eval_fraction={eval_fraction} must be at least 0 and less than 1.")
+    fsdp.check_fsdp(cfg)  # train.strategy=fsdp: no vLLM sampling, no quantized base
     # A 4/8-bit base: bitsandbytes present, a device it serves, LoRA on (quantized weights cannot train).
     check_quantization(cfg.model, train.device, lora_enabled=bool(cfg.lora.enabled))
 
@@ -174,12 +176,18 @@ class StageRun:
 
     def save_final(self, model, tokenizer, save_kwargs: dict | None = None, extra_save=None, **info) -> None:
         """Write the stage's product to final/ atomically (rank 0): the adapter (or full model), the
-        tokenizer, `extra_save(dir)` if given, and ppo_cli.json last, which marks the product complete."""
+        tokenizer, `extra_save(dir)` if given, and ppo_cli.json last, which marks the product complete.
+
+        A sharded model (train.strategy=fsdp) is saved from its gathered trainable tensors: every rank
+        must call this then (the gathering is a collective), rank 0 alone writes."""
         import os
         import shutil
 
+        gathered = fsdp.gathered_state(model)
         if not self.is_main:
             return
+        if gathered is not None:
+            save_kwargs = {**(save_kwargs or {}), "state_dict": gathered}
         tmp = self.output_dir / f".{FINAL}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         try:

@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 from ppo_cli import checkpoint as ckpt
+from ppo_cli import fsdp
 from ppo_cli.data import EpochBatches, LengthReport, load_train_eval_rows
 from ppo_cli.dist import all_reduce_mean, all_reduce_sum, broadcast_object
 from ppo_cli.errors import UserError
@@ -165,9 +166,11 @@ class SupervisedTrainer(LoopStage):
         self.run, self.task, self.cfg = run, task, run.cfg
         self.train_cfg = run.cfg.train
         self.model = task.model
-        keep_trainable_in_fp32(self.model)  # before DDP and the optimizer see the parameters
+        keep_trainable_in_fp32(self.model)  # before DDP, FSDP and the optimizer see the parameters
+        self.sharded = fsdp.enabled(self.cfg, run.dist)
+        self.ddp_model = self._wrap()
+        # After sharding, which replaces every parameter by its shard.
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.ddp_model = self._wrap_ddp()
         world = run.dist.world_size
         self.total_steps = total_optimizer_steps(len(task.train_examples), self.train_cfg, world)
         # One global batch order shared by every rank (seeded with train.seed); each rank takes its slice.
@@ -186,9 +189,13 @@ class SupervisedTrainer(LoopStage):
         state = LoopState(self.model, self.optimizer, self.scheduler, self.batches)
         self.loop = TrainingLoop(run, state, self.total_steps, self)
 
-    def _wrap_ddp(self) -> torch.nn.Module:
+    def _wrap(self) -> torch.nn.Module:
+        """The module the training step calls: DDP around the model, or the model itself, sharded in
+        place (train.strategy=fsdp), or unwrapped on one process."""
         if not self.run.dist.enabled:
             return self.model
+        if self.sharded:
+            return fsdp.shard(self.model, self.train_cfg.fsdp, self.run.dist)
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [self.run.device.index] if self.run.device.type == "cuda" else None
@@ -227,17 +234,18 @@ class SupervisedTrainer(LoopStage):
         micro = self._micro_batches()
         items = [self.task.items(batch) for batch in micro]
         # The step's loss is the mean over every item of every micro-batch on every rank: a micro-batch's
-        # mean weighs by its share of the items. DDP then averages the ranks' gradients, so the share is
-        # of the items per rank (the global count over the world size).
+        # mean weighs by its share of the items. DDP then averages the ranks' gradients (FSDP's
+        # reduce-scatter too), so the share is of the items per rank (the global count over the world size).
         world = self.run.dist.world_size
         global_items = float(all_reduce_sum(torch.tensor([float(sum(items))]), self.run.dist)[0])
         per_rank = max(global_items / world, 1.0)
         total_loss = 0.0
         for i, batch in enumerate(micro):
             sync = i == len(micro) - 1
-            no_sync = (
-                self.ddp_model.no_sync() if (self.run.dist.enabled and not sync) else contextlib.nullcontext()
-            )
+            # FSDP reads its flag in the backward (DDP's no_sync acts through the forward, below).
+            fsdp.set_gradient_sync(self.ddp_model, sync)
+            ddp = self.run.dist.enabled and not self.sharded
+            no_sync = self.ddp_model.no_sync() if (ddp and not sync) else contextlib.nullcontext()
             with no_sync, autocast(self.run.device, self.train_cfg.mixed_precision):
                 loss, metrics, n_tokens = self.task.loss_fn(self.ddp_model, batch)
             (loss * (items[i] / per_rank)).backward()
@@ -281,7 +289,10 @@ class SupervisedTrainer(LoopStage):
         counts: dict[str, float] = defaultdict(float)
         bs = self.train_cfg.batch_size
         mine = examples[rank::world]
-        for start in range(0, len(mine), bs):
+        for start in self._eval_starts(len(examples), len(mine)):
+            if start >= len(mine):  # FSDP: a forward to keep step with the ranks that have more
+                self._forward_only(examples[:1])
+                continue
             batch = self.task.collate(mine[start : start + bs])
             batch = {k: v.to(self.run.device) for k, v in batch.items()}
             with autocast(self.run.device, self.train_cfg.mixed_precision):
@@ -295,9 +306,23 @@ class SupervisedTrainer(LoopStage):
                 counts[key] += rows
         return weighted_means(sums, counts, self.run.dist)
 
+    def _eval_starts(self, total: int, mine: int) -> range:
+        """Where this rank's evaluation batches start. Under FSDP every forward is a collective, so every
+        rank runs as many as the rank with the most examples (the extra ones past its own: `mine`)."""
+        bs = self.train_cfg.batch_size
+        rows = -(-total // self.run.dist.world_size) if self.sharded else mine
+        return range(0, rows, bs)
+
+    def _forward_only(self, examples: list[Any]) -> None:
+        """One evaluation forward whose result is dropped."""
+        batch = {k: v.to(self.run.device) for k, v in self.task.collate(examples).items()}
+        with autocast(self.run.device, self.train_cfg.mixed_precision):
+            self.task.loss_fn(self.model, batch)
+
     # -- the loop ------------------------------------------------------------------------------
     def finish(self) -> None:
-        if self.run.is_main:
+        # Sharded, every rank takes part (gathering the weights, the RM's scoring passes); rank 0 writes.
+        if self.run.is_main or self.sharded:
             self.task.save_final()
 
     def start(self) -> None:

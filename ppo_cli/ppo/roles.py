@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from ppo_cli import fsdp, sampling
 from ppo_cli.errors import UserError
 from ppo_cli.models import (
     has_conv1d_layers,
@@ -137,7 +138,15 @@ def normalize_head(
 
 
 class Roles(torch.nn.Module):
-    """The peft model with the four role adapters, plus the value and reward heads."""
+    """The peft model with the four role adapters, plus the value and reward heads.
+
+    Under train.strategy=fsdp this module is the root of the sharded base (ppo_cli/fsdp.py): every pass
+    enters through one of FSDP_FORWARD_METHODS, around which FSDP gathers the root's parameters
+    (embeddings, output and value/reward heads), and the decoder layers gather their own in turn.
+    """
+
+    # The methods through which passes reach the base (none calls another of them).
+    FSDP_FORWARD_METHODS = ("response_logits", "values", "reward_scores", "generate")
 
     def __init__(
         self,
@@ -159,6 +168,8 @@ class Roles(torch.nn.Module):
 
         self._lora_layers = [m for m in peft_model.modules() if isinstance(m, BaseTunerLayer)]
         self._requires_grad = [(p, p.requires_grad) for p in self.parameters()]
+        # Sharded, generate runs as many forward passes on every rank (FSDP's gathers are collectives).
+        self.synced_generation = False
         output_head = causal_lm.get_output_embeddings()
         if output_head is not None:
             output_head.register_forward_pre_hook(_contiguous_input)
@@ -181,6 +192,12 @@ class Roles(torch.nn.Module):
             for layer, (active, disabled) in zip(self._lora_layers, previous):
                 layer._active_adapter, layer._disable_adapters = active, disabled
             self._restore_requires_grad()
+
+    def after_sharding(self) -> None:
+        """fsdp.shard replaced every parameter by its shard: remember the new ones' flags, and keep the
+        ranks' generate loops in step."""
+        self._requires_grad = [(p, p.requires_grad) for p in self.parameters()]
+        self.synced_generation = True
 
     def _restore_requires_grad(self) -> None:
         """Exactly the parameters that trained at construction train, whatever a pass did to the flags
@@ -212,6 +229,16 @@ class Roles(torch.nn.Module):
         )
         return out.logits[:, :-1]
 
+    def generate(
+        self, generation_config, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Prompts and sampled continuations (sampling.generate) under the active role. Sharded, every
+        rank runs forward passes until the last rank's sequences are done (`synced_gpus`)."""
+        extra = {"synced_gpus": True} if self.synced_generation else {}
+        return sampling.generate(
+            self.model, generation_config, input_ids=input_ids, attention_mask=attention_mask, **extra
+        )
+
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The trunk's last hidden states (B, T, H), no output head."""
         return self.trunk(
@@ -238,6 +265,7 @@ class Roles(torch.nn.Module):
     @torch.no_grad()
     def put_value_head_on_scale(self, mean: float, std: float) -> None:
         """Rescale the critic copied from the RM head to the normalised score scale (normalize_head)."""
+        fsdp.to_shards(self)  # sharded: change the shards, not a gathered copy
         weight, bias = normalize_head(self.value_head.weight, self.value_head.bias, mean, std)
         self.value_head.weight.copy_(weight)
         self.value_head.bias.copy_(bias)

@@ -46,8 +46,12 @@ class Rollout:
     completions: list[str]
     # (B, R) generation.engine=vllm: vLLM's logprobs of its own samples (under the distribution it drew
     # them from), padded like the responses; None with the hf engine, whose sampler is the trained policy.
-    # Only measured against the old logprobs (rollout/sampler_logprob_gap), never used in the loss.
+    # Measured against the old logprobs (rollout/sampler_logprob_gap), and the loss's weights under
+    # ppo.sampler_correction (rlhf.sampler_weights).
     sampler_logprobs: torch.Tensor | None = None
+    # (B,) bool: the responses that never emitted EOS (cut at generation.max_new_tokens): DAPO's
+    # truncated samples (completions/clipped_ratio, ppo.mask_truncated); None: none known.
+    truncated: torch.Tensor | None = None
 
 
 def pad_logprobs(rows: list[list[float]], length: int) -> torch.Tensor:
@@ -112,6 +116,9 @@ class RolloutSettings:
     score_clip: float | None  # ppo.score_clip
     missing_eos_penalty: float | None  # ppo.missing_eos_penalty (TRL's rule), or
     missing_eos_score: float | None  # ppo.missing_eos_score (lm-human-preferences')
+    overlong_penalty: float = 0.0  # ppo.overlong_penalty (DAPO's soft penalty near the length limit)
+    overlong_buffer: int = 1  # its ramp in tokens (ppo.overlong_buffer, resolved)
+    max_new_tokens: int = 1  # generation.max_new_tokens: where the ramp ends
 
 
 class RolloutMaker:
@@ -159,15 +166,14 @@ class RolloutMaker:
             sampler_logprobs = pad_logprobs(sampled_logprobs, responses.shape[1]).to(self.device)
         else:
             with self.roles.role(POLICY), self.passes.precision():
-                out = sampling.generate(
-                    self.roles.model, self.generation_config, input_ids=input_ids, attention_mask=prompt_mask
-                )
+                out = self.roles.generate(self.generation_config, input_ids, prompt_mask)
             responses = out[:, input_ids.shape[1] :]
         responses, response_mask = rlhf.truncate_after_eos(responses, self.eos_ids, pad)
         return input_ids, prompt_mask, responses, response_mask, sampler_logprobs
 
     def score(self, qr, mask, responses, response_mask, originals, completions):
-        """(raw scores, the scores PPO uses): scaled, clipped, and the missing-EOS rule applied."""
+        """(raw scores, the scores PPO uses): scaled, clipped, the missing-EOS rule and the overlong
+        penalty applied."""
         rules = self.settings
         with self.passes.precision():
             raw = self.reward(qr, mask, originals, completions).to(self.device).float()
@@ -181,6 +187,12 @@ class RolloutMaker:
             scores = rlhf.apply_missing_eos_penalty(scores, eos_present, rules.missing_eos_penalty)
         else:
             scores = rlhf.replace_missing_eos_score(scores, eos_present, rules.missing_eos_score)
+        if rules.overlong_penalty > 0:  # DAPO's ramp over the last overlong_buffer tokens, same units
+            lengths = response_mask.sum(-1)
+            ramp = rlhf.overlong_penalty(
+                lengths, rules.max_new_tokens, rules.overlong_buffer, rules.overlong_penalty
+            )
+            scores = scores + ramp.to(scores.device)
         return raw, scores
 
     @torch.no_grad()
@@ -230,5 +242,6 @@ class RolloutMaker:
             prompts,
             completions,
             sampler_logprobs,
+            ~rlhf.has_eos(responses, response_mask, self.eos_ids),
         )
         return rollout, timings

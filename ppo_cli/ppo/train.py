@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig
 from safetensors.torch import save_file
 
+from ppo_cli import fsdp
 from ppo_cli.app import hydra_app
 from ppo_cli.data import build_prompts, load_rows
 from ppo_cli.errors import UserError
@@ -75,13 +77,24 @@ def report_rm_health(cfg: DictConfig, logger) -> None:
         logger.warn(message)
 
 
-def save_value(roles: Roles, final_dir: Path) -> None:
-    """final/value/: the value adapter (peft format) and its head."""
+def save_value(roles: Roles, final_dir: Path, gathered: dict[str, torch.Tensor] | None = None) -> None:
+    """final/value/: the value adapter (peft format) and its head. gathered: the full trainable tensors
+    of sharded roles (fsdp.gathered_state), by their names in `roles`; None: read them from `roles`."""
+    kwargs, head = {}, roles.value_head.state_dict()
+    if gathered is not None:
+        kwargs["state_dict"] = {
+            k.removeprefix("model."): v for k, v in gathered.items() if k.startswith("model.")
+        }
+        head = {k.removeprefix("value_head."): v for k, v in gathered.items() if k.startswith("value_head.")}
     roles.model.save_pretrained(
-        str(final_dir), selected_adapters=[VALUE], safe_serialization=True, save_embedding_layers=False
+        str(final_dir),
+        selected_adapters=[VALUE],
+        safe_serialization=True,
+        save_embedding_layers=False,
+        **kwargs,
     )
     save_file(
-        {k: v.detach().cpu().contiguous() for k, v in roles.value_head.state_dict().items()},
+        {k: v.detach().cpu().contiguous() for k, v in head.items()},
         str(final_dir / VALUE / "value_head.safetensors"),
     )
 
@@ -149,6 +162,9 @@ def main(cfg: DictConfig) -> None:
         roles=roles if shared_rm else None,
     )
     trainable, total = count_parameters(roles)
+    if fsdp.enabled(cfg, run.dist):  # after the reward source, which may hold the roles
+        fsdp.shard(roles, cfg.train.fsdp, run.dist, Roles.FSDP_FORWARD_METHODS)
+        roles.after_sharding()
     # The policy's shape is the SFT adapter's when there is one, whatever lora.* says.
     logger = run.start(
         lora=describe_lora(roles.model, None if sft_adapter else cfg.lora.target_modules),
@@ -176,7 +192,9 @@ def main(cfg: DictConfig) -> None:
     finally:
         if vllm is not None:
             vllm.close()
-    if run.is_main:
+    # Sharded, every rank gathers the trainable weights (a collective) and rank 0 writes.
+    gathered = fsdp.gathered_state(roles)
+    if run.is_main or gathered is not None:
         run.save_final(
             roles.model,
             tokenizer,
@@ -185,7 +203,7 @@ def main(cfg: DictConfig) -> None:
             # `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), final)` of
             # the README would fail on their shape.
             save_kwargs={"selected_adapters": ["default"], "save_embedding_layers": False},
-            extra_save=(lambda final_dir: save_value(roles, final_dir)) if critic else None,
+            extra_save=(lambda final_dir: save_value(roles, final_dir, gathered)) if critic else None,
             reward_source=cfg.reward_checkpoint or cfg.reward_fn,
             sft_checkpoint=str(Path(cfg.sft_checkpoint).resolve()) if cfg.sft_checkpoint else None,
         )
