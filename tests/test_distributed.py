@@ -400,14 +400,33 @@ def _uses_torch_distributed(tree: ast.AST) -> list[int]:
     ]
 
 
+# ppo_cli/fsdp.py shards with FSDP2 (torch.distributed.fsdp, device_mesh, tensor): its collectives are
+# FSDP's and DTensor's own, on the mesh's device, and it sends no tensor through torch.distributed itself.
+MAY_USE_TORCH_DISTRIBUTED = {"dist.py", "fsdp.py"}
+
+
 def test_only_dist_module_talks_to_torch_distributed():
     offenders = {
         f"{path.relative_to(PACKAGE)}:{line}"
         for path in PACKAGE.rglob("*.py")
-        if path.name != "dist.py"
+        if str(path.relative_to(PACKAGE)) not in MAY_USE_TORCH_DISTRIBUTED
         for line in _uses_torch_distributed(ast.parse(path.read_text()))
     }
     assert not offenders, f"torch.distributed used outside ppo_cli/dist.py (use its helpers): {offenders}"
+
+
+def test_fsdp_module_issues_no_collective_of_its_own():
+    """fsdp.py may name torch.distributed's FSDP and DTensor APIs, never a collective: those go through
+    dist.py's helpers, which send tensors on the backend's device."""
+    from ppo_cli import fsdp
+
+    source = Path(fsdp.__file__).read_text()
+    called = {
+        node.func.attr
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+    }
+    assert not called & TENSOR_COLLECTIVES, called & TENSOR_COLLECTIVES
 
 
 class _Reached(Exception):
