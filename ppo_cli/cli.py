@@ -111,12 +111,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     flags, overrides = split_hydra_args(args[1:])
     cfg = None if _NO_PRECHECK_FLAGS.intersection(flags) else precheck(config_name, overrides, command)
+    if {"--help", "-h"}.intersection(flags):
+        sys.argv = [f"ppo-cli {command}", *flags, *overrides]
+        help_with_descriptions(config_name, command)
     module = importlib.import_module(module_name)
     if cfg is not None and {"--cfg", "-c"}.intersection(flags):
         overrides = [*overrides, *filled_at_run_time(cfg, getattr(module.main, "prepare", None))]
     sys.argv = [f"ppo-cli {command}", *flags, *overrides]
-    if {"--help", "-h"}.intersection(flags):
-        help_with_descriptions(module.main, config_name, command)
     module.main()
     # The command returned: leave the process group (a torchrun's) while the interpreter is whole (see
     # ppo_cli/dist.py). Only a command that imported ppo_cli.dist can have one; looking it up keeps
@@ -147,13 +148,17 @@ def filled_at_run_time(cfg, prepare) -> list[str]:
     return [f"{key}={hydra_quote(str(OmegaConf.select(cfg, key)))}" for key in missing if key not in still]
 
 
-def help_with_descriptions(main, config_name: str, command: str) -> None:
+def help_with_descriptions(config_name: str, command: str) -> None:
     """Hydra's --help under the command's own heading, with each key's description (ppo_cli/config.py's
-    comments) above it; exits."""
+    comments) above it; exits. Hydra prints it from the config alone, so it runs an app that does nothing
+    instead of the command's: --help imports neither the command's module nor torch (seconds)."""
     import contextlib
     import io
 
+    from ppo_cli.app import hydra_app
     from ppo_cli.schema import annotate_config_yaml, field_descriptions, schema_class
+
+    main = hydra_app(config_name, command)(lambda cfg: None)
 
     captured = io.StringIO()
     code = 0

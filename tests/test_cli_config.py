@@ -109,6 +109,22 @@ def test_subcommand_help_shows_its_config():
     assert "\n# The base model (group model=NAME: a preset of conf/model/).\nmodel:\n" in result.stdout
 
 
+@pytest.mark.parametrize("command", ["train-sft", "train-rm", "train-ppo"])
+def test_subcommand_help_imports_no_torch(command):
+    """--help comes from the config alone: it neither imports the command's module nor torch (seconds)."""
+    code = (
+        "import sys\nfrom ppo_cli.cli import main\n"
+        f"try:\n    main([{command!r}, '--help'])\nexcept SystemExit as exc:\n    assert exc.code == 0\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'ppo_cli.ppo.train') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=_env(), cwd=REPO
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Configuration groups" in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
 @pytest.mark.parametrize("config_name", sorted({config for _, config, _ in COMMANDS.values()}))
 def test_every_schema_field_has_a_description(config_name):
     from ppo_cli.schema import field_descriptions, schema_class, schema_keys
