@@ -12,7 +12,7 @@ Conventions used throughout this package:
 
 Modules: tokens (masks, EOS, logprobs/entropy), stats (masked statistics, whitening), rewards
 (score scaling, missing-EOS rules, KL-shaped rewards), advantages (GAE and the critic-free estimators), losses (PPO, RM), kl
-(controllers).
+(controllers), correction (the sampler's importance weights).
 
 References cited in comments:
 
@@ -27,6 +27,11 @@ References cited in comments:
   REINFORCE Style Optimization for Learning from Human Feedback in LLMs", 2024 (arXiv:2402.14740).
   [RPP] J. Hu, "REINFORCE++: A Simple and Efficient Approach for Aligning Large Language Models", 2025
   (arXiv:2501.03262).
+* [DAPO] Q. Yu et al., "DAPO: An Open-Source LLM Reinforcement Learning System at Scale", 2025
+  (arXiv:2503.14476). [GSPO] C. Zheng et al., "Group Sequence Policy Optimization", 2025
+  (arXiv:2507.18071). [TIS] F. Yao et al., "Your Efficient RL Framework Secretly Brings You Off-Policy RL
+  Training", 2025 (truncated importance sampling between the sampler and the trainer); "When Speed Kills
+  Stability: Demystifying RL Collapse from the Training-Inference Mismatch", 2025.
 * [GAE] J. Schulman et al., "High-Dimensional Continuous Control Using Generalized Advantage
   Estimation", 2015. [PPO] J. Schulman et al., "Proximal Policy Optimization Algorithms", 2017.
 """
@@ -38,16 +43,20 @@ from ppo_cli.rlhf.advantages import (
     per_token,
     reward_to_go,
 )
+from ppo_cli.rlhf.correction import SAMPLER_CORRECTIONS, capped_share, sampler_weights
 from ppo_cli.rlhf.kl import (
     AdaptiveKLController,
     FixedKLController,
     run_kl_horizon,
 )
 from ppo_cli.rlhf.losses import (
+    RATIO_LEVELS,
     LossScale,
     aggregate_loss,
+    clipped_ratio,
     pairwise_reward_loss,
     policy_loss,
+    sequence_log_ratio,
     value_loss,
 )
 from ppo_cli.rlhf.rewards import (
@@ -58,6 +67,7 @@ from ppo_cli.rlhf.rewards import (
     kl_estimate,
     kl_per_token,
     normalize_scores,
+    overlong_penalty,
     replace_missing_eos_score,
     scale_scores,
     score_scale,
@@ -85,10 +95,14 @@ __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
     "LossScale",
+    "RATIO_LEVELS",
     "REWARD_NORMALIZATIONS",
+    "SAMPLER_CORRECTIONS",
     "apply_missing_eos_penalty",
     "batch_score_stats",
+    "capped_share",
     "clip_scores",
+    "clipped_ratio",
     "entropy_from_logits",
     "first_true_indices",
     "aggregate_loss",
@@ -108,13 +122,16 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "normalize_scores",
+    "overlong_penalty",
     "pairwise_reward_loss",
     "policy_loss",
     "position_ids_from_mask",
     "replace_missing_eos_score",
     "run_kl_horizon",
+    "sampler_weights",
     "scale_scores",
     "score_scale",
+    "sequence_log_ratio",
     "shape_rewards",
     "truncate_after_eos",
     "value_loss",

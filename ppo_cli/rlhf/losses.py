@@ -67,6 +67,52 @@ def aggregate_loss(
     raise ValueError(f"unknown loss aggregation {mode!r}")
 
 
+# ppo.ratio_level: the importance ratio per token (PPO) or per sequence (GSPO).
+RATIO_LEVELS = ("token", "sequence")
+
+
+def sequence_log_ratio(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GSPO's sequence-level log-ratio on every token of its sequence, with GSPO-token's gradient.
+
+    Shapes: ``log_ratio`` (``log pi - log pi_old`` per token, 0 at pads), ``mask`` ``(B, T)`` -> ``(B, T)``.
+
+    Formula ([GSPO] eqs. 7 and 13), with ``n_b`` the real tokens of row b::
+
+        log s_b   = (1 / n_b) sum_t log_ratio[b, t]          s_b: the geometric mean of the token ratios
+        out[b, t] = sg(log s_b) + log pi[b, t] - sg(log pi[b, t])
+
+    so ``exp(out[b, t]) = s_b`` (its value is the sequence's ratio, clipped at the sequence level) while
+    its gradient is ``s_b * grad log pi[b, t]``: each token carries its own gradient, weighted by its
+    sequence's ratio (``sg`` = detach). With one advantage per sequence and a per-sequence mean loss
+    this is exactly GSPO's gradient; with per-token advantages (GAE) each token keeps its own.
+
+    Why the geometric mean: the product of the token ratios (the sequence's likelihood ratio) grows or
+    shrinks exponentially with length, so no clip range would suit both short and long responses;
+    the length-normalised ratio stays near 1 and is clipped once for the whole response.
+    Rows without a real token get 0.
+    """
+    m = _as_bool(mask)
+    seq = masked_mean(log_ratio, m, dim=-1).unsqueeze(-1)  # (B, 1)
+    out = seq.detach() + log_ratio - log_ratio.detach()
+    return torch.where(m, out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+def clipped_ratio(ratio: torch.Tensor, clip_range: float | None, clip_range_high: float | None = None):
+    """The ratio clipped to ``[1 - clip_range, 1 + clip_range_high]``; ``clip_range_high=None``: the
+    symmetric ``1 + clip_range`` (PPO), ``clip_range=None``: no clip.
+
+    DAPO's "clip-higher" ([DAPO] sec. 3.1: eps_low 0.2, eps_high 0.28): the upper bound caps how much a
+    token's probability may grow in one update, and a low-probability token with a positive advantage
+    hits it long before a likely one can (0.01 -> 0.012 at most), so the symmetric clip starves
+    exploration and the entropy collapses; a higher upper bound leaves such tokens room to rise, while the
+    lower bound still keeps unlikely tokens from being pushed to 0.
+    """
+    if clip_range is None:
+        return ratio
+    high = clip_range if clip_range_high is None else clip_range_high
+    return torch.clamp(ratio, 1.0 - clip_range, 1.0 + high)
+
+
 def policy_loss(
     new_logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -76,16 +122,22 @@ def policy_loss(
     aggregation: str = "token_mean",
     max_tokens: int | None = None,
     scale: LossScale | None = None,
+    clip_range_high: float | None = None,
+    ratio_level: str = "token",
+    weights: torch.Tensor | None = None,
+    loss_mask: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """PPO clipped surrogate loss ([PPO] eq. 7) and its diagnostics.
 
-    Shapes: ``new_logprobs``, ``old_logprobs``, ``advantages``, ``mask`` ``(B, T)`` -> dict of scalars.
+    Shapes: ``new_logprobs``, ``old_logprobs``, ``advantages``, ``mask``, ``weights``, ``loss_mask``
+    ``(B, T)`` -> dict of scalars.
 
-    Formula, with ``rho = exp(new - old)`` and ``c = clip_range``::
+    Formula, with ``rho = exp(new - old)`` and ``c = clip_range``, ``c_hi = clip_range_high`` (default
+    ``c``)::
 
         pg1 = -A * rho
-        pg2 = -A * clip(rho, 1 - c, 1 + c)
-        loss     = aggregate(max(pg1, pg2))                 (the pessimistic bound; token mean by
+        pg2 = -A * clip(rho, 1 - c, 1 + c_hi)
+        loss     = aggregate(w * max(pg1, pg2))             (the pessimistic bound; token mean by
                                                              default, see :func:`aggregate_loss`)
         clipfrac = masked_mean([pg2 > pg1])                  (tokens where the clip is active)
         approxkl = masked_mean(0.5 * (new - old)^2)          (k2 estimator of KL(old || new))
@@ -96,24 +148,34 @@ def policy_loss(
     gradient; the diagnostics are detached. ``clip_range=None`` disables clipping. ``scale``: this batch
     is a micro-batch of a larger minibatch (:class:`LossScale`); ``loss`` is then its share of the
     minibatch's loss, and ``mean_loss`` (detached) this batch's own aggregate, for logging.
+
+    The options (docs/ppo-details.md, "Off-policy corrections, DAPO and GSPO"): ``clip_range_high``
+    (:func:`clipped_ratio`); ``ratio_level="sequence"``: ``rho`` is GSPO's sequence ratio on every token
+    (:func:`sequence_log_ratio`); ``weights``: a detached per-token weight of each token's loss term (the
+    sampler correction, ``rlhf.sampler_weights``; None = 1); ``loss_mask``: the tokens that carry loss
+    (default ``mask``; ``ppo.mask_truncated`` leaves the truncated responses out), while the diagnostics
+    stay over every real token of ``mask``: they watch how far the policy moved.
     """
+    if ratio_level not in RATIO_LEVELS:
+        raise ValueError(f"unknown ratio level {ratio_level!r}")
     m = _as_bool(mask)
+    lm = m if loss_mask is None else _as_bool(loss_mask)
     # Zero the log-ratio at pads before exp (see kl_per_token): keeps pads from producing inf/NaN grads.
-    log_ratio = torch.where(
+    token_log_ratio = torch.where(
         m, new_logprobs - old_logprobs, torch.zeros((), dtype=new_logprobs.dtype, device=new_logprobs.device)
     )
+    log_ratio = token_log_ratio if ratio_level == "token" else sequence_log_ratio(token_log_ratio, m)
     ratio = torch.exp(log_ratio)
     pg_losses1 = -advantages * ratio
-    if clip_range is None:
-        pg_losses2 = pg_losses1
-    else:
-        pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    pg_losses2 = -advantages * clipped_ratio(ratio, clip_range, clip_range_high)
     token_losses = torch.maximum(pg_losses1, pg_losses2)
-    loss = aggregate_loss(token_losses, m, aggregation, max_tokens, scale)
+    if weights is not None:
+        token_losses = token_losses * weights.detach()
+    loss = aggregate_loss(token_losses, lm, aggregation, max_tokens, scale)
     with torch.no_grad():
-        mean_loss = loss if scale is None else aggregate_loss(token_losses, m, aggregation, max_tokens)
+        mean_loss = loss if scale is None else aggregate_loss(token_losses, lm, aggregation, max_tokens)
         clipfrac = masked_mean((pg_losses2 > pg_losses1).float(), m)
-        approxkl = masked_mean(0.5 * log_ratio.float() ** 2, m)
+        approxkl = masked_mean(0.5 * token_log_ratio.float() ** 2, m)
         mean_ratio = masked_mean(ratio.float(), m)
     return {
         "loss": loss,

@@ -157,6 +157,27 @@ def apply_missing_eos_penalty(
     return torch.where(_as_bool(has_eos), scores, scores - penalty)
 
 
+def overlong_penalty(lengths: torch.Tensor, max_tokens: int, buffer: int, penalty: float) -> torch.Tensor:
+    """DAPO's soft overlong punishment ([DAPO] eq. 13): 0 up to ``max_tokens - buffer`` tokens, then a
+    linear ramp down to ``-penalty`` at ``max_tokens``, added to the score.
+
+    Shapes: ``lengths`` ``(B,)`` (real response tokens, EOS included) -> ``(B,)`` float.
+
+    Formula, with ``L = max_tokens``, ``b = buffer``, ``p = penalty``::
+
+        r(len) = -p * clamp((len - (L - b)) / b, 0, 1)
+
+    Why: a response near the length limit is often one the limit will cut, and a truncated response is
+    judged on text that never ended; the ramp tells the policy that length costs before the cut, rather
+    than a cliff at ``L`` (the missing-EOS rules' step) that rewards a response one token shorter in full.
+    ``penalty=0`` gives zeros.
+    """
+    if buffer < 1 or buffer > max_tokens:
+        raise ValueError(f"overlong buffer {buffer} must be in [1, {max_tokens}]")
+    excess = (lengths.float() - (max_tokens - buffer)) / buffer
+    return -penalty * excess.clamp(min=0.0, max=1.0)
+
+
 def replace_missing_eos_score(
     scores: torch.Tensor, has_eos: torch.Tensor, value: float | None
 ) -> torch.Tensor:
