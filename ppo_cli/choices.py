@@ -115,3 +115,15 @@ class LossAggregation(Choice):
     token_mean = "token_mean"
     seq_mean_token_mean = "seq_mean_token_mean"
     seq_mean_token_sum = "seq_mean_token_sum"
+
+
+class SamplerCorrection(Choice):
+    # docs/ppo-details.md, "Off-policy corrections, DAPO and GSPO"; ppo_cli/rlhf/correction.py's names.
+    none = "none"
+    tis = "tis"
+    seq_tis = "seq_tis"
+
+
+class RatioLevel(Choice):
+    token = "token"
+    sequence = "sequence"

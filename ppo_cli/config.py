@@ -28,7 +28,9 @@ from ppo_cli.choices import (
     MixedPrecision,
     Overflow,
     QuantType,
+    RatioLevel,
     RewardNormalization,
+    SamplerCorrection,
     Schedule,
     Strategy,
     WandbMode,
@@ -282,8 +284,28 @@ class PPOConfig:
     epochs: int = 4
     # Minibatches per epoch (train.batch_size must divide by it).
     num_minibatches: int = 1
-    # Policy ratio clip range.
+    # Policy ratio clip range (the lower bound 1 - clip_range; also the upper one unless clip_range_high).
     clip_range: float = 0.2
+    # The upper clip 1 + clip_range_high (DAPO's clip-higher: 0.28 with clip_range 0.2); null = clip_range.
+    clip_range_high: float | None = None
+    # The importance ratio per token (PPO) or per sequence (GSPO: the geometric mean of the response's token
+    # ratios, clipped once per response; GSPO's clip ranges are ~3e-4 and 4e-4).
+    ratio_level: RatioLevel = RatioLevel.token
+    # Leave responses cut at generation.max_new_tokens (no EOS) out of the loss (DAPO's overlong filtering):
+    # their tokens leave the loss mask and the token count the loss is divided by.
+    mask_truncated: bool = False
+    # DAPO's soft overlong penalty: 0 up to max_new_tokens - overlong_buffer tokens, then down linearly to
+    # -overlong_penalty at max_new_tokens, added to the score (units of the scores PPO uses); 0 = off.
+    overlong_penalty: float = 0.0
+    # The ramp's length in tokens (1 to generation.max_new_tokens); null = a fifth of max_new_tokens (DAPO's
+    # 4096 of 20480).
+    overlong_buffer: int | None = None
+    # generation.engine=vllm: weight each token's policy loss by the truncated importance ratio between the
+    # trained policy and vLLM's: none, tis (per token, min(pi / pi_vllm, cap)) or seq_tis (per response,
+    # the geometric mean of its token ratios, capped). No effect with engine=hf (the sampler is the policy).
+    sampler_correction: SamplerCorrection = SamplerCorrection.none
+    # The cap C of the sampler correction's weights (positive).
+    sampler_correction_cap: float = 2.0
     # Value clip range around the rollout's values.
     clip_range_value: float = 0.2
     # Weight of the value loss in the total loss.

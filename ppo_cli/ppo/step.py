@@ -31,7 +31,7 @@ from ppo_cli.dist import DistInfo, all_reduce_sum, average_gradients
 from ppo_cli.ppo.estimators import Estimation, critic_free_advantages
 from ppo_cli.ppo.roles import POLICY, Roles
 from ppo_cli.ppo.rollout import ForwardPasses, Rollout
-from ppo_cli.ppo.vllm_rollout import GAP_METRIC, sampler_logprob_gap
+from ppo_cli.ppo.vllm_rollout import CAPPED_METRIC, GAP_METRIC, sampler_logprob_gap
 from ppo_cli.run import StageRun
 from ppo_cli.supervised import check_finite, optimizer_step
 
@@ -55,6 +55,15 @@ def whiten_advantages(adv: torch.Tensor, mask: torch.Tensor, dist_info: DistInfo
         return rlhf.masked_whiten(adv, mask)
     moments = all_reduce_sum(rlhf.masked_moments(adv, mask), dist_info)
     return rlhf.whiten_from_moments(adv, mask, moments)
+
+
+def loss_mask(ro: Rollout, mask_truncated: bool) -> torch.Tensor:
+    """(B, R) the tokens that carry loss: the real response tokens, less those of the truncated responses
+    under ppo.mask_truncated (DAPO's overlong filtering: a response the length limit cut was judged on text
+    that never ended, so its score says little about its tokens)."""
+    if not mask_truncated or ro.truncated is None:
+        return ro.response_mask
+    return ro.response_mask & ~ro.truncated.to(ro.response_mask.device).unsqueeze(-1)
 
 
 def minibatch_scales(
@@ -85,6 +94,13 @@ class UpdateSettings:
     max_grad_norm: float  # 0: no clipping
     max_new_tokens: int  # generation.max_new_tokens: the constant some loss aggregations divide by
     gradient_checkpointing: bool  # model.gradient_checkpointing, in the update's train mode
+    # docs/ppo-details.md, "Off-policy corrections, DAPO and GSPO": the upper clip (None: clip_range),
+    # token or sequence ratios, truncated responses out of the loss, the sampler's importance weights.
+    clip_range_high: float | None = None
+    ratio_level: str = "token"
+    mask_truncated: bool = False
+    sampler_correction: str = "none"
+    sampler_correction_cap: float = 2.0
 
     @classmethod
     def from_config(cls, cfg: DictConfig, estimation: Estimation, rows: int) -> UpdateSettings:
@@ -103,6 +119,11 @@ class UpdateSettings:
             max_grad_norm=cfg.train.max_grad_norm,
             max_new_tokens=cfg.generation.max_new_tokens,
             gradient_checkpointing=cfg.model.gradient_checkpointing,
+            clip_range_high=cfg.ppo.clip_range_high,
+            ratio_level=str(cfg.ppo.ratio_level),
+            mask_truncated=bool(cfg.ppo.mask_truncated),
+            sampler_correction=str(cfg.ppo.sampler_correction),
+            sampler_correction_cap=float(cfg.ppo.sampler_correction_cap),
         )
 
 
@@ -192,7 +213,7 @@ class PPOUpdate:
         for _epoch in range(cfg.epochs):
             # Reshuffled every epoch (detail 14); the torch RNG is checkpointed.
             order = first[0] if first is not None else torch.randperm(B)
-            scales = minibatch_scales(ro.response_mask, order, cfg.minibatch, run.dist)
+            scales = minibatch_scales(loss_mask(ro, cfg.mask_truncated), order, cfg.minibatch, run.dist)
             for mb_start, scale in zip(range(0, B, cfg.minibatch), scales):
                 mb = order[mb_start : mb_start + cfg.minibatch]
                 for mi_start in range(0, len(mb), cfg.micro):
@@ -258,9 +279,16 @@ class PPOUpdate:
     ) -> dict[str, torch.Tensor]:
         """One micro-batch's policy loss terms ("loss": the clipped policy loss; "kl_term": beta x the KL
         estimate, when the KL is in the loss), each its share of the minibatch's loss (`scale`), and the
-        metrics beside them (this micro-batch's own means), with TRL's names."""
+        metrics beside them (this micro-batch's own means), with TRL's names. The loss's tokens are
+        `loss_mask`'s; with the sampler correction each token's term is weighted by the trained policy's
+        truncated importance ratio against vLLM's (exactly 1 with the hf engine: no sampler logprobs)."""
         cfg, mask = self.settings, ro.response_mask[idx]
         est = cfg.estimation
+        lmask = loss_mask(ro, cfg.mask_truncated)[idx]
+        sampler = None if ro.sampler_logprobs is None else ro.sampler_logprobs[idx]
+        weights, _ = rlhf.sampler_weights(
+            ro.logprobs[idx], sampler, mask, cfg.sampler_correction, cfg.sampler_correction_cap
+        )
         pg = rlhf.policy_loss(
             new_lp,
             ro.logprobs[idx],
@@ -270,6 +298,10 @@ class PPOUpdate:
             est.loss_aggregation,
             cfg.max_new_tokens,
             scale,
+            clip_range_high=cfg.clip_range_high,
+            ratio_level=cfg.ratio_level,
+            weights=weights,
+            loss_mask=lmask,
         )
         out = {
             "loss": pg["loss"],
@@ -282,8 +314,8 @@ class PPOUpdate:
             # The old logprobs: k3_iw weights each token by pi / pi_old, the policy that sampled it.
             kl = rlhf.kl_estimate(new_lp, ro.ref_logprobs[idx], mask, est.kl_estimator, ro.logprobs[idx])
             max_tokens = cfg.max_new_tokens
-            kl_loss = rlhf.aggregate_loss(kl, mask, est.loss_aggregation, max_tokens, scale)
-            kl_mean = rlhf.aggregate_loss(kl.detach(), mask, est.loss_aggregation, max_tokens)
+            kl_loss = rlhf.aggregate_loss(kl, lmask, est.loss_aggregation, max_tokens, scale)
+            kl_mean = rlhf.aggregate_loss(kl.detach(), lmask, est.loss_aggregation, max_tokens)
             out.update({"kl_term": self.kl_ctl.value * kl_loss, "loss/kl_avg": kl_mean})
         return out
 
@@ -296,26 +328,46 @@ class PPOUpdate:
         scale: rlhf.LossScale,
     ) -> dict[str, torch.Tensor]:
         """One micro-batch's critic term ("value_term": vf_coef x the clipped value loss, its share of the
-        minibatch's loss) and its metrics."""
-        cfg, mask = self.settings, ro.response_mask[idx]
+        minibatch's loss) and its metrics; over `loss_mask`'s tokens, as the policy's."""
+        cfg, mask = self.settings, loss_mask(ro, self.settings.mask_truncated)[idx]
         vf = rlhf.value_loss(vpred, ro.values[idx], returns[idx], mask, cfg.clip_range_value, scale)
         return {"value_term": cfg.vf_coef * vf["loss"], "loss/value_avg": vf["mean_loss"],
                 "val/clipfrac_avg": vf["clipfrac"]}  # fmt: skip
 
 
+def sampler_metrics(ro: Rollout, correction: str, cap: float) -> dict[str, float]:
+    """engine=vllm: how far the sampler's policy is from the trained one (a quantized base: not 0), and
+    the share of real tokens whose sampler weight the cap binds (under ppo.sampler_correction=none: the
+    share tis would cap, so the log says whether the correction would act). {} with the hf engine."""
+    if ro.sampler_logprobs is None:
+        return {}
+    mask = ro.response_mask
+    _, capped = rlhf.sampler_weights(ro.logprobs, ro.sampler_logprobs, mask, correction, cap)
+    if correction == "none":
+        _, capped = rlhf.sampler_weights(ro.logprobs, ro.sampler_logprobs, mask, "tis", cap)
+    return {
+        GAP_METRIC: sampler_logprob_gap(ro.sampler_logprobs, ro.logprobs, mask),
+        CAPPED_METRIC: rlhf.capped_share(capped, mask),
+    }
+
+
 def step_metrics(
-    ro: Rollout, non_score: torch.Tensor, eos_ids: list[int], timings: dict[str, float]
+    ro: Rollout,
+    non_score: torch.Tensor,
+    eos_ids: list[int],
+    timings: dict[str, float],
+    correction: str = "none",
+    cap: float = 2.0,
 ) -> dict[str, float]:
-    """Step 8's metrics of this rank's rollout (TRL's names), its non-score reward and `timings`."""
+    """Step 8's metrics of this rank's rollout (TRL's names), its non-score reward and `timings`;
+    `correction`, `cap`: ppo.sampler_correction and its cap (`sampler_metrics`)."""
     mask = ro.response_mask
     # k1 per sequence: TRL's objective/kl
     kl = rlhf.masked_sum(ro.logprobs - ro.ref_logprobs, mask, dim=1)
     non_score_total = rlhf.masked_sum(non_score, mask, dim=1)
     eos_count = sum(int((ro.responses == e).logical_and(mask).sum()) for e in eos_ids)
-    # engine=vllm: how far the sampler's policy is from the trained one (a quantized base: not 0).
-    gap = {}
-    if ro.sampler_logprobs is not None:
-        gap[GAP_METRIC] = sampler_logprob_gap(ro.sampler_logprobs, ro.logprobs, mask)
+    # The share of responses the length limit cut (no EOS): TRL's completions/clipped_ratio.
+    truncated = ~rlhf.has_eos(ro.responses, mask, eos_ids)
     return {
         "objective/kl": float(kl.mean()),
         "objective/entropy": float(rlhf.masked_sum(-ro.logprobs, mask, dim=1).mean()),
@@ -324,7 +376,8 @@ def step_metrics(
         "objective/scores": float(ro.raw_scores.mean()),
         "objective/scores_normalized": float(ro.scores.mean()),
         "val/num_eos_tokens": float(eos_count),
+        "completions/clipped_ratio": float(truncated.float().mean()),
         "val/mean_response_length": float(mask.sum(1).float().mean()),
-        **gap,
+        **sampler_metrics(ro, correction, cap),
         **timings,
     }

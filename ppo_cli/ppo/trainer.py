@@ -22,6 +22,7 @@ from ppo_cli.ppo.roles import Roles
 from ppo_cli.ppo.rollout import ForwardPasses, Rollout, RolloutMaker, RolloutSettings
 from ppo_cli.ppo.scale import RewardScale
 from ppo_cli.ppo.step import PPOUpdate, UpdateSettings, peak_memory_mb, step_metrics
+from ppo_cli.ppo.validate import overlong_buffer
 from ppo_cli.ppo.vllm_rollout import VLLMRollouts
 from ppo_cli.run import StageRun
 from ppo_cli.supervised import build_scheduler
@@ -127,6 +128,9 @@ class PPOTrainer(LoopStage):
             score_clip=self.ppo_cfg.score_clip,
             missing_eos_penalty=self.ppo_cfg.missing_eos_penalty,
             missing_eos_score=self.ppo_cfg.missing_eos_score,
+            overlong_penalty=self.ppo_cfg.overlong_penalty,
+            overlong_buffer=overlong_buffer(self.ppo_cfg, self.gen_cfg.max_new_tokens),
+            max_new_tokens=self.gen_cfg.max_new_tokens,
         )
         self.rollouts = RolloutMaker(
             rollout_settings,
@@ -169,7 +173,8 @@ class PPOTrainer(LoopStage):
         timings["time/train"] = time.perf_counter() - start
         timings["time/step"] = time.perf_counter() - step_start
         timings["memory/peak_mb"] = peak_memory_mb(self.device)
-        metrics = {**step_metrics(ro, non_score, self.eos_ids, timings), **update_stats}
+        correction = (str(self.ppo_cfg.sampler_correction), float(self.ppo_cfg.sampler_correction_cap))
+        metrics = {**step_metrics(ro, non_score, self.eos_ids, timings, *correction), **update_stats}
         metrics = all_reduce_mean(metrics, self.run.dist)
         # 8: the KL controller sees the batch-mean KL; n_steps counts episodes, as in Ziegler et al.
         self.kl_ctl.update(metrics["objective/kl"], self.episodes_per_step)

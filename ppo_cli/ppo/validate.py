@@ -42,3 +42,39 @@ def validate_ppo(cfg: DictConfig) -> None:
         raise UserError(
             f"ppo.missing_eos_penalty={ppo.missing_eos_penalty} must be positive (it is subtracted)."
         )
+    validate_rl_options(ppo, cfg.generation.max_new_tokens)
+
+
+def validate_rl_options(ppo: DictConfig, max_new_tokens: int) -> None:
+    """The DAPO, GSPO and sampler-correction keys (docs/ppo-details.md, "Off-policy corrections, DAPO and
+    GSPO"); ratio_level and sampler_correction are choices, which Hydra checks itself."""
+    cap = ppo.sampler_correction_cap
+    if not (cap > 0 and math.isfinite(cap)):
+        raise UserError(
+            f"ppo.sampler_correction_cap={cap} must be positive and finite: it is the largest weight a "
+            "token's loss may get from the sampler correction (2.0 by default)."
+        )
+    if ppo.clip_range_high is not None and not ppo.clip_range_high >= 0:
+        raise UserError(
+            f"ppo.clip_range_high={ppo.clip_range_high} must be at least 0: the ratio's upper clip is "
+            "1 + clip_range_high (DAPO uses 0.28 beside ppo.clip_range=0.2; null = ppo.clip_range)."
+        )
+    if not ppo.overlong_penalty >= 0:
+        raise UserError(
+            f"ppo.overlong_penalty={ppo.overlong_penalty} must be at least 0: it is the most a response at "
+            "generation.max_new_tokens loses (0 = off)."
+        )
+    buffer = ppo.overlong_buffer
+    if buffer is not None and not 1 <= buffer <= max_new_tokens:
+        raise UserError(
+            f"ppo.overlong_buffer={buffer} must be between 1 and generation.max_new_tokens={max_new_tokens}: "
+            "the overlong penalty ramps over the last overlong_buffer tokens before the limit (null = a "
+            "fifth of max_new_tokens)."
+        )
+
+
+def overlong_buffer(ppo: DictConfig, max_new_tokens: int) -> int:
+    """ppo.overlong_buffer, or its default: a fifth of max_new_tokens (DAPO: 4096 of 20480), at least 1."""
+    if ppo.overlong_buffer is not None:
+        return int(ppo.overlong_buffer)
+    return max(1, max_new_tokens // 5)

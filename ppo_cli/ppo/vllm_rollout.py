@@ -8,9 +8,10 @@ weights are never copied again. Saving through peft keeps the adapter in exactly
 from a trained `final/`, so the path is the same for training and for `generate` / `evaluate`.
 
 A quantized (4- or 8-bit) training base still runs, but vLLM loads the full-precision base from
-model.name_or_path: it samples from another policy than the one PPO trains. Nothing corrects for that
-yet; every step measures it (`sampler_logprob_gap`, logged as rollout/sampler_logprob_gap) and the first
-step says how large it is (`VLLMRollouts.gap_warning`).
+model.name_or_path: it samples from another policy than the one PPO trains. Every step measures it
+(`sampler_logprob_gap`, logged as rollout/sampler_logprob_gap, beside rollout/sampler_capped_share) and the
+first step says how large it is (`VLLMRollouts.gap_warning`); ppo.sampler_correction=tis or seq_tis weights
+the loss by the truncated importance ratio (rlhf.sampler_weights).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from ppo_cli.vllm_sampler import EngineShape, VLLMSampler, request_seed, vllm_lo
 
 ADAPTER = "policy"
 GAP_METRIC = "rollout/sampler_logprob_gap"
+# The share of real tokens whose sampler-correction weight the cap binds (ppo.sampler_correction).
+CAPPED_METRIC = "rollout/sampler_capped_share"
 
 
 def check_vllm_rollouts(cfg: DictConfig, world_size: int) -> None:
@@ -70,8 +73,9 @@ def gap_message(bits: int, gap: float, step: int) -> str:
         f"differ. At step {step} vLLM's logprobs of its own samples average {abs(gap):.3g} nats/token {side} "
         f"the trained policy's ({GAP_METRIC}, logged every step; in expectation the KL from vLLM's policy "
         "to the trained one, per token). PPO's ratio at the first minibatch is still exactly 1 (the old "
-        "logprobs are the trainer's), but the samples are drawn from another policy and nothing corrects "
-        f"for it yet. For on-policy samples use generation.engine=hf, or {key}=false."
+        "logprobs are the trainer's), but the samples are drawn from another policy: "
+        "ppo.sampler_correction=tis weights each token's loss by the truncated ratio of the two. For "
+        f"on-policy samples use generation.engine=hf, or {key}=false."
     )
 
 
