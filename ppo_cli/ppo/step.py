@@ -341,10 +341,8 @@ def sampler_metrics(ro: Rollout, correction: str, cap: float) -> dict[str, float
     share tis would cap, so the log says whether the correction would act). {} with the hf engine."""
     if ro.sampler_logprobs is None:
         return {}
-    mask = ro.response_mask
-    _, capped = rlhf.sampler_weights(ro.logprobs, ro.sampler_logprobs, mask, correction, cap)
-    if correction == "none":
-        _, capped = rlhf.sampler_weights(ro.logprobs, ro.sampler_logprobs, mask, "tis", cap)
+    mask, mode = ro.response_mask, "tis" if correction == "none" else correction
+    _, capped = rlhf.sampler_weights(ro.logprobs, ro.sampler_logprobs, mask, mode, cap)
     return {
         GAP_METRIC: sampler_logprob_gap(ro.sampler_logprobs, ro.logprobs, mask),
         CAPPED_METRIC: rlhf.capped_share(capped, mask),
