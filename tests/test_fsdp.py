@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -252,6 +253,28 @@ def ppo_args(tiny, adapters, *extra: str) -> list[str]:
     ]
 
 
+def kill_all(pid: int) -> None:
+    """SIGKILL to torchrun and its ranks: the ranks run in sessions of their own, and live on (to finish
+    the run) when torchrun alone is killed."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(parent, []).append(int(entry.name))
+    tree, todo = [pid], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        tree += kids
+        todo += kids
+    for member in reversed(tree):  # the ranks first, then torchrun
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(member, signal.SIGKILL)
+
+
 def kill_and_resume_two_ranks(args: list[str], root: Path) -> dict:
     """tests/ppo_helpers.py's kill_and_resume on two ranks: A uninterrupted; B killed with SIGKILL (all its
     processes) once its step-2 checkpoint exists, then resumed with resume=auto."""
@@ -263,7 +286,7 @@ def kill_and_resume_two_ranks(args: list[str], root: Path) -> dict:
         assert killed.poll() is None, finish(killed).stderr[-3000:]
         assert time.monotonic() < deadline, "run B wrote no step-2 checkpoint"
         time.sleep(0.05)
-    os.killpg(killed.pid, signal.SIGKILL)
+    kill_all(killed.pid)
     killed_result = finish(killed)
     resumed = start_two_ranks(*args, f"output_dir={root / 'B'}", "resume=auto", log=root / "B-resumed")
     return {
