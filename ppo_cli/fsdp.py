@@ -123,6 +123,24 @@ def shard(
     return module
 
 
+def describe(module: torch.nn.Module, dist: DistInfo) -> dict[str, str]:
+    """The start panel's row of a sharded run (empty when `module` is not sharded): the units, and what
+    rank 0 holds of the weights."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    if not is_sharded(module):
+        return {}
+    units = sum(isinstance(m, FSDPModule) for m in module.modules())
+    params = list(module.parameters())
+    full = sum(p.numel() * p.element_size() for p in params) / 2**20
+    local = sum((p.to_local() if isinstance(p, DTensor) else p).nbytes for p in params) / 2**20
+    return {
+        "fsdp": f"sharded over {dist.world_size} ranks: {units} units; rank 0 holds {local:.1f} of "
+        f"{full:.1f} MiB of weights"
+    }
+
+
 def set_gradient_sync(module: torch.nn.Module, sync: bool) -> None:
     """Gradient accumulation: with sync=False the next backward keeps its gradients unreduced (the
     micro-batches before the last); the last one's backward reduce-scatters the sum. A no-op on a module

@@ -99,8 +99,11 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> subprocess.Completed
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def assert_ok(result: subprocess.CompletedProcess) -> None:
+def assert_ok(result: subprocess.CompletedProcess, sharded: bool = True) -> None:
+    """The run succeeded, and (`sharded`) its start panel says the base was sharded over the 2 ranks."""
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    if sharded:
+        assert "sharded over 2 ranks" in result.stdout, result.stdout[-3000:]
 
 
 # ------------------------------------------------------------------------------------ the shards
@@ -111,7 +114,7 @@ def test_each_rank_holds_half_of_a_bf16_base_and_round_trips_its_checkpoint(tiny
     result = torchrun(
         str(tiny["model"]), str(tmp_path), "bfloat16", cwd=tmp_path, entry=(str(worker),), timeout=180
     )
-    assert_ok(result)
+    assert_ok(result, sharded=False)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     full = ranks[0]["frozen_full_bytes"]
     assert sum(r["frozen_local_bytes"] for r in ranks) == full
@@ -183,7 +186,7 @@ def test_sft_and_rm_on_two_sharded_ranks_match_one_process(tiny, tmp_path):
         )  # fmt: skip
         assert_ok(finish(sharded))
     for stage in common:
-        assert_ok(finish(singles[stage]))
+        assert_ok(finish(singles[stage]), sharded=False)
         one, two = tmp_path / stage / "one", tmp_path / stage / "fsdp"
         assert_close_metrics(comparable(one), comparable(two), SHARED_METRICS[stage])
         assert {"eval/loss", "grad_norm"} <= {k for m in comparable(two) for k in m}
@@ -300,10 +303,12 @@ def test_ppo_on_the_sharded_base_matches_ddp_and_resumes_exactly(tiny, tmp_path)
     adapters = tiny_adapters(tiny)
     args = ppo_args(tiny, adapters)
     ddp = start_two_ranks(*args, f"output_dir={tmp_path / 'ddp'}", log=tmp_path / "ddp")
-    assert_ok(finish(ddp))
+    assert_ok(finish(ddp), sharded=False)
     runs = kill_and_resume_two_ranks([*args, FSDP], tmp_path)
     # kill -9 after the step-2 checkpoint, resumed: A's weights and metrics bit for bit.
     metrics = assert_resumed_identically(runs)
+    for name in ("A", "B"):  # both sharded, the resumed one too
+        assert_ok(runs[name][0])
     assert [m["step"] for m in metrics] == [1, 2, 3]
     # The sharded base gives DDP's numbers: the same samples (each rank's own stream), losses, adapters.
     assert_close_metrics(comparable(tmp_path / "ddp"), comparable(tmp_path / "A"))
