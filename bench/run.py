@@ -142,6 +142,32 @@ def run_trl(
     return json.loads(out.read_text())
 
 
+def step_gflop(base_dir: str, rm_dir: Path, prompts_file: Path, work: Path, device: str) -> dict | None:
+    """GFLOP per phase of one step of the benchmark's command with its defaults (bench/flops.py); None
+    if counting failed (reported, not fatal: the timings stand without it)."""
+    command = ppo_cli_command(base_dir, rm_dir, prompts_file, work / "ppo-cli-flops", 1, device)
+    result = subprocess.run(
+        [sys.executable, str(HERE / "flops.py"), "--", *command[3:]], capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        print(f"FLOP count failed (skipped):\n{result.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def print_gflop(gflop: dict, row: dict) -> None:
+    """Each phase's counted work beside its median time (the default row), and the rate achieved."""
+    times = {
+        "generate": row["median_generate_s"],
+        "score": row["median_score_s"],
+        "train": row["median_train_s"],
+    }
+    parts = [
+        f"{phase} {gflop[phase]:.0f} GFLOP ({gflop[phase] / times[phase]:.0f} GFLOP/s)" for phase in times
+    ]
+    print("work per step (FlopCounterMode, default row): " + ", ".join(parts))
+
+
 def summarise(metrics: dict, warmup: int) -> dict:
     measured = [metrics[s] for s in sorted(metrics) if s > warmup]
 
@@ -208,6 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
         native_bf16 = args.device == "cuda" or cpu_has_native_bf16()
         if native_bf16:
             rows["ppo-cli bf16"] = ours("bf16")
+        gflop = step_gflop(model_dir, rm_dir, prompts_file, work, args.device)
         trl = {}
         if not args.skip_trl:
             for dtype in ("fp32", "bf16") if native_bf16 else ("fp32",):
@@ -241,6 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ppo_cli": rows,
         "trl": trl,
         "speedup_vs_trl": ratios,
+        "gflop_per_step": gflop,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
@@ -255,6 +283,8 @@ def main(argv: list[str] | None = None) -> dict:
             f"{label:20}{row['median_step_s']:9.2f}{row['median_generate_s']:10.2f}{row['median_score_s']:8.2f}"
             f"{row['median_train_s']:8.2f}{row['rollout_tokens_per_s']:8.0f}{row['peak_mb']:9.0f}"
         )
+    if gflop:
+        print_gflop(gflop, rows["ppo-cli (default)"])
     for dtype, row in trl.items():
         if row:
             peak = row.get("peak_cuda_mb") or row.get("peak_rss_mb") or float("nan")
