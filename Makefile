@@ -48,9 +48,9 @@ format: install
 # The regression guard first: the working tree beside the merge base with main (HEAD itself on main, so
 # uncommitted changes are what is measured), per phase, in one run (bench/against.py).
 BENCH_AGAINST ?= $(shell git merge-base HEAD origin/main 2>/dev/null || git merge-base HEAD main 2>/dev/null || echo HEAD)
-bench: install vllm-venv
+bench: install vllm-venv trl112-venv
 	$(PYTHON) bench/run.py --against $(BENCH_AGAINST)
-	$(PYTHON) bench/run.py
+	$(PYTHON) bench/run.py --trl-python $(TRL112_VENV)/bin/python
 	$(VLLM_VENV)/bin/python bench/engines.py --threads 1
 
 # Reward-model accuracy: train-rm vs a plain loop vs TRL 1.16's RewardTrainer (bench/README.md). TRL lives in
@@ -73,9 +73,9 @@ bench-rm: install trl-venv
 TRL112_VENV ?= bench/results/trl112-venv
 trl112-venv:
 	@test -x $(TRL112_VENV)/bin/python || ( $(PYTHON) -m venv --system-site-packages $(TRL112_VENV) && \
-	  $(PYTHON) -c "import torch, transformers as t; print(f'torch=={torch.__version__}\ntransformers=={t.__version__}')" \
+	  $(PYTHON) -c "import torch, transformers as t, peft; print(f'torch=={torch.__version__}\ntransformers=={t.__version__}\npeft=={peft.__version__}')" \
 	    > $(TRL112_VENV)/constraints.txt && \
-	  $(TRL112_VENV)/bin/pip install "trl==1.12.0" -c $(TRL112_VENV)/constraints.txt )
+	  $(TRL112_VENV)/bin/pip install "trl==1.12.0" peft -c $(TRL112_VENV)/constraints.txt )
 
 quality: install trl-venv trl112-venv
 	$(PYTHON) bench/quality.py --trl-rm-python $(TRL_VENV)/bin/python --trl-ppo-python $(TRL112_VENV)/bin/python

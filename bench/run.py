@@ -10,8 +10,8 @@ model is a LoRA adapter + head there); TRL keeps separate reward and value model
     python bench/run.py [--steps 5] [--warmup 1] [--device cpu|cuda] [--skip-trl] [--out FILE]
     python bench/run.py --against REV [--repeats 2]    # the regression guard (bench/against.py)
 
-The TRL side runs only when `trl==1.12.0` is importable (install it with a constraint that keeps your
-torch, e.g. `pip install trl==1.12.0 -c <(echo torch==$(python -c 'import torch;print(torch.__version__)'))`).
+The TRL side runs in `--trl-python` (`make trl112-venv` builds one: trl==1.12.0 and peft, with this
+environment's torch and transformers), or in this interpreter when `trl==1.12.0` is importable here.
 Each side runs in its own process; medians exclude the warmup steps. Rows: each side with its defaults
 (ppo-cli's train.mixed_precision=auto is bf16 on a bf16 GPU or a CPU with AMX/AVX512-BF16; TRL runs
 fp32 unless bf16=True), then both sides in fp32 and — where the hardware has native bf16 — both in bf16.
@@ -114,13 +114,22 @@ def run_ppo_cli(
 
 
 def run_trl(
-    model_dir: str, steps: int, warmup: int, device: str, work: Path, dtype: str = "auto"
+    model_dir: str,
+    steps: int,
+    warmup: int,
+    device: str,
+    work: Path,
+    dtype: str = "auto",
+    python: str | None = None,
 ) -> dict | None:
-    if importlib.util.find_spec("trl") is None:
-        return None
+    """TRL's side in `python` (a Python with trl==1.12.0 and peft; default: this one, when it has trl)."""
+    if python is None:
+        if importlib.util.find_spec("trl") is None:
+            return None
+        python = sys.executable
     out = work / f"trl-{dtype}.json"
     cmd = [
-        sys.executable,
+        python,
         str(HERE / "trl_baseline.py"),
         "--steps",
         str(steps),
@@ -192,6 +201,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--warmup", type=int, default=1, help="warmup steps, excluded from the medians")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--skip-trl", action="store_true", help="measure ppo-cli only")
+    ap.add_argument(
+        "--trl-python", help="a Python with trl==1.12.0 and peft (`make trl112-venv`) for TRL's side"
+    )
     ap.add_argument("--cache", default=str(HERE / "results" / "cache"), help="where the bench model is built")
     ap.add_argument(
         "--out", default=None, help="results JSON (default bench/results/latest.json, or against.json)"
@@ -238,7 +250,9 @@ def main(argv: list[str] | None = None) -> dict:
         trl = {}
         if not args.skip_trl:
             for dtype in ("fp32", "bf16") if native_bf16 else ("fp32",):
-                trl[dtype] = run_trl(model_dir, args.steps, args.warmup, args.device, work, dtype)
+                trl[dtype] = run_trl(
+                    model_dir, args.steps, args.warmup, args.device, work, dtype, args.trl_python
+                )
 
     spec = json.loads((Path(model_dir) / "bench_model_spec.json").read_text())
     trl_default = "bf16" if args.device == "cuda" else "fp32"  # what TRL's PPOConfig does unless told
