@@ -88,3 +88,16 @@ bench-memory: install
 
 clean:
 	rm -rf outputs demo_runs bench/results .pytest_cache
+
+# GPU verification (bench/README.md, "gpu-check"): every GPU claim of the README in one offline command on one
+# GPU, under 8 minutes, into bench/results/gpu-check/gpu-check.md and .json. `make wheelhouse` first, on a
+# machine with internet: the wheels a CUDA machine with its own torch may lack (never torch itself), into
+# wheelhouse/, which gpu-check installs from (pip --no-index). DEVICE=cpu: the dry run, tiny sizes on CPU.
+.PHONY: wheelhouse gpu-check
+WHEELHOUSE_PYTHONS ?= 3.10 3.11 3.12
+wheelhouse:
+	$(PYTHON) bench/gpu_check_wheelhouse.py --dest wheelhouse --python $(WHEELHOUSE_PYTHONS)
+
+DEVICE ?= cuda
+gpu-check:
+	$(PYTHON) bench/gpu_check.py --device $(DEVICE) $(if $(filter cpu,$(DEVICE)),--tiny,)
