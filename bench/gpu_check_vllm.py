@@ -81,13 +81,15 @@ def logprob_check(policy, prompt_ids: list[list[int]], new_tokens: int) -> dict:
     from ppo_cli.vllm_sampler import request_seed
 
     sampler, pad = policy.vllm, policy.tokenizer.pad_token_id
+    # Never sampled, as in train-ppo: vLLM is told so when the pad is in its vocabulary; a pad the loader
+    # added past it (a model without spare rows) is not in vLLM's distribution at all.
     forbidden = pad if pad is not None and pad < sampler.vocab_size else None
     seeds = [request_seed(0, row) for row in range(len(prompt_ids))]
     responses, logprobs = sampler.sample_with_logprobs(
         prompt_ids, new_tokens, TEMPERATURE, policy.eos_ids, seeds, policy.vllm_adapter, forbidden
     )
     engine = torch.tensor([sum(lp) for lp in logprobs], dtype=torch.float64)
-    suppress = forbidden is not None
+    suppress = pad is not None
     with_adapter = sequence_logprobs(
         policy, prompt_ids, responses, TEMPERATURE, suppress_pad=suppress
     ).double()
