@@ -16,7 +16,6 @@ from ppo_helpers import (
     build_tiny_roles,
     make_trainer,
     ppo_config,
-    read_metrics,
     tiny_adapters,
 )
 
@@ -24,6 +23,7 @@ from ppo_cli import checkpoint as ckpt
 from ppo_cli import rlhf
 from ppo_cli.ppo import step as step_module
 from ppo_cli.ppo.step import loss_mask, minibatch_scales, step_metrics
+from ppo_cli.ppo.validate import validate_ppo
 from ppo_cli.ppo.vllm_rollout import CAPPED_METRIC, GAP_METRIC
 
 
@@ -313,34 +313,35 @@ ALL_OPTIONS = (
 )
 
 
+def positive_reward(qr, mask, prompts, completions) -> torch.Tensor:
+    """The tiny task's reward_fn (ppo_cli.tiny.task:positive_reward) in the trainer's signature."""
+    from ppo_cli.tiny.task import positive_reward as gold
+
+    return torch.tensor(gold(prompts, completions))
+
+
 @pytest.mark.parametrize("estimator", ["gae", "grpo"])
 def test_lr0_invariants_hold_with_every_option(tiny, adapters, tmp_path, estimator):
     """train.lr=0 with clip-higher, sequence ratios, truncated responses masked, tis and the overlong
-    penalty: ratio 1, approx-KL 0, no clipping over both minibatches (the second after an optimizer step),
-    and the truncation share is logged."""
-    out = tmp_path / estimator
-    extra = ["generation.samples_per_prompt=2"] if estimator == "grpo" else []
-    result = run_cli_in_process(
-        *cli_args(
-            tiny,
-            adapters,
-            out,
-            f"ppo.advantage_estimator={estimator}",
-            "train.lr=0",
-            "train.max_steps=1",
-            "ppo.epochs=1",
-            "ppo.num_minibatches=2",
-            *extra,
-            *ALL_OPTIONS,
-        )  # fmt: skip
-    )
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    metrics = read_metrics(out)
-    assert len(metrics) == 1
+    penalty: ratio 1, approx-KL 0, no clipping over both minibatches of both steps (each after an optimizer
+    step at lr 0), with a critic (gae) and with the KL in the loss (grpo); the truncation share is logged."""
+    critic = estimator == "gae"
+    roles, tokenizer = build_tiny_roles(tiny["model"], adapters["sft"], adapters["rm"] if critic else None,
+                                        critic=critic)  # fmt: skip
+    extra = [] if critic else ["generation.samples_per_prompt=2", "train.batch_size=2"]
+    cfg = ppo_config(tiny["model"], tiny["prompts"], tmp_path / "run", f"ppo.advantage_estimator={estimator}",
+                     "train.lr=0", "ppo.epochs=1", "ppo.num_minibatches=2", *extra, *ALL_OPTIONS)  # fmt: skip
+    validate_ppo(cfg)
+    trainer = make_trainer(cfg, roles, tokenizer, reward=positive_reward)
+    metrics = []
+    for step in (1, 2):
+        trainer.train_step(step)
+        metrics.append(trainer.last_metrics)
     assert_never_moved(metrics)
     for m in metrics:
         assert 0.0 <= m["completions/clipped_ratio"] <= 1.0
         assert m.get("loss/kl_avg", 0.0) == 0.0
+        assert ("loss/value_avg" in m) == critic and ("loss/kl_avg" in m) != critic
 
 
 @pytest.mark.parametrize(
