@@ -99,10 +99,12 @@ class Row:
 
 
 def skipped(part: str, names: list[str], reason: str) -> list[Row]:
+    """Rows for checks that cannot run here (no CUDA, no vLLM, no TRL): said, never counted as failures."""
     return [Row(part, name, None, "", "", "skipped", False, reason) for name in names]
 
 
 def judged(ok: bool) -> str:
+    """A bound's verdict in the table's words."""
     return "pass" if ok else "fail"
 
 
@@ -162,6 +164,8 @@ def last_line(log: Path) -> str:
 
 
 def failed_run(part: str, name: str, rc: int | None, log: Path, gating: bool) -> Row:
+    """A run that crashed or ran out of time: its last words and its log's name, so that the table says
+    where to look."""
     status = "timeout" if rc is None else "error"
     note = "ran out of its time budget" if rc is None else f"exit {rc}: {last_line(log)}"
     return Row(part, name, None, "", "", status, gating, f"{note} (log: {log.name})")
@@ -174,6 +178,7 @@ def fresh(run_dir: Path) -> Path:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """A run's metrics.jsonl: what ppo-cli itself measured (s/step, the sampler gap)."""
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -217,6 +222,7 @@ def run_jobs(jobs: list[Job], clock: Clock, workers: int) -> list[Row]:
 
 
 def missing_modules() -> list[str]:
+    """What of NEEDED_MODULES cannot be imported, found without importing anything (nothing is loaded yet)."""
     importlib.invalidate_caches()
     return [name for name in NEEDED_MODULES if importlib.util.find_spec(name) is None]
 
@@ -245,6 +251,8 @@ def ensure_installed(wheelhouse: Path) -> str:
 
 
 def version_of(dist: str) -> str | None:
+    """An installed distribution's version for the table, without importing it (vLLM's import takes
+    seconds)."""
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
@@ -541,6 +549,8 @@ def memory_job(ctx: Context, model: str, stage: str, quant: bool) -> Job:
 
 
 def memory_jobs(ctx: Context) -> list[Job]:
+    """One job per row of `memory_configurations`, their plans computed here, one after the other (Hydra's
+    composition is global state)."""
     return [memory_job(ctx, model, stage, quant) for model, stage, quant in memory_configurations(ctx)]
 
 
@@ -798,6 +808,7 @@ RESULT_WORDS = {
 
 
 def result_cell(row: Row) -> str:
+    """The result column: a skip says why; a miss of a speed goal says it is not a failure."""
     if row.status == "skipped":
         return f"skipped: {row.note}"
     word = RESULT_WORDS.get(row.status, row.status)
