@@ -37,7 +37,8 @@ PLATFORMS = [
     "manylinux_2_27_x86_64",
     "manylinux_2_28_x86_64",
 ]
-EXTRA = ["pytest", "hatchling>=1.21", "trl==1.12.0"]
+# hatchling builds the project's editable install with `editables` (a build dependency, not in any metadata).
+EXTRA = ["pytest", "hatchling>=1.21", "editables~=0.3", "trl==1.12.0"]
 # Sdist-only on PyPI: built into a wheel first, then found by the resolver in the wheelhouse.
 SDIST_ONLY = ["antlr4-python3-runtime==4.9.3"]
 # What the GPU machine's torch (and transformers) already brought.
