@@ -67,8 +67,9 @@ bench-rm: install trl-venv
 	$(PYTHON) bench/rm_bench.py --trl-python $(TRL_VENV)/bin/python
 
 # PPO quality: SFT -> RM -> PPO on local tasks with gold scorers, ppo-cli's defaults beside TRL 1.12's PPO and
-# TRL 1.16's RewardTrainer (bench/README.md, "Quality benchmark"). trl==1.12.0 (the last with PPOTrainer) has
-# its own virtual environment too.
+# TRL 1.16's RewardTrainer, and the critic-free estimators (grpo with DAPO's and GSPO's settings too) beside TRL
+# 1.16's GRPO; three seeds, tables of mean and range (bench/README.md, "Quality benchmark"). trl==1.12.0 (the
+# last with PPOTrainer) has its own virtual environment too.
 .PHONY: quality trl112-venv
 TRL112_VENV ?= bench/results/trl112-venv
 trl112-venv:
@@ -78,7 +79,9 @@ trl112-venv:
 	  $(TRL112_VENV)/bin/pip install "trl==1.12.0" peft -c $(TRL112_VENV)/constraints.txt )
 
 quality: install trl-venv trl112-venv
-	$(PYTHON) bench/quality.py --trl-rm-python $(TRL_VENV)/bin/python --trl-ppo-python $(TRL112_VENV)/bin/python
+	$(PYTHON) bench/quality.py --trl-rm-python $(TRL_VENV)/bin/python --trl-ppo-python $(TRL112_VENV)/bin/python \
+	  --seeds 0,1,2 --tasks sentiment,format_length,long_answer \
+	  --estimators gae,grpo,rloo,reinforce_plus_plus,grpo_dapo,gspo
 
 # Memory plan vs reality: `ppo-cli plan`'s total beside the peak RSS of short CPU runs (two model sizes x fp32/bf16
 # x train-sft/train-ppo); writes bench/results/memory.json.

@@ -17,11 +17,22 @@ train-sft`, on-policy preference pairs labelled by a gold scorer):
 
 Tasks not built yet are built first (bench/tasks.py, two at once); then two runs go at once, one thread
 each, TRL's first (they are the longest). Every run is cached under bench/results/quality/runs/<task>/
-<task build>-<ppo-cli defaults>/ (a rebuilt task or changed defaults start afresh; --force redoes runs);
-the table goes to the console and to bench/results/quality/results.md (+ results.json, samples/).
+<task build>-<ppo-cli defaults>[-seed<N>]/ (a rebuilt task or changed defaults start afresh; --force redoes
+runs); the table goes to the console and to bench/results/quality/results.md (+ results.json, samples/).
 
-    python bench/quality.py [--tasks sentiment,format_length] [--steps 80] [--batch-size 32] [--lr 1e-3]
-                            [--samples 4] [--skip-trl] [--variant NAME=OVERRIDE,OVERRIDE ...]
+`--seeds 0,1,2` (`make quality`; default 0, `--seed N` is the same option) runs every job once per seed, in
+one queue: the reward models, PPO and the critic-free rows with train.seed / --seed = N, each seed's runs
+in a directory of its own (seed 0 in the one from before --seeds, so its cached runs stay valid); each
+task is built once, for every seed. Each seed's policies are judged with that seed; the tables give, per
+row, the mean over seeds and the range (min..max) of gold lift and final KL, the mean of the other
+columns, and the number of seeds (aggregate_seeds); results.json keeps every seed's results too.
+
+Tasks: sentiment and format_length (the defaults), and long_answer, a verifiable task where truncation
+matters (gold 0 unless the answer is one sentence finished by its only ".", else min(words, 24) / 24; 24
+words take ~49 of the 64 response tokens: bench/tasks.py).
+
+    python bench/quality.py [--tasks sentiment,format_length] [--seeds 0] [--steps 80] [--batch-size 32]
+                            [--lr 1e-3] [--samples 4] [--skip-trl] [--variant NAME=OVERRIDE,OVERRIDE ...]
                             [--estimators gae,grpo,... [--samples-per-prompt 4] [--trl-grpo-lr LR,...]]
                             [--trl-rm-python PY] [--trl-ppo-python PY] [--root DIR] [--results DIR]
 
@@ -29,11 +40,16 @@ the table goes to the console and to bench/results/quality/results.md (+ results
 `--variant beta0.15=ppo.kl_coef=0.15`); `--no-defaults` leaves out the rows of the defaults. TRL's rows
 are skipped with a note when its environments are missing (bench/README.md).
 
-`--estimators gae,grpo,rloo,reinforce_plus_plus` adds a second table, on the gold reward and one episode
-budget (`--batch-size` episodes per step): `ppo-cli train-ppo ppo.advantage_estimator=E
+`--estimators gae,grpo,rloo,reinforce_plus_plus,grpo_dapo,gspo` adds a second table, on the gold reward and
+one episode budget (`--batch-size` episodes per step): `ppo-cli train-ppo ppo.advantage_estimator=E
 generation.samples_per_prompt=K train.batch_size=B/K` for each critic-free E (K = `--samples-per-prompt`,
-4), GAE-PPO with B prompts x 1 sample (the defaults' gold row), and TRL 1.16's GRPOTrainer with B/K prompts
-x K samples (bench/trl_grpo.py; `--trl-grpo-lr 1e-3,3e-4` for several learning rates, default --lr).
+4), GAE-PPO with B prompts x 1 sample (the defaults' gold row), and TRL 1.16's GRPOTrainer with its own
+defaults and B/K prompts x K samples (bench/trl_grpo.py; `--trl-grpo-lr 1e-3,3e-4` for several learning
+rates, default --lr). Two named grpo variants (ESTIMATOR_ROWS): `grpo_dapo`, DAPO as its released recipe
+runs it (ppo.clip_range_high=0.28, ppo.loss_aggregation=token_mean, ppo.overlong_penalty=1.0 over the
+default buffer, a fifth of the 64 tokens; no overlong filtering, no dynamic sampling, ppo-cli's KL
+controller kept), and `gspo` (ppo.ratio_level=sequence with GSPO's clip ranges, ppo.clip_range=3e-4 and
+ppo.clip_range_high=4e-4; grpo's per-sequence aggregation).
 """
 
 from __future__ import annotations
@@ -62,8 +78,37 @@ DEFAULT_TASKS = "sentiment,format_length"
 # (trl==1.12.0, the last release with its PPOTrainer) create.
 TRL_RM_PYTHON = os.environ.get("TRL_PYTHON", str(HERE / "results" / "trl116-venv" / "bin" / "python"))
 TRL_PPO_PYTHON = os.environ.get("TRL_PPO_PYTHON", str(HERE / "results" / "trl112-venv" / "bin" / "python"))
-# ppo.advantage_estimator's values (`--estimators`): GAE-PPO and the critic-free group estimators.
-ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_plus_plus")
+# `--estimators`: GAE-PPO (the defaults' gold row, `gae`) and the critic-free rows, each with its train-ppo
+# overrides (on top of generation.samples_per_prompt=K, train.batch_size=B/K). A row's name is also its
+# runs' directory name, so the first three keep the runs cached before the DAPO and GSPO rows came.
+ESTIMATOR_ROWS: dict[str, list[str]] = {
+    "grpo": ["ppo.advantage_estimator=grpo"],
+    "rloo": ["ppo.advantage_estimator=rloo"],
+    "reinforce_plus_plus": ["ppo.advantage_estimator=reinforce_plus_plus"],
+    # DAPO (Yu et al. 2025) as its released verl recipe runs it: clip-higher 0.2/0.28, token-level loss
+    # (ppo-cli's grpo aggregates per sequence by default), the soft overlong penalty (factor 1.0, buffer a
+    # fifth of the response cap: ppo.overlong_buffer's default), no overlong filtering. Not here: dynamic
+    # sampling (no such option) and DAPO's beta = 0 (the KL controller stays, as on every ppo-cli row).
+    "grpo_dapo": [
+        "ppo.advantage_estimator=grpo",
+        "ppo.clip_range_high=0.28",
+        "ppo.loss_aggregation=token_mean",
+        "ppo.overlong_penalty=1.0",
+    ],
+    # GSPO (Zheng et al. 2025): the sequence-level ratio (GSPO-token) with the paper's clip ranges, 3e-4 below
+    # and 4e-4 above (docs/ppo-details.md: ppo.clip_range is not rescaled with the level); grpo's
+    # seq_mean_token_mean aggregation is GSPO's per-response average.
+    "gspo": [
+        "ppo.advantage_estimator=grpo",
+        "ppo.ratio_level=sequence",
+        "ppo.clip_range=3e-4",
+        "ppo.clip_range_high=4e-4",
+    ],
+}
+ESTIMATORS = ("gae", *ESTIMATOR_ROWS)
+DEFAULT_ESTIMATORS = "gae,grpo,rloo,reinforce_plus_plus,grpo_dapo,gspo"
+# Metrics whose range over seeds the tables show beside the mean (gold lift, the judge's final KL).
+SPREAD_KEYS = ("gold_lift", "kl")
 # What the judge samples: the rollouts' settings of train-ppo's defaults (and TRL's run).
 MAX_NEW_TOKENS = 64
 TEMPERATURE = 0.7
@@ -150,17 +195,17 @@ def run_jobs(jobs: list[Job], threads: int, force: bool, workers: int = 2) -> No
 # The runs of one task
 
 
-def build_tasks(names: list[str], root: Path, threads: int) -> None:
-    """Build the tasks not cached yet, each in its own process (two cores: two builds at once)."""
+def build_tasks(names: list[str], root: Path, threads: int, workers: int = 2) -> None:
+    """Build the tasks not cached yet, each in its own process, `workers` at once (two cores: two builds)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(HERE / "tasks.py"), "--root", str(root), "--task", name], env=env
-        )
-        for name in names
-        if not quality_tasks.is_built(name, root)
-    ]
-    if any(p.wait() != 0 for p in procs):
+    running: list[subprocess.Popen] = []
+    failed = False
+    for name in [n for n in names if not quality_tasks.is_built(n, root)]:
+        if len(running) >= workers:
+            failed |= running.pop(0).wait() != 0
+        cmd = [sys.executable, str(HERE / "tasks.py"), "--root", str(root), "--task", name]
+        running.append(subprocess.Popen(cmd, env=env))
+    if any([p.wait() != 0 for p in running]) or failed:
         raise SystemExit("quality: a task build failed (its output is above)")
     for name in names:  # cached now; fails loudly if a build left nothing behind
         task_builders.build_task(task_builders.TASKS[name], root)
@@ -201,10 +246,25 @@ def cli_defaults(stage: str) -> dict:
     return {"batch_size": int(cfg.train.batch_size), "eval_fraction": float(cfg.data.eval_fraction)}
 
 
-def task_jobs(task: str, args, variants: dict[str, list[str]]) -> tuple[list[Job], dict]:
+def seed_suffix(seed: int) -> str:
+    """What a seed adds to its runs' directory, job names and samples folder: nothing for seed 0 (the
+    paths from before --seeds, so their cached runs stay valid), "-seed<N>" otherwise."""
+    return "" if seed == 0 else f"-seed{seed}"
+
+
+def parse_seeds(text: str) -> list[int]:
+    """`--seeds 0,1,2` -> [0, 1, 2] (duplicates dropped, order kept)."""
+    return list(dict.fromkeys(int(x) for x in text.split(",") if x.strip()))
+
+
+def task_jobs(task: str, args, variants: dict[str, list[str]], seed: int = 0) -> tuple[list[Job], dict]:
+    """The jobs of one task and seed (reward models, PPO rows, critic-free rows, TRL's), and what the judge
+    needs of their products."""
     paths = task_builders.task_paths(args.root, task)
     prompts = quality_tasks.prompt_files(task, args.results / "prompts")
-    runs = args.results / "runs" / task / f"{build_id(paths['info'])}-{defaults_id()}"
+    suffix = seed_suffix(seed)
+    runs = args.results / "runs" / task / f"{build_id(paths['info'])}-{defaults_id()}{suffix}"
+    tag = f"{task}{suffix}"  # job names: "sentiment/rm-ppo-cli", "sentiment-seed1/rm-ppo-cli"
     py = sys.executable
     jobs: list[Job] = []
     products: dict = {"policies": {}, "rms": {}, "paths": paths, "prompts": prompts, "critic_free": {}}
@@ -212,10 +272,10 @@ def task_jobs(task: str, args, variants: dict[str, list[str]]) -> tuple[list[Job
     rm_dir = runs / "rm-ppo-cli"
     jobs.append(
         Job(
-            f"{task}/rm-ppo-cli",
+            f"{tag}/rm-ppo-cli",
             "cli",
             [py, "-m", "ppo_cli", "train-rm", f"sft_checkpoint={paths['sft']}", f"data.train={paths['train']}",
-             f"train.seed={args.seed}", "train.save_every=0", "logger.progress=false", f"output_dir={rm_dir}",
+             f"train.seed={seed}", "train.save_every=0", "logger.progress=false", f"output_dir={rm_dir}",
              "resume=never"],
             rm_dir / "final" / "adapter_config.json",
             runs / "logs" / "rm-ppo-cli.log",
@@ -227,7 +287,7 @@ def task_jobs(task: str, args, variants: dict[str, list[str]]) -> tuple[list[Job
         f"data.train={prompts['train']}",
         f"train.max_steps={args.steps}",
         f"train.lr={args.lr}",
-        f"train.seed={args.seed}",
+        f"train.seed={seed}",
         "train.save_every=0",
         "logger.progress=false",
         "sample_every=0",
@@ -235,7 +295,7 @@ def task_jobs(task: str, args, variants: dict[str, list[str]]) -> tuple[list[Job
     ]
     sources = {
         "gold": ([f"reward_fn={quality_tasks.reward_fn_spec(task)}"], []),
-        "rm": ([f"reward_checkpoint={rm_dir / 'final'}"], [f"{task}/rm-ppo-cli"]),
+        "rm": ([f"reward_checkpoint={rm_dir / 'final'}"], [f"{tag}/rm-ppo-cli"]),
     }
 
     def ppo_cli_row(
@@ -249,7 +309,7 @@ def task_jobs(task: str, args, variants: dict[str, list[str]]) -> tuple[list[Job
         reward, after = sources[source]
         out = runs / f"ppo-cli-{variant}-{source}"
         job = Job(
-            f"{task}/{name}",
+            f"{tag}/{name}",
             "cli",
             [py, "-m", "ppo_cli", "train-ppo", *reward, *ppo_common, f"train.batch_size={batch_size}", *overrides,
              f"output_dir={out}"],
@@ -276,7 +336,7 @@ def task_jobs(task: str, args, variants: dict[str, list[str]]) -> tuple[list[Job
             name = ppo_cli_row("defaults", "gold", [], args.batch_size, False)
             products["critic_free"]["ppo-cli gae"] = {"policy": name, "rollout": f"{args.batch_size} x 1"}
             continue
-        overrides = [f"ppo.advantage_estimator={estimator}", f"generation.samples_per_prompt={group}"]
+        overrides = [*ESTIMATOR_ROWS[estimator], f"generation.samples_per_prompt={group}"]
         name = ppo_cli_row(estimator, "gold", overrides, args.batch_size // group, False)
         products["critic_free"][f"ppo-cli {estimator}"] = {
             "policy": name, "rollout": f"{args.batch_size // group} x {group}"
@@ -289,10 +349,10 @@ def task_jobs(task: str, args, variants: dict[str, list[str]]) -> tuple[list[Job
         trl_rm = runs / "rm-trl"
         jobs.append(
             Job(
-                f"{task}/rm-trl",
+                f"{tag}/rm-trl",
                 "trl",
                 [args.trl_rm_python, str(HERE / "rm_baselines.py"), "trl", str(paths["base"]), str(paths["train"]),
-                 str(trl_rm), f"--seed={args.seed}", f"--steps={steps}", f"--batch-size={defaults['batch_size']}"],
+                 str(trl_rm), f"--seed={seed}", f"--steps={steps}", f"--batch-size={defaults['batch_size']}"],
                 trl_rm / "adapter_config.json",
                 runs / "logs" / "rm-trl.log",
             )
@@ -300,7 +360,7 @@ def task_jobs(task: str, args, variants: dict[str, list[str]]) -> tuple[list[Job
         products["rms"]["trl"] = trl_rm
         trl_sources = {
             "gold": (["--reward-fn", quality_tasks.reward_fn_spec(task)], []),
-            "rm": (["--reward-model", str(trl_rm)], [f"{task}/rm-trl"]),
+            "rm": (["--reward-model", str(trl_rm)], [f"{tag}/rm-trl"]),
         }
         for source, (reward, after) in trl_sources.items():
             if source not in args.sources:
@@ -308,11 +368,11 @@ def task_jobs(task: str, args, variants: dict[str, list[str]]) -> tuple[list[Job
             out = runs / f"trl-{source}"
             jobs.append(
                 Job(
-                    f"{task}/trl/{source}",
+                    f"{tag}/trl/{source}",
                     "trl",
                     [args.trl_ppo_python, str(HERE / "trl_ppo.py"), str(paths["base"]), str(paths["sft"]),
                      str(prompts["train"]), str(out), *reward, f"--steps={args.steps}",
-                     f"--batch-size={args.batch_size}", f"--lr={args.lr}", f"--seed={args.seed}",
+                     f"--batch-size={args.batch_size}", f"--lr={args.lr}", f"--seed={seed}",
                      f"--response-length={MAX_NEW_TOKENS}", f"--temperature={TEMPERATURE}"],
                     out / "done.json",
                     runs / "logs" / f"trl-{source}.log",
@@ -325,27 +385,27 @@ def task_jobs(task: str, args, variants: dict[str, list[str]]) -> tuple[list[Job
             }  # fmt: skip
         for grpo_lr in args.trl_grpo_lr if args.estimators else []:
             # TRL 1.16's GRPO beside the critic-free rows: the same prompts x samples per step
-            tag = "" if grpo_lr == args.lr else f"-lr{grpo_lr:g}"
-            out = runs / f"trl-grpo{tag}-gold"
+            lr_tag = "" if grpo_lr == args.lr else f"-lr{grpo_lr:g}"
+            out = runs / f"trl-grpo{lr_tag}-gold"
             jobs.append(
                 Job(
-                    f"{task}/trl-grpo{tag}/gold",
+                    f"{tag}/trl-grpo{lr_tag}/gold",
                     "trl",
                     [args.trl_rm_python, str(HERE / "trl_grpo.py"), str(paths["base"]), str(paths["sft"]),
                      str(prompts["train"]), str(out), "--reward-fn", quality_tasks.reward_fn_spec(task),
                      f"--steps={args.steps}", f"--batch-size={args.batch_size // group}",
-                     f"--num-generations={group}", f"--lr={grpo_lr}", f"--seed={args.seed}",
+                     f"--num-generations={group}", f"--lr={grpo_lr}", f"--seed={seed}",
                      f"--max-completion-length={MAX_NEW_TOKENS}", f"--temperature={TEMPERATURE}"],
                     out / "done.json",
-                    runs / "logs" / f"trl-grpo{tag}-gold.log",
+                    runs / "logs" / f"trl-grpo{lr_tag}-gold.log",
                 )
             )  # fmt: skip
-            name = f"trl-grpo{tag}/gold"
+            name = f"trl-grpo{lr_tag}/gold"
             products["policies"][name] = {
                 "model": out / "policy", "adapter": None, "rm": "trl", "source": "gold",
                 "metrics": out / "metrics.jsonl", "job": jobs[-1], "main": False,
             }  # fmt: skip
-            label = "TRL 1.16 GRPO" + (f" (lr {grpo_lr:g})" if tag else "")
+            label = "TRL 1.16 GRPO" + (f" (lr {grpo_lr:g})" if lr_tag else "")
             products["critic_free"][label] = {
                 "policy": name,
                 "rollout": f"{args.batch_size // group} x {group}",
@@ -357,7 +417,8 @@ def task_jobs(task: str, args, variants: dict[str, list[str]]) -> tuple[list[Job
 # Judging and the table
 
 
-def judge_products(task: str, products: dict, args) -> dict:
+def judge_products(task: str, products: dict, args, seed: int = 0) -> dict:
+    """Judge one task's policies of one seed (sampled with that seed) and attach what the tables need."""
     import judge
 
     paths = products["paths"]
@@ -378,9 +439,9 @@ def judge_products(task: str, products: dict, args) -> dict:
         n=args.samples,
         max_new_tokens=MAX_NEW_TOKENS,
         temperature=TEMPERATURE,
-        seed=args.seed,
+        seed=seed,
         eval_pairs=task_builders.read_jsonl(paths["eval"]),
-        samples_dir=args.results / "samples" / task,
+        samples_dir=args.results / "samples" / f"{task}{seed_suffix(seed)}",
     )
     for name, p in products["policies"].items():
         if name in result["policies"]:
@@ -406,17 +467,63 @@ def final_train_kl(metrics: Path) -> float | None:
     return float(rows[-1]["objective/kl"]) if rows else None
 
 
+def mean_of(values: list) -> object:
+    """The mean over seeds of one metric: numbers averaged (None left out; None when all are), dicts key by
+    key (rm_win, rm_accuracy, ...), anything else (labels, flags, paths) the first value."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    first = present[0]
+    if isinstance(first, dict):
+        keys = dict.fromkeys(k for v in present for k in v)
+        return {k: mean_of([v.get(k) for v in present]) for k in keys}
+    if isinstance(first, int | float) and not isinstance(first, bool):
+        return sum(present) / len(present)
+    return first
+
+
+def aggregate_seeds(per_seed: list[dict]) -> dict:
+    """One task's judged results of several seeds (each judge_products' dict) as one dict of the same shape:
+    every metric the mean over the seeds that have the policy, and on each policy "seeds" (their number)
+    and "range" ({metric: [min, max]} of SPREAD_KEYS); RM accuracies and the critic-free rows' job seconds
+    are means too."""
+    names = dict.fromkeys(name for res in per_seed for name in res["policies"])
+    policies = {}
+    for name in names:
+        rows = [res["policies"][name] for res in per_seed if name in res["policies"]]
+        metrics = mean_of(rows)
+        metrics["seeds"] = len(rows)
+        metrics["range"] = {k: [min(r[k] for r in rows), max(r[k] for r in rows)] for k in SPREAD_KEYS}
+        policies[name] = metrics
+    out = {"rm_accuracy": mean_of([res.get("rm_accuracy") for res in per_seed]) or {}, "policies": policies}
+    critic_free = [res["critic_free"] for res in per_seed if "critic_free" in res]
+    if critic_free:
+        out["critic_free"] = mean_of(critic_free)
+    return out
+
+
+def spread(metrics: dict, key: str, fmt: str) -> str:
+    """A table cell: the mean of `key` over seeds and, with several seeds, its range, "+0.412 (+0.380..+0.450)"."""
+    text = format(metrics[key], fmt)
+    if metrics.get("seeds", 1) > 1:
+        lo, hi = metrics["range"][key]
+        text += f" ({lo:{fmt}}..{hi:{fmt}})"
+    return text
+
+
 def markdown(results: dict[str, dict], notes: list[str]) -> str:
+    """The main table of aggregate_seeds' results: gold lift and final KL as mean (min..max) over seeds, the
+    other columns means."""
     lines = [
         "| task | policy | reward | RM held-out acc. | gold lift | final KL | RM win rate | EOS rate | "
-        "distinct-2 | words |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "distinct-2 | words | seeds |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for task, res in results.items():
         sft = res["policies"]["sft"]
         lines.append(
             f"| {task} | SFT | | | gold {sft['gold']:.3f} | 0 | | {sft['eos']:.2f} | {sft['distinct2']:.2f} | "
-            f"{sft['words']:.1f} |"
+            f"{sft['words']:.1f} | {sft.get('seeds', 1)} |"
         )
         for name, m in res["policies"].items():
             if name == "sft" or not m.get("main", True):
@@ -426,18 +533,20 @@ def markdown(results: dict[str, dict], notes: list[str]) -> str:
             reward = "gold" if gold else f"{m['rm']} RM"
             label = name.rsplit("/", 1)[0].replace("[defaults]", "")
             lines.append(
-                f"| {task} | {label} | {reward} | {acc} | {m['gold_lift']:+.3f} | {m['kl']:.1f} | "
-                f"{m['rm_win'][m['rm']]:.3f} | {m['eos']:.2f} | {m['distinct2']:.2f} | {m['words']:.1f} |"
+                f"| {task} | {label} | {reward} | {acc} | {spread(m, 'gold_lift', '+.3f')} | {spread(m, 'kl', '.1f')} | "
+                f"{m['rm_win'][m['rm']]:.3f} | {m['eos']:.2f} | {m['distinct2']:.2f} | {m['words']:.1f} | "
+                f"{m.get('seeds', 1)} |"
             )
     return "\n".join(lines + [""] + notes)
 
 
 def critic_free_markdown(results: dict[str, dict], note: str) -> str:
-    """The critic-free estimators beside GAE-PPO and TRL's GRPO, all on the gold reward."""
+    """The critic-free estimators beside GAE-PPO and TRL's GRPO, all on the gold reward (aggregate_seeds'
+    results: gold lift and final KL as mean (min..max) over seeds, the other columns means)."""
     lines = [
         "| task | trainer | prompts x samples per step | gold lift | final KL | training s | EOS rate | "
-        "distinct-2 | words |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "distinct-2 | words | seeds |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for task, res in results.items():
         if "critic_free" not in res:
@@ -445,7 +554,7 @@ def critic_free_markdown(results: dict[str, dict], note: str) -> str:
         sft = res["policies"]["sft"]
         lines.append(
             f"| {task} | SFT | | gold {sft['gold']:.3f} | 0 | | {sft['eos']:.2f} | {sft['distinct2']:.2f} | "
-            f"{sft['words']:.1f} |"
+            f"{sft['words']:.1f} | {sft.get('seeds', 1)} |"
         )
         for label, row in res["critic_free"].items():
             m = res["policies"].get(row["policy"])
@@ -453,10 +562,20 @@ def critic_free_markdown(results: dict[str, dict], note: str) -> str:
                 continue
             seconds = "" if row["job_seconds"] is None else f"{row['job_seconds']:.0f}"
             lines.append(
-                f"| {task} | {label} | {row['rollout']} | {m['gold_lift']:+.3f} | {m['kl']:.1f} | {seconds} | "
-                f"{m['eos']:.2f} | {m['distinct2']:.2f} | {m['words']:.1f} |"
+                f"| {task} | {label} | {row['rollout']} | {spread(m, 'gold_lift', '+.3f')} | {spread(m, 'kl', '.1f')} | "
+                f"{seconds} | {m['eos']:.2f} | {m['distinct2']:.2f} | {m['words']:.1f} | {m.get('seeds', 1)} |"
             )
     return "\n".join(lines + ["", note])
+
+
+def variants_note(estimators: list[str]) -> str:
+    """The overrides of the named grpo variants among `estimators` (grpo_dapo, gspo), for the table's note."""
+    note = ""
+    for name in estimators:
+        overrides = ESTIMATOR_ROWS.get(name, [])
+        if overrides and overrides != [f"ppo.advantage_estimator={name}"]:  # a variant, not an estimator
+            note += f" {name} = {' '.join(overrides)}."
+    return note
 
 
 def parse_variants(items: list[str], defaults_row: bool) -> dict[str, list[str]]:
@@ -467,13 +586,19 @@ def parse_variants(items: list[str], defaults_row: bool) -> dict[str, list[str]]
     return variants
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked: seeds, sources, estimators and TRL GRPO learning rates as lists."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default=DEFAULT_TASKS, help=f"from {', '.join(task_builders.TASKS)}")
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seeds",
+        "--seed",
+        default="0",
+        help="comma-separated: every run and the judge once per seed (0,1,2)",
+    )
     parser.add_argument("--samples", type=int, default=4, help="responses per held-out prompt")
     parser.add_argument("--sources", default="gold,rm", help="PPO reward sources: gold, rm")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=OVERRIDES")
@@ -482,7 +607,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--estimators",
         default="",
-        help=f"critic-free comparison on the gold reward: from {', '.join(ESTIMATORS)} (+ TRL 1.16's GRPO)",
+        help=f"critic-free comparison on the gold reward: from {', '.join(ESTIMATORS)} (+ TRL 1.16's GRPO); "
+        f"make quality: {DEFAULT_ESTIMATORS}",
     )
     parser.add_argument(
         "--samples-per-prompt", type=int, default=4, help="group size of the critic-free rows"
@@ -498,13 +624,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--force", action="store_true", help="redo cached runs")
     args = parser.parse_args(argv)
     args.sources = args.sources.split(",")
+    args.seeds = parse_seeds(args.seeds)
+    if not args.seeds:
+        parser.error("--seeds: at least one seed")
     args.estimators = [e for e in args.estimators.split(",") if e]
     if set(args.estimators) - set(ESTIMATORS):
         parser.error(f"--estimators: choose from {', '.join(ESTIMATORS)}")
     if args.estimators and args.batch_size % args.samples_per_prompt:
         parser.error("--batch-size (episodes per step) must be a multiple of --samples-per-prompt")
     args.trl_grpo_lr = [float(x) for x in args.trl_grpo_lr.split(",") if x] or [args.lr]
-    task_names = args.tasks.split(",")
+    args.tasks = args.tasks.split(",")
+    if set(args.tasks) - set(task_builders.TASKS):
+        parser.error(f"--tasks: choose from {', '.join(task_builders.TASKS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    task_names = args.tasks
     notes = []
     trl_missing = [p for p in (args.trl_ppo_python, args.trl_rm_python) if not Path(p).is_file()]
     if trl_missing and not args.skip_trl:
@@ -518,26 +655,31 @@ def main(argv: list[str] | None = None) -> None:
 
     quiet_libraries()
     started = time.perf_counter()
-    build_tasks(task_names, args.root, args.threads)
+    build_tasks(task_names, args.root, args.threads, args.workers)
     print(f"tasks ready ({time.perf_counter() - started:.0f} s)", flush=True)
 
     variants = parse_variants(args.variant, not args.no_defaults)
-    jobs, products = [], {}
-    for task in task_names:
-        task_job_list, products[task] = task_jobs(task, args, variants)
-        jobs += task_job_list
+    jobs, products = [], {}  # products[(seed, task)]
+    for seed in args.seeds:
+        for task in task_names:
+            task_job_list, products[seed, task] = task_jobs(task, args, variants, seed)
+            jobs += task_job_list
     run_jobs(jobs, args.threads, args.force, args.workers)
 
-    results = {}
-    for task in task_names:
-        t = time.perf_counter()
-        results[task] = judge_products(task, products[task], args)
-        print(f"judged {task} ({time.perf_counter() - t:.0f} s)", flush=True)
+    per_seed: dict[int, dict[str, dict]] = {seed: {} for seed in args.seeds}
+    for seed in args.seeds:
+        for task in task_names:
+            t = time.perf_counter()
+            per_seed[seed][task] = judge_products(task, products[seed, task], args, seed)
+            print(f"judged {task}, seed {seed} ({time.perf_counter() - t:.0f} s)", flush=True)
+    results = {task: aggregate_seeds([per_seed[seed][task] for seed in args.seeds]) for task in task_names}
     wall = time.perf_counter() - started
+    seeds_text = ",".join(map(str, args.seeds))
     notes.append(
         f"{args.steps} PPO steps x {args.batch_size} prompts, lr {args.lr}; judged on "
-        f"{len(task_builders.read_jsonl(products[task_names[0]]['prompts']['eval']))} held-out prompts x "
-        f"{args.samples} samples; wall time {wall / 60:.1f} min."
+        f"{len(task_builders.read_jsonl(products[args.seeds[0], task_names[0]]['prompts']['eval']))} held-out "
+        f"prompts x {args.samples} samples; seeds {seeds_text} (gold lift and final KL: mean (min..max) over "
+        f"seeds, other columns: means; each task built once); wall time {wall / 60:.1f} min."
     )
     table = markdown(results, notes)
     if args.estimators:
@@ -547,14 +689,14 @@ def main(argv: list[str] | None = None) -> None:
             f"Critic-free estimators on the gold reward, {args.steps} steps x {args.batch_size} episodes "
             f"({args.batch_size // group} prompts x {group} samples; GAE: {args.batch_size} x 1), lr {args.lr} "
             f"(TRL GRPO: {', '.join(f'{x:g}' for x in args.trl_grpo_lr)}); training s = the job's wall "
-            "seconds (model loading included, two jobs at once).",
+            "seconds, mean over seeds (model loading included, two jobs at once)."
+            + variants_note(args.estimators),
         )
     args.results.mkdir(parents=True, exist_ok=True)
     out = args.out or args.results / "results.json"
     timings = {j.name: (None if j.cached else round(j.seconds or 0, 1)) for j in jobs}
-    out.write_text(
-        json.dumps({"results": results, "seconds": timings, "wall_s": round(wall)}, indent=2) + "\n"
-    )
+    report = {"results": results, "per_seed": per_seed, "seeds": args.seeds, "seconds": timings}
+    out.write_text(json.dumps({**report, "wall_s": round(wall)}, indent=2) + "\n")
     (out.with_suffix(".md")).write_text(table + "\n")
     print(table)
 

@@ -33,6 +33,7 @@ def _scorer(gold_name: str):
 gold_sentiment = _scorer("sentiment")
 gold_letter = _scorer("letter")
 gold_format = _scorer("format")
+gold_long_answer = _scorer("long_answer")
 
 
 def is_built(task: str, root: Path) -> bool:

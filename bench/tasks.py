@@ -20,6 +20,11 @@ Tasks (`TASKS`):
 - letter_noisy: gold = share of words that contain the letter "o"; 25% of training labels flipped.
 - format_length: gold = ends with "." (1 point) + contains a number (1 point); in 80% of training
   pairs the chosen answer has more words than the rejected one, while held-out pairs are balanced.
+- long_answer: a verifiable task where truncation matters: gold = 0 unless the answer is one sentence
+  ended by its only "." (it finished before the token limit), else min(words, 24) / 24; clean labels.
+  The corpus's answers have 3-10 words, so the SFT policy scores ~0.14 and has far to go, while 24
+  words take ~49 of the quality benchmark's 64 response tokens and ~32 words fill all 64: a policy that
+  stops emitting EOS is cut off mid-sentence and scores 0.
 
     python bench/tasks.py [--root bench/results/rm_tasks] [--task NAME]   # build (cached)
 """
@@ -88,6 +93,21 @@ def letter_gold(answer: str) -> float:
     return sum("o" in w for w in words) / max(1, len(words))
 
 
+# long_answer's target length in words: 24 corpus words + "." take ~49 tokens with EOS (95% under 58), ~32
+# fill bench/quality.py's 64 new tokens (half of 32-word answers are cut there).
+LONG_ANSWER_WORDS = 24
+
+
+def long_answer_gold(answer: str) -> float:
+    """min(words, LONG_ANSWER_WORDS) / LONG_ANSWER_WORDS for one finished sentence: 0 unless the answer ends
+    with a "." that is its only one, so a response cut at the token limit (mid-sentence) scores 0 and
+    writing several short sentences does not help."""
+    text = answer.strip()
+    if not text.endswith(".") or text.count(".") != 1:
+        return 0.0
+    return min(len(words_of(text)), LONG_ANSWER_WORDS) / LONG_ANSWER_WORDS
+
+
 def format_gold(answer: str) -> float:
     """Plain style: the share of neutral (object) words, plus 0.2 for ending with a period and 0.2 for
     containing a number. Length-free: a longer answer is not better by itself."""
@@ -129,6 +149,7 @@ GOLDS: dict[str, Callable[[str], float]] = {
     "sentiment": sentiment_gold,
     "letter": letter_gold,
     "format": format_gold,
+    "long_answer": long_answer_gold,
 }
 
 TASKS: dict[str, TaskSpec] = {
@@ -149,6 +170,12 @@ TASKS: dict[str, TaskSpec] = {
             model_seed=2, n_train=3000, n_eval=600, longer_chosen=0.8, revision=1,
             description='share of neutral words + 0.2 for a final "." + 0.2 for a number; chosen longer '
             "in 80% of training pairs, held-out pairs balanced",
+        ),
+        TaskSpec(
+            "long_answer", "long_answer", hidden_size=256, num_layers=2, num_heads=4, pretrain_steps=400,
+            model_seed=3, n_train=4000, n_eval=600,
+            description='min(words, 24) / 24 for one sentence ended by its only "."; 0 otherwise (an answer '
+            "cut at the token limit scores 0); on-policy pairs, clean labels",
         ),
     )
 }  # fmt: skip
