@@ -145,7 +145,8 @@ def test_every_stage_trains_on_a_4bit_base_on_cuda(tiny, tmp_path):
 
 
 def test_a_killed_ppo_run_on_cuda_resumes_bit_exact(tiny, tmp_path, monkeypatch):
-    """Rollouts sample from the CUDA generator, so a run killed (SIGKILL) after its step-2 checkpoint and
+    """Rollouts sample from the CUDA generator, so a run killed (SIGKILL) after its step-2 checkpoint (of 6
+    steps: a GPU runs a tiny step in a fraction of a second, and the kill must come before the end) and
     resumed ends with exactly the uninterrupted run's adapters, value head and metrics only if the
     checkpoint restores the CUDA RNG state, which it holds. Deterministic cuBLAS and eager attention keep
     kernel nondeterminism from hiding the RNG's part."""
@@ -153,7 +154,7 @@ def test_a_killed_ppo_run_on_cuda_resumes_bit_exact(tiny, tmp_path, monkeypatch)
     adapters = tiny_adapters(tiny)
     common = [
         f"data.train={tiny['prompts']}", f"sft_checkpoint={adapters['sft']}",
-        f"reward_checkpoint={adapters['rm']}", "train.max_steps=4", "train.save_every=2", "train.lr=3e-3",
+        f"reward_checkpoint={adapters['rm']}", "train.max_steps=6", "train.save_every=2", "train.lr=3e-3",
         "train.batch_size=4", "generation.max_new_tokens=6", "ppo.epochs=2", "ppo.missing_eos_score=null",
         "model.attn_implementation=eager", "sample_every=0", *ON_CUDA,
     ]  # fmt: skip
