@@ -62,10 +62,11 @@ def enabled(cfg: DictConfig, dist: DistInfo) -> bool:
 
 
 def is_sharded(module: torch.nn.Module) -> bool:
-    """Whether `module`'s parameters are FSDP shards (DTensors)."""
-    from torch.distributed.tensor import DTensor
+    """Whether `module` holds FSDP units. (Not whether its parameters are DTensors now: a unit left
+    gathered by a forward registers whole tensors until it is resharded.)"""
+    from torch.distributed.fsdp import FSDPModule
 
-    return any(isinstance(p, DTensor) for p in module.parameters())
+    return any(isinstance(m, FSDPModule) for m in module.modules())
 
 
 def decoder_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
@@ -152,14 +153,16 @@ def set_gradient_sync(module: torch.nn.Module, sync: bool) -> None:
 
 
 def to_shards(module: torch.nn.Module) -> None:
-    """Put a sharded module's root unit back on its shards, before its parameters change in place outside
-    a pass. Why: after a forward without gradients the root stays gathered (FSDP's default for a root),
-    its registered parameters are then the gathered copies, and a change to those would be dropped
-    when FSDP frees them. A no-op on a module that is not sharded."""
+    """Put every unit of a sharded module back on its shards, before its parameters are read or changed
+    outside a pass. Why: after a forward without gradients the root stays gathered (FSDP's default for a
+    root), and so does every layer with reshard_after_forward=false; their registered parameters are then
+    the gathered copies, which FSDP frees or overwrites later: a change to them would be lost, and a
+    read may meet freed storage. A no-op on a module that is not sharded."""
     from torch.distributed.fsdp import FSDPModule
 
-    if isinstance(module, FSDPModule):
-        module.reshard()
+    for unit in module.modules():
+        if isinstance(unit, FSDPModule):
+            unit.reshard()
 
 
 def full_tensors(value: Any) -> Any:
@@ -220,6 +223,7 @@ def gathered_state(module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     (save_pretrained(state_dict=...)); None when it is not sharded. Every rank must call it."""
     if not is_sharded(module):
         return None
+    to_shards(module)
     trainable = {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
     # Cloned: a gathered tensor may be a view into FSDP's padded buffer, which safetensors refuses.
     return {name: t.cpu().clone() for name, t in full_tensors(trainable).items()}

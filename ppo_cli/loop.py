@@ -153,6 +153,7 @@ class TrainingLoop:
             **rng_tensors,
         }
         state = {"data": self.state.data.state_dict(), **rng, **self.stage.extra_state()}
+        fsdp.to_shards(self.state.module)  # the shards, not gathered copies an evaluation left behind
         trainable = fsdp.full_tensors(ckpt.trainable_state(self.state.module))
         self.run.save_checkpoint(self.step, trainable, objects, state)
 

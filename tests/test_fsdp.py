@@ -178,10 +178,14 @@ def test_sft_and_rm_on_two_sharded_ranks_match_one_process(tiny, tmp_path):
         )
         for stage, args in common.items()
     }
+    # Gathered layers kept from the forward to the backward, and recomputed activations: memory only.
+    # (The evaluation, and the RM's scoring before final/, then leave every layer gathered when the
+    # weights are saved.)
+    memory = ["train.fsdp.reshard_after_forward=false", "model.gradient_checkpointing=true"]
     for stage, args in common.items():
         (tmp_path / stage).mkdir(exist_ok=True)
         sharded = start_two_ranks(
-            *args, *shared, FSDP, "train.batch_size=2", f"output_dir={tmp_path / stage / 'fsdp'}",
+            *args, *shared, FSDP, *memory, "train.batch_size=2", f"output_dir={tmp_path / stage / 'fsdp'}",
             log=tmp_path / stage / "fsdp",
         )  # fmt: skip
         assert_ok(finish(sharded))
