@@ -207,6 +207,14 @@ def test_sft_and_rm_on_two_sharded_ranks_match_one_process(tiny, tmp_path):
     assert_final_generates_like_its_checkpoint(
         tiny["model"], tmp_path / "sft" / "fsdp", "step-000003", prefix=""
     )
+    # A checkpoint holds full tensors: the sharded run continues on one process (one more step).
+    sharded_run = tmp_path / "sft" / "fsdp"
+    (sharded_run / "final" / "ppo_cli.json").unlink()  # not complete: resume=auto continues it
+    resumed = finish(
+        _one_process("train-sft", f"output_dir={sharded_run}", "train.max_steps=4", log=tmp_path / "r")
+    )
+    assert_ok(resumed, sharded=False)
+    assert "resumed at" in resumed.stdout and (sharded_run / "checkpoints" / "step-000004").is_dir()
 
 
 # ------------------------------------------------------------------------------------------- PPO
