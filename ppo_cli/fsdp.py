@@ -37,8 +37,9 @@ from ppo_cli.errors import UserError
 
 
 def check_fsdp(cfg: DictConfig) -> None:
-    """Refuse, before anything loads, what train.strategy=fsdp cannot run (exit 2). Refused with one
-    process too, where fsdp would run unsharded: the same command must not fail once scaled out."""
+    """Refuse, before anything loads, what train.strategy=fsdp cannot run (exit 2): vLLM sampling and an
+    8-bit base. Refused with one process too, where fsdp would run unsharded: the same command must not
+    fail once scaled out."""
     if str(OmegaConf.select(cfg, "train.strategy", default="ddp")) != "fsdp":
         return
     if str(OmegaConf.select(cfg, "generation.engine", default="hf")) == "vllm":
@@ -47,12 +48,13 @@ def check_fsdp(cfg: DictConfig) -> None:
             "each rank, while FSDP keeps only a shard of the base there. Use generation.engine=hf (every "
             "rank generates its own prompts on the shards), or train.strategy=ddp with generation.engine=vllm."
         )
-    if cfg.model.load_in_4bit or cfg.model.load_in_8bit:
-        key = "model.load_in_4bit" if cfg.model.load_in_4bit else "model.load_in_8bit"
+    if cfg.model.load_in_8bit:
+        # A 4-bit base shards (bitsandbytes' Params4bit keeps its quantization state through FSDP2's
+        # gathers); LLM.int8's Int8Params loses its CB/SCB state in a gathered copy.
         raise UserError(
-            f"{key}=true cannot be sharded with train.strategy=fsdp: bitsandbytes' packed weights and their "
-            "quantization state do not split into FSDP shards. Use train.strategy=ddp for a quantized base, "
-            f"or {key}=false model.dtype=bfloat16 to shard a bf16 base."
+            "model.load_in_8bit=true cannot be sharded with train.strategy=fsdp: bitsandbytes' 8-bit weights "
+            "lose their quantization state in FSDP's gathered copies. Use train.strategy=ddp for an 8-bit "
+            "base, or shard a 4-bit one (model.load_in_4bit=true) or a bf16 one (model.dtype=bfloat16)."
         )
 
 
