@@ -166,6 +166,10 @@ class PlanConfig:
     # plan a GPU run from a machine without one. It changes only the plan's assumptions (cuda: a GPU that
     # supports bf16; nothing from the file load is counted on it), never the command's config.
     device: str | None = None
+    # The ranks the run will have (torchrun's world size); the plan is one rank's. train.strategy=fsdp: each
+    # rank holds 1/world_size of the base and of the trainable state, plus the weights all-gathered around
+    # a pass; ddp (and one process): every rank holds everything. Not read from WORLD_SIZE: plan runs alone.
+    world_size: int = 1
 
 
 @dataclass

@@ -3,6 +3,7 @@ a missing model directory or a bad key), and the stages' start-up row."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -14,13 +15,17 @@ from ppo_cli.plan.estimate import (
     VLLM_CPU_OVERHEAD,
     ModelShape,
     RunShape,
+    Sharding,
     activation_bytes,
     estimate,
+    gathered_layer_bytes,
     gb,
     kv_cache_bytes,
     linears_of,
     logits_bytes,
     lora_params,
+    root_bytes,
+    shard_parts,
     total,
     weight_bytes,
     with_vllm,
@@ -425,3 +430,112 @@ def test_plan_of_a_vllm_run_counts_the_engine(tiny):
     asleep = plan_json(*args, *gpu)
     transient = asleep["parts"]["activations"] + asleep["parts"]["logits"]
     assert asleep["parts"]["vLLM engine"] == int(0.3 * 24e9) - transient
+
+
+# ------------------------------------------------------------------ train.strategy=fsdp: one rank's plan
+
+
+def test_fsdp_rank_holds_half_the_base_plus_two_gathered_layers_and_its_own_activations():
+    deep = dataclasses.replace(TOY, num_layers=8)
+    run = RunShape(stage="sft", micro_batch=1, seq_len=2, weight_bytes=4, act_bytes=4, lora_r=2,
+                   lora_targets=["q_proj", "v_proj"])  # fmt: skip
+    whole = estimate(deep, run)
+    rank = shard_parts(deep, run, whole, Sharding(world_size=2))
+    # one layer gathered: 576 linear weights and 2 norms of 8 in fp32, and its LoRA (112 / 2 layers = 56)
+    layer = gathered_layer_bytes(deep, run)
+    assert layer == 4 * 576 + 4 * 16 + 4 * 56
+    # the root (embeddings and lm_head, 160, and the final norm, 8) stays gathered through the step
+    assert root_bytes(deep, run) == 4 * 168
+    assert rank["base weights"] == whole["base weights"] // 2
+    assert rank["FSDP gathered weights"] == 4 * 168 + 2 * layer
+    for name in ("trainable weights", "gradients", "AdamW state"):
+        assert rank[name] == whole[name] // 2
+    assert (rank["activations"], rank["logits"]) == (whole["activations"], whole["logits"])
+    # the whole base loaded before sharding (19,616 + 1,792 bytes) is less than this step: not the peak
+    assert rank["whole base while loading"] == 0
+    # one process: nothing to shard
+    assert shard_parts(deep, run, whole, Sharding(world_size=1)) == whole
+
+
+def test_fsdp_keeps_every_layer_gathered_without_reshard_and_accumulates_full_gradients():
+    deep = dataclasses.replace(TOY, num_layers=8)
+    run = RunShape(stage="sft", micro_batch=1, seq_len=2, weight_bytes=4, act_bytes=4, lora_r=2,
+                   lora_targets=["q_proj"])  # fmt: skip
+    whole = estimate(deep, run)
+    kept = shard_parts(deep, run, whole, Sharding(world_size=4, gathered_layers=10**9, unsharded_grads=True))
+    assert kept["FSDP gathered weights"] == root_bytes(deep, run) + 8 * gathered_layer_bytes(deep, run)
+    assert kept["gradients"] == whole["gradients"]  # accumulated unreduced: full size on every rank
+    # cpu_offload on a GPU: the shards, their gradients and the optimizer state are in CPU memory
+    off = shard_parts(deep, run, whole, Sharding(world_size=4, offload=True))
+    assert off["base weights"] == off["trainable weights"] == off["gradients"] == off["AdamW state"] == 0
+    assert off["FSDP gathered weights"] > 0
+
+
+def test_fsdp_whole_base_while_loading_is_the_peak_when_it_exceeds_the_step():
+    deep = dataclasses.replace(TOY, num_layers=64)
+    run = RunShape(stage="sft", micro_batch=1, seq_len=1, weight_bytes=4, act_bytes=4, lora_r=1,
+                   lora_targets=["q_proj"])  # fmt: skip
+    whole = estimate(deep, run)
+    rank = shard_parts(deep, run, whole, Sharding(world_size=8))
+    loaded = whole["base weights"] + whole["trainable weights"]
+    assert total(rank) == loaded  # every rank loads the whole base before it is sharded
+    assert rank["whole base while loading"] == loaded - sum(
+        v for k, v in rank.items() if k != "whole base while loading"
+    )
+
+
+def test_plan_per_rank_under_fsdp_and_ddp(tiny):
+    common = (
+        "train-sft",
+        f"model.name_or_path={tiny['model']}",
+        "train.device=cpu",
+        "plan.device_memory_gb=1000",
+    )
+    plain = plan_json(*common)
+    ddp = plan_json(*common, "plan.world_size=2")
+    fsdp = plan_json(*common, "plan.world_size=2", "train.strategy=fsdp")
+    assert "per_rank" not in plain
+    # ddp: every rank holds everything
+    assert ddp["per_rank"]["parts"] == ddp["parts"] == plain["parts"]
+    assert ddp["per_rank"]["total_bytes"] == ddp["total_bytes"]
+    assert (ddp["per_rank"]["strategy"], ddp["per_rank"]["world_size"]) == ("ddp", 2)
+    # fsdp: half the base, the gathered layers and root on top, the same activations
+    rank, whole = fsdp["per_rank"]["parts"], fsdp["parts"]
+    assert fsdp["total_bytes"] == plain["total_bytes"]  # the top level stays one unsharded process
+    assert rank["base weights"] == -(-whole["base weights"] // 2)
+    assert rank["FSDP gathered weights"] > 0
+    assert rank["activations"] == whole["activations"] and rank["logits"] == whole["logits"]
+    assert fsdp["per_rank"]["total_bytes"] == sum(rank.values())
+    assert fsdp["fits"] is fsdp["per_rank"]["fits"] is True
+
+
+def test_plan_fsdp_of_one_process_equals_ddp(tiny):
+    common = ("train-rm", f"model.name_or_path={tiny['model']}", "train.device=cpu")
+    ddp = plan_json(*common)
+    one = plan_json(*common, "train.strategy=fsdp")
+    assert one["per_rank"]["parts"] == one["parts"] == ddp["parts"]
+    assert one["per_rank"]["total_bytes"] == ddp["total_bytes"]
+    assert one["per_rank"]["world_size"] == 1
+
+
+def test_plan_table_says_per_rank(tiny):
+    result = run_cli_in_process("plan", "train-sft", f"model.name_or_path={tiny['model']}", "train.device=cpu",
+                                "train.strategy=fsdp", "plan.world_size=2")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert "peak memory per rank (fsdp over 2 ranks) on cpu" in text
+    assert "FSDP gathered weights" in text and "one process, unsharded" in text
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (("train-sft", "model.name_or_path=/tmp", "plan.world_size=0"), "plan.world_size=0"),
+        (("train-ppo", "model.name_or_path=/tmp", "reward_fn=m:f", "train.strategy=fsdp",
+          "generation.engine=vllm"), "cannot sample for train.strategy=fsdp"),
+    ],
+)  # fmt: skip
+def test_plan_fsdp_mistakes_exit_2(args, needle):
+    result = run_cli_in_process("plan", *args)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert needle in result.stderr, result.stderr

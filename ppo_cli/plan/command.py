@@ -7,8 +7,9 @@ schema; an unknown key, a wrong type or a value outside a key's choices is exit 
 train-ppo take model.name_or_path from sft_checkpoint as they do. Keys under `plan.` are plan's own
 (PlanConfig in ppo_cli/command_config.py): `plan.device_memory_gb=24` compares the total with 24 GB instead of
 the memory of the device the command sees; `plan.device=cuda` plans for that device instead of the one
-train.device resolves to here (a GPU run planned from a machine without one). `--json` prints one JSON
-object instead of the table.
+train.device resolves to here (a GPU run planned from a machine without one); `plan.world_size=N` plans one
+rank of N (torchrun): under train.strategy=fsdp each rank holds 1/N of the base and of the trainable state
+(estimate.shard_parts), under ddp everything. `--json` prints one JSON object instead of the table.
 
 Only the model's config is read (AutoConfig: a Hub id or a local directory), never its weights; the
 numbers are ppo_cli/plan/estimate.py's.
@@ -25,7 +26,17 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ppo_cli.errors import UserError
-from ppo_cli.plan.estimate import ModelShape, RunShape, estimate, fits, gb, total, with_vllm
+from ppo_cli.plan.estimate import (
+    ModelShape,
+    RunShape,
+    Sharding,
+    estimate,
+    fits,
+    gb,
+    shard_parts,
+    total,
+    with_vllm,
+)
 from ppo_cli.plan.shape import (
     checkpoint_file_bytes,
     data_length,
@@ -48,13 +59,15 @@ STAGES = {"train-sft": "sft", "train-rm": "rm", "train-ppo": "ppo"}
 def usage() -> str:
     return (
         "usage: ppo-cli plan COMMAND [key=value ...] [plan.device_memory_gb=GB] [plan.device=DEVICE]\n"
-        "                    [--json]\n\n"
+        "                    [plan.world_size=N] [--json]\n\n"
         "The peak memory a run of COMMAND (train-sft, train-rm or train-ppo) with these overrides will need\n"
         "on the device it would use, and whether it fits: base weights, LoRA weights, gradients, AdamW\n"
         "state, activations, logits and (train-ppo) the rollout KV cache. Reads the model's config only.\n\n"
         "  plan.device_memory_gb=GB  compare with GB instead of the device's memory\n"
         "  plan.device=DEVICE        plan for DEVICE (cpu, cuda, cuda:1) instead of train.device's device here\n"
-        "  --json                    one JSON object: total_bytes, parts, device, fits, suggestions"
+        "  plan.world_size=N         plan one rank of N (train.strategy=fsdp: each holds 1/N of the base)\n"
+        "  --json                    one JSON object: total_bytes, parts, device, fits, suggestions (and\n"
+        "                            per_rank with plan.world_size or train.strategy=fsdp)"
     )
 
 
@@ -101,18 +114,27 @@ COUNTED = {
 }
 
 
-def suggestions(shape: ModelShape, run: RunShape, cfg: DictConfig, limit: float | None) -> list[dict]:
-    """Changes, each on top of the previous ones, until the total fits: gradient checkpointing, 4-bit
-    (CUDA only: bitsandbytes), then halving the micro-batch (more accumulation keeps the batch)."""
-    if limit is None or total(estimate(shape, run)) <= limit:
+def peak(shape: ModelShape, run: RunShape, sharding: Sharding | None = None) -> int:
+    """The total of `run`'s parts: one process's, or one rank's under fsdp (`sharding`)."""
+    parts = estimate(shape, run)
+    return total(parts if sharding is None else shard_parts(shape, run, parts, sharding))
+
+
+def suggestions(
+    shape: ModelShape, run: RunShape, cfg: DictConfig, limit: float | None, sharding: Sharding | None = None
+) -> list[dict]:
+    """Changes, each on top of the previous ones, until the total (a rank's under fsdp) fits: gradient
+    checkpointing, 4-bit (CUDA only: bitsandbytes), then halving the micro-batch (more accumulation keeps
+    the batch)."""
+    if limit is None or peak(shape, run, sharding) <= limit:
         return []
     found: list[dict] = []
     overrides: list[str] = []
 
     def add(change: str, new: RunShape) -> RunShape:
         """Record `change` when it lowers the total (past a point, e.g. the checkpoint load, it does not)."""
-        new_total = total(estimate(shape, new))
-        if new_total >= (found[-1]["total_bytes"] if found else total(estimate(shape, run))):
+        new_total = peak(shape, new, sharding)
+        if new_total >= (found[-1]["total_bytes"] if found else peak(shape, run, sharding)):
             return new
         overrides[:] = [o for o in overrides if o.split("=")[0] not in change]
         overrides.append(change)
@@ -158,16 +180,59 @@ def vllm_engine_bytes(cfg: DictConfig, config, shape, run, device, override_gb: 
     return int(shape.params * run.act_bytes) + kv + overhead
 
 
+def strategy_of(cfg: DictConfig) -> str:
+    """train.strategy: ddp or fsdp (ddp where the config has no such key)."""
+    return str(OmegaConf.select(cfg, "train.strategy", default="ddp"))
+
+
+def sharding_of(cfg: DictConfig, stage: str, device, world_size: int) -> Sharding | None:
+    """How one rank of `world_size` holds the model: None where it holds all of it (ddp, or one process,
+    which fsdp leaves unsharded as the run does)."""
+    if strategy_of(cfg) != "fsdp" or world_size <= 1:
+        return None
+    reshard = bool(OmegaConf.select(cfg, "train.fsdp.reshard_after_forward", default=True))
+    accum = int(OmegaConf.select(cfg, "train.grad_accum_steps", default=1))
+    offload = bool(OmegaConf.select(cfg, "train.fsdp.cpu_offload", default=False))
+    return Sharding(
+        world_size=world_size,
+        gathered_layers=2 if reshard else 10**9,  # every layer, capped at the model's count
+        unsharded_grads=stage != "ppo" and accum > 1,
+        offload=offload and device.type == "cuda",  # on a CPU run the shards are in its memory anyway
+    )
+
+
+def per_rank(
+    cfg: DictConfig,
+    parts: dict[str, int],
+    shape: ModelShape,
+    run: RunShape,
+    sharding: Sharding | None,
+    world_size: int,
+    limit: float | None,
+) -> dict[str, Any]:
+    """The --json object's `per_rank`: one rank's total and parts (fsdp's shards; ddp's are the whole)."""
+    mine = parts if sharding is None else shard_parts(shape, run, parts, sharding)
+    return {
+        "strategy": strategy_of(cfg),
+        "world_size": world_size,
+        "total_bytes": total(mine),
+        "fits": fits(total(mine), limit),
+        "parts": mine,
+    }
+
+
 def make_plan(
     cfg: DictConfig,
     command: str,
     device=None,
     override_gb: float | None = None,
     data_tokens: int | None = None,
+    world_size: int = 1,
 ) -> dict[str, Any]:
     """The plan of `command` with the composed `cfg`: one dict (the --json object). `data_tokens`: the
     longest sequence of the data when the caller has already encoded it (a stage at start-up); otherwise
-    the plan reads data.train itself (`data_length`)."""
+    the plan reads data.train itself (`data_length`). `world_size`: the ranks the run will have; with more
+    than one, or train.strategy=fsdp, the plan gains `per_rank` and `fits` is one rank's verdict."""
     from ppo_cli.models import resolve_device
 
     stage = STAGES[command]
@@ -194,7 +259,8 @@ def make_plan(
         parts["separate reward model"] = separate
     limit = device_memory(device, override_gb)
     total_bytes = total(parts)
-    return {
+    sharding = sharding_of(cfg, stage, device, world_size)
+    plan = {
         "command": command,
         "model": str(cfg.model.name_or_path),
         "parameters": shape.params,
@@ -206,8 +272,12 @@ def make_plan(
         "parts": parts,
         "lengths": lengths,
         "counted": COUNTED.get(device.type, COUNTED["cuda"]),
-        "suggestions": suggestions(shape, run, cfg, limit),
+        "suggestions": suggestions(shape, run, cfg, limit, sharding),
     }
+    if world_size > 1 or strategy_of(cfg) == "fsdp":
+        plan["per_rank"] = per_rank(cfg, parts, shape, run, sharding, world_size, limit)
+        plan["fits"] = plan["per_rank"]["fits"]
+    return plan
 
 
 def summary_row(cfg: DictConfig, stage: str, device, data_tokens: int | None = None) -> str | None:
@@ -223,19 +293,32 @@ def summary_row(cfg: DictConfig, stage: str, device, data_tokens: int | None = N
     )
 
 
+def table_title(plan: dict[str, Any]) -> str:
+    """The table's title; with `per_rank`, whose memory it is: "per rank (fsdp over 2 ranks)"."""
+    title = f"ppo-cli plan {plan['command']}: peak memory"
+    rank = plan.get("per_rank")
+    if rank is not None:
+        title += f" per rank ({rank['strategy']} over {rank['world_size']} ranks)"
+    return f"{title} on {plan['device']}"
+
+
 def print_table(plan: dict[str, Any]) -> None:
+    """The console's plan: the parts (one rank's with `per_rank`), the total, the device and the changes."""
     from rich.table import Table
 
     from ppo_cli.logger import make_console
 
     console = make_console()
-    table = Table(title=f"ppo-cli plan {plan['command']}: peak memory on {plan['device']}", show_header=False)
+    shown = plan.get("per_rank", plan)
+    table = Table(title=table_title(plan), show_header=False)
     table.add_column(no_wrap=True)
     table.add_column(justify="right", no_wrap=True)
-    for name, value in plan["parts"].items():
+    for name, value in shown["parts"].items():
         if value:  # e.g. a checkpoint load that needs nothing beyond the step
             table.add_row(name, gb(value))
-    table.add_row("[bold]total[/]", f"[bold]{gb(plan['total_bytes'])}[/]", end_section=True)
+    table.add_row("[bold]total[/]", f"[bold]{gb(shown['total_bytes'])}[/]", end_section=True)
+    if shown is not plan:
+        table.add_row("one process, unsharded", gb(plan["total_bytes"]))
     limit = plan["device_memory_bytes"]
     if limit is not None:
         table.add_row(f"device memory ({plan['device_memory_of']})", gb(limit))
@@ -268,6 +351,8 @@ def plan_overrides(overrides: list[str]) -> DictConfig:
     value = schema.device_memory_gb
     if value is not None and not value > 0:
         raise UserError(f"plan.device_memory_gb={value} must be a number of GB above 0.")
+    if schema.world_size < 1:
+        raise UserError(f"plan.world_size={schema.world_size} must be a number of ranks, 1 or more.")
     if schema.device is not None:
         import torch
 
@@ -342,7 +427,10 @@ def main(args: list[str]) -> None:
             device = torch.device(own.device)
         else:
             device = None
-        plan = make_plan(cfg, command, device, own.device_memory_gb)
+        from ppo_cli.fsdp import check_fsdp
+
+        check_fsdp(cfg)  # what train.strategy=fsdp refuses, the plan refuses too (exit 2)
+        plan = make_plan(cfg, command, device, own.device_memory_gb, world_size=int(own.world_size))
     except UserError as exc:
         fail(str(exc), COMMAND)
     if "--json" in flags:

@@ -25,6 +25,11 @@ What is counted (bytes at the peak of a step):
                      keep the file's dtype they stay the file's mapped pages, and the whole file, its
                      full-precision linear weights included, stays resident for the whole run
 
+One rank under train.strategy=fsdp (`shard_parts`, plan.world_size ranks): the base weights, trainable
+weights, gradients, AdamW state and frozen adapters cut 1/world (gradients whole while SFT/RM accumulate
+unreduced), plus the FSDP gathered weights (the root unit whole, and two decoder layers: the running one
+and the prefetched next), plus the whole base while loading where that load exceeds the sharded step.
+
 The constants were calibrated against the peak RSS of short CPU runs (bench/memory.py).
 """
 
@@ -296,3 +301,64 @@ def gb(n: float) -> str:
 
 def fits(total_bytes: int, device_bytes: float | None) -> bool | None:
     return None if device_bytes is None or math.isnan(device_bytes) else total_bytes <= device_bytes
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """train.strategy=fsdp over `world_size` ranks (ppo_cli/fsdp.py), as one rank's memory sees it."""
+
+    world_size: int
+    # decoder layers whose full weights a rank holds at once: the one running and the next, which FSDP2
+    # prefetches; every layer with train.fsdp.reshard_after_forward=false (kept from forward to backward)
+    gathered_layers: int = 2
+    # SFT and RM accumulate gradients without reducing them (set_gradient_sync): unsharded, full size
+    unsharded_grads: bool = False
+    # train.fsdp.cpu_offload on a GPU: the shards, their gradients and the AdamW state sit in CPU memory
+    offload: bool = False
+
+
+def gathered_layer_bytes(shape: ModelShape, run: RunShape) -> int:
+    """One decoder layer's full weights as an all-gather materialises them: its base weights (quantized or
+    at their dtype; fp32 under full fine-tuning), its norms and every adapter on it (fp32 LoRA)."""
+    norms = 2 * shape.hidden_size
+    if run.lora_r is None:
+        return 4 * (shape.layer_linear_params + norms)
+    linear = shape.layer_linear_params
+    base = linear * QUANT_BITS[run.quant_bits] / 8 if run.quant_bits else linear * run.weight_bytes
+    adapters = (2 if run.stage == "ppo" and run.critic else 1) + run.frozen_adapters
+    lora = lora_params(shape, run.lora_targets, run.lora_r) // max(1, shape.num_layers)
+    return int(base + norms * run.weight_bytes + 4 * adapters * lora)
+
+
+def root_bytes(shape: ModelShape, run: RunShape) -> int:
+    """The root unit's full weights (embeddings, output head, final norm): gathered from the forward to
+    the backward that follows (FSDP2 keeps a root gathered), so held whole through the step."""
+    per = 4 if run.lora_r is None else run.weight_bytes
+    return int((shape.embedding_params + shape.hidden_size) * per)
+
+
+def shard_parts(
+    shape: ModelShape, run: RunShape, parts: dict[str, int], sharding: Sharding
+) -> dict[str, int]:
+    """One rank's parts under fsdp: the base, the trainable state and the frozen adapters cut 1/world
+    (nothing on the device with offload), the all-gathered weights (the root and `gathered_layers`
+    layers) on top, and each rank's own activations, logits and cache unchanged. Every rank loads the whole
+    base before sharding (ppo_cli/fsdp.py): where that moment exceeds the sharded step it is the peak."""
+    n = sharding.world_size
+    if n <= 1:
+        return dict(parts)
+
+    def share(name: str) -> int:
+        return 0 if sharding.offload else -(-parts.get(name, 0) // n)
+
+    out = dict(parts)
+    for name in ("base weights", "trainable weights", "AdamW state", "frozen adapters"):
+        if name in parts:
+            out[name] = share(name)
+    out["gradients"] = parts["gradients"] if sharding.unsharded_grads else share("gradients")
+    layers = min(sharding.gathered_layers, shape.num_layers)
+    out["FSDP gathered weights"] = root_bytes(shape, run) + layers * gathered_layer_bytes(shape, run)
+    loaded = sum(parts.get(k, 0) for k in ("base weights", "trainable weights", "frozen adapters"))
+    at_step = sum(v for k, v in out.items() if k not in ("process baseline", "checkpoint load"))
+    out["whole base while loading"] = max(0, loaded - at_step)
+    return out
