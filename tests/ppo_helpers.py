@@ -228,11 +228,44 @@ def start_cli(*args: str, log: Path, env: dict | None = None):
     return proc
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_two_ranks(*args: str, log: Path):
+    """`ppo-cli ARGS` on two CPU ranks (torchrun, gloo) in the background, output to `log`.out/.err, in a
+    session of its own: torchrun starts its ranks there, so `finish` can kill a stuck run with them."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr"]
+    cmd += ["127.0.0.1", "--master_port", str(free_port()), "-m", "ppo_cli", *args, "logger.progress=false"]
+    with open(f"{log}.out", "w") as out, open(f"{log}.err", "w") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=cli_env(), start_new_session=True)
+    proc.log = log
+    return proc
+
+
 def finish(proc, timeout: float = 600):
-    """Wait for a process from `start_cli`: a CompletedProcess with its return code and output."""
+    """Wait for a process from `start_cli` or `start_two_ranks`: a CompletedProcess with its return code
+    and output. Past `timeout` the run is killed (with its session: a torchrun's ranks) and its return code
+    says so."""
+    import os
+    import signal
     import subprocess
 
-    proc.wait(timeout=timeout)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        if os.getpgid(proc.pid) == proc.pid:  # leads its own session: start_two_ranks
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
+        proc.wait()
     out, err = Path(f"{proc.log}.out").read_text(), Path(f"{proc.log}.err").read_text()
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 

@@ -5,20 +5,16 @@ state and fresh seeds for the others.
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from ppo_helpers import assert_same_products, cli_env, read_metrics
+from ppo_helpers import assert_same_products, finish, read_metrics, start_two_ranks
 
 from ppo_cli import checkpoint as ckpt
 from ppo_cli.dist import DistInfo
@@ -110,33 +106,11 @@ def test_the_same_number_of_ranks_restores_quietly(tmp_path):
     assert restored_on(loaded, 1, 2) == (expected, [])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_two_ranks(*args: str, log: Path) -> subprocess.Popen:
-    """`ppo-cli ARGS` on two CPU ranks (torchrun, gloo), output to `log`.out/.err, in its own session so
-    that a stuck run can be killed with its workers."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    cmd += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "ppo_cli", *args]
-    with open(f"{log}.out", "w") as out, open(f"{log}.err", "w") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=cli_env(), start_new_session=True)
-    proc.log = log
-    return proc
-
-
 def wait(proc: subprocess.Popen, timeout: float = 600) -> str:
     """The run's stdout once it finished successfully."""
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    out, err = Path(f"{proc.log}.out").read_text(), Path(f"{proc.log}.err").read_text()
-    assert proc.returncode == 0, out[-2000:] + err[-3000:]
-    return out
+    result = finish(proc, timeout)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result.stdout
 
 
 @pytest.mark.slow

@@ -17,7 +17,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -29,13 +28,14 @@ from ppo_helpers import (
     assert_never_moved,
     assert_resumed_identically,
     assert_usage_error,
-    cli_env,
+    finish,
     read_metrics,
     start_cli,
+    start_two_ranks,
     tiny_adapters,
 )
 from safetensors.torch import load_file
-from test_distributed import _free_port, torchrun
+from test_distributed import torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -78,26 +78,6 @@ def assert_close_tensors(a: Path, b: Path) -> None:
     assert ta.keys() == tb.keys() and ta
     for key in ta:
         torch.testing.assert_close(ta[key], tb[key], rtol=1e-3, atol=5e-5, msg=key)
-
-
-def start_two_ranks(*args: str, log: Path) -> subprocess.Popen:
-    """`ppo-cli ARGS` on two CPU ranks in the background, in its own session (see `finish`)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr"]
-    cmd += ["127.0.0.1", "--master_port", str(_free_port()), "-m", "ppo_cli", *args, "logger.progress=false"]
-    with open(f"{log}.out", "w") as out, open(f"{log}.err", "w") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=cli_env(), start_new_session=True)
-    proc.log = log
-    return proc
-
-
-def finish(proc: subprocess.Popen, timeout: float = 300) -> subprocess.CompletedProcess:
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    out, err = Path(f"{proc.log}.out").read_text(), Path(f"{proc.log}.err").read_text()
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def assert_ok(result: subprocess.CompletedProcess, sharded: bool = True) -> None:
