@@ -59,9 +59,9 @@ bench: install vllm-venv trl112-venv
 TRL_VENV ?= bench/results/trl116-venv
 trl-venv:
 	@test -x $(TRL_VENV)/bin/python || ( $(PYTHON) -m venv --system-site-packages $(TRL_VENV) && \
-	  $(PYTHON) -c "import torch, transformers as t; print(f'torch=={torch.__version__}\ntransformers=={t.__version__}')" \
+	  $(PYTHON) -c "import torch, transformers as t, peft; print(f'torch=={torch.__version__}\ntransformers=={t.__version__}\npeft=={peft.__version__}')" \
 	    > $(TRL_VENV)/constraints.txt && \
-	  $(TRL_VENV)/bin/pip install "trl==1.16.*" -c $(TRL_VENV)/constraints.txt )
+	  $(TRL_VENV)/bin/pip install "trl==1.16.*" peft -c $(TRL_VENV)/constraints.txt )
 
 bench-rm: install trl-venv
 	$(PYTHON) bench/rm_bench.py --trl-python $(TRL_VENV)/bin/python

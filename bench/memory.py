@@ -10,7 +10,11 @@ the run reports (VmHWM, see `measure`), which is what the plan counts on CPU (pr
 training peak). The plan is asked with the same overrides. Prints plan, measured and their ratio and
 writes bench/results/memory.json; the plan is meant to stay within +-20% of each.
 
-    python bench/memory.py [--reuse] [--out bench/results/memory.json]
+Sharding (issue: several ranks): the ~267M Llama's train-sft and train-ppo with their defaults on two CPU
+ranks under torchrun (gloo), train.strategy=ddp beside train.strategy=fsdp: each rank's peak RSS, and the
+plan of one rank (`ppo-cli plan ... plan.world_size=2`, its `per_rank` total) beside the busiest rank.
+
+    python bench/memory.py [--reuse] [--rows all|single|sharding] [--out bench/results/memory.json]
 
 --reuse takes the measurements from the previous --out file and only recomputes the plan (for
 calibrating the estimator without re-running the training).
@@ -59,6 +63,11 @@ def configurations() -> list[tuple[str, str, str, str | None]]:
     return rows
 
 
+# Two-rank rows: (model, stage) x strategy, each with the command's defaults
+SHARDED = [("llama-267m", stage) for stage in ("train-sft", "train-ppo")]
+STRATEGIES = ("ddp", "fsdp")
+
+
 def build_models(root: Path) -> dict[str, dict[str, Path]]:
     from ppo_cli.tiny.cache import build_all
 
@@ -69,17 +78,24 @@ def command_of(
     stage: str, paths: dict[str, Path], precision: str, out: Path, quantized: str | None = None
 ) -> list[str]:
     if precision == "defaults":  # the command's defaults, two steps at lr 0 (the PPO invariants hold)
+        data = (
+            [f"data.train={paths['sft']}"]
+            if stage == "train-sft"
+            else [
+                f"data.train={paths['prompts']}",
+                "reward_fn=ppo_cli.tiny.task:positive_reward",
+                "sample_every=0",
+            ]
+        )
         return [
             stage,
             f"model.name_or_path={paths['model']}",
             *([QUANTIZED[quantized]] if quantized else []),
             f"output_dir={out}",
-            f"data.train={paths['prompts']}",
-            "reward_fn=ppo_cli.tiny.task:positive_reward",
+            *data,
             "train.max_steps=2",
             "train.lr=0",
             "logger.progress=false",
-            "sample_every=0",
         ]
     common = [
         f"model.name_or_path={paths['model']}",
@@ -117,12 +133,12 @@ def command_of(
     ]
 
 
-# The run reports its own peak: ru_maxrss of a child started from this (large) Python process would start
+# The run reports its own peak (each rank its own file, under torchrun): ru_maxrss of a child started from this (large) Python process would start
 # at this process's peak (Linux carries it across fork and exec), while VmHWM is the peak RSS of the
 # child's own address space: what ru_maxrss reports for the same command started from a shell.
 _RUN_AND_REPORT = """
-import atexit, sys
-out = sys.argv[1]
+import atexit, os, sys
+out = sys.argv[1] + os.environ.get("RANK", "")
 def report():
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
@@ -153,6 +169,56 @@ def measure(args: list[str]) -> int:
         return int(peak.read_text()) * 1024
 
 
+def measure_ranks(args: list[str], ranks: int = 2) -> list[int]:
+    """Each rank's peak RSS in bytes of `ppo-cli ARGS` started by torchrun on `ranks` CPU processes."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    with tempfile.TemporaryDirectory() as tmp:
+        script, peak = Path(tmp) / "run.py", Path(tmp) / "peak"
+        script.write_text(_RUN_AND_REPORT)
+        result = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--master_addr=127.0.0.1",
+             f"--master_port={29500 + os.getpid() % 1000}", str(script), str(peak), *args],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, check=False,
+        )  # fmt: skip
+        files = [Path(f"{peak}{rank}") for rank in range(ranks)]
+        if result.returncode != 0 or not all(f.is_file() for f in files):
+            raise SystemExit(
+                f"torchrun {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}"
+            )
+        return [int(f.read_text()) * 1024 for f in files]
+
+
+def sharded_rows(models: dict, tmp: Path, previous: dict) -> list[dict]:
+    """DDP beside FSDP on two ranks: each rank's peak and the plan of one rank."""
+    rows = []
+    for model_name, stage in SHARDED:
+        for strategy in STRATEGIES:
+            name = f"{model_name} {stage} 2 ranks {strategy}"
+            args = command_of(stage, models[model_name], "defaults", tmp / name.replace(" ", "-"))
+            args.append(f"train.strategy={strategy}")
+            measured = previous.get(name) or measure_ranks(args)
+            plan_args = [a for a in args[1:] if not a.startswith("output_dir=")]
+            plan = plan_of([args[0], *plan_args, "plan.world_size=2"])["per_rank"]
+            ratio = plan["total_bytes"] / max(measured)
+            rows.append(
+                {
+                    "name": name,
+                    "command": args,
+                    "measured_bytes": measured,  # per rank
+                    "plan_bytes": plan["total_bytes"],
+                    "ratio": round(ratio, 3),  # against the busiest rank
+                    "parts": plan["parts"],
+                }
+            )
+            peaks = " / ".join(f"{m / 2**20:7.1f}" for m in measured)
+            print(
+                f"{name:<40} plan {plan['total_bytes'] / 2**20:8.1f} MiB  measured (rank 0 / 1) {peaks} MiB  "
+                f"ratio {ratio:.2f}",
+                flush=True,
+            )
+    return rows
+
+
 def plan_of(args: list[str]) -> dict:
     """`ppo-cli plan ARGS --json` on the CPU."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -173,15 +239,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=HERE / "results" / "memory.json")
     parser.add_argument("--reuse", action="store_true", help="reuse the measurements in --out")
+    parser.add_argument(
+        "--rows", choices=("all", "single", "sharding"), default="all", help="one process, two ranks, or both"
+    )
     opts = parser.parse_args()
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     previous = {}
     if opts.reuse and opts.out.is_file():
-        previous = {r["name"]: r["measured_bytes"] for r in json.loads(opts.out.read_text())["runs"]}
+        saved = json.loads(opts.out.read_text())
+        previous = {r["name"]: r["measured_bytes"] for r in saved["runs"] + saved.get("sharding", [])}
     models = build_models(HERE / "results" / "memory-models")
-    rows = []
+    rows, sharding = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for model_name, stage, precision, quantized in configurations():
+        if opts.rows in ("all", "sharding"):
+            sharding = sharded_rows(models, Path(tmp), previous)
+        for model_name, stage, precision, quantized in configurations() if opts.rows != "sharding" else []:
             name = f"{model_name} {stage} {precision}" + (f" {quantized}" if quantized else "")
             args = command_of(
                 stage, models[model_name], precision, Path(tmp) / name.replace(" ", "-"), quantized
@@ -204,8 +276,12 @@ def main() -> None:
                 f"{measured / 2**20:8.1f} MiB  ratio {ratio:.2f}",
                 flush=True,
             )
-    worst = max(abs(r["ratio"] - 1) for r in rows)
-    opts.out.write_text(json.dumps({"runs": rows, "worst_relative_error": round(worst, 3)}, indent=2) + "\n")
+    if opts.rows != "all" and opts.out.is_file():  # keep the other rows of the previous file
+        saved = json.loads(opts.out.read_text())
+        rows, sharding = rows or saved.get("runs", []), sharding or saved.get("sharding", [])
+    worst = max(abs(r["ratio"] - 1) for r in rows + sharding)
+    report = {"runs": rows, "sharding": sharding, "worst_relative_error": round(worst, 3)}
+    opts.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"worst |plan/measured - 1| = {worst:.2f}; wrote {opts.out}")
 
 

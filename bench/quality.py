@@ -32,7 +32,7 @@ matters (gold 0 unless the answer is one sentence finished by its only ".", else
 words take ~49 of the 64 response tokens: bench/tasks.py).
 
     python bench/quality.py [--tasks sentiment,format_length] [--seeds 0] [--steps 80] [--batch-size 32]
-                            [--lr 1e-3] [--samples 4] [--skip-trl] [--variant NAME=OVERRIDE,OVERRIDE ...]
+                            [--lr 1e-3] [--samples 4] [--skip-trl] [--skip-trl-ppo] [--variant NAME=OVERRIDE,OVERRIDE ...]
                             [--estimators gae,grpo,... [--samples-per-prompt 4] [--trl-grpo-lr LR,...]]
                             [--trl-rm-python PY] [--trl-ppo-python PY] [--root DIR] [--results DIR]
 
@@ -363,7 +363,7 @@ def task_jobs(task: str, args, variants: dict[str, list[str]], seed: int = 0) ->
             "rm": (["--reward-model", str(trl_rm)], [f"{tag}/rm-trl"]),
         }
         for source, (reward, after) in trl_sources.items():
-            if source not in args.sources:
+            if source not in args.sources or args.skip_trl_ppo:
                 continue
             out = runs / f"trl-{source}"
             jobs.append(
@@ -604,6 +604,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=OVERRIDES")
     parser.add_argument("--no-defaults", action="store_true", help="only the --variant rows of ppo-cli")
     parser.add_argument("--skip-trl", action="store_true")
+    parser.add_argument(
+        "--skip-trl-ppo",
+        action="store_true",
+        help="no TRL 1.12 PPO rows (the slowest jobs); TRL's reward model and GRPO stay",
+    )
     parser.add_argument(
         "--estimators",
         default="",

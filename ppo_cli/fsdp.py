@@ -11,9 +11,16 @@ Precision: the trainable parameters (LoRA, heads) are fp32 and the frozen base k
 all-gathers a unit whose parameters mix dtypes as bytes, and reduce-scatters only gradients, which all
 belong to fp32 parameters: no MixedPrecisionPolicy is needed, a bf16 base included.
 
-Loading (first version): every rank loads the base as under ddp, and `fully_shard` then keeps only its
-shard of each parameter; the full copy is freed as the units are sharded, so a rank holds the whole base
-only while it loads. The trainable weights are broadcast from rank 0 before sharding (one source).
+Loading: rank 0 alone reads the weights, into CPU memory (`load_device`); every other rank builds the
+same model on the meta device (its structure: names, shapes, dtypes, no storage). `fully_shard` then
+gives each rank its shards, allocated empty on the ranks that read nothing, and rank 0 sends every
+parameter and buffer, one tensor at a time, each rank keeping its shard (`shard`, `_receive_from_rank0`).
+So no rank but 0 ever holds more than its shards and one full tensor, and rank 0 holds the whole base on
+the CPU only until it has been sent (on a GPU, FSDP moves each unit to the device as it shards it). The
+trainable weights (new LoRA, heads) come from rank 0 with the rest: one source. A quantized base cannot
+be built on the meta device (bitsandbytes quantizes while it loads): with model.load_in_4bit every rank
+loads it, as under ddp, and `fully_shard` keeps each rank's shard (the trainable weights are broadcast
+from rank 0 first); a 4-bit base is a quarter of the bf16 bytes.
 
 Checkpoints keep DDP's format: the trainable state and the optimizer state are gathered to full tensors
 on save (`full_tensors`, every rank takes part, rank 0 writes), and a resume cuts each rank's shard out
@@ -63,6 +70,22 @@ def enabled(cfg: DictConfig, dist: DistInfo) -> bool:
     return str(cfg.train.strategy) == "fsdp" and dist.enabled
 
 
+def loads_on_rank0(cfg: DictConfig, dist: DistInfo) -> bool:
+    """Whether this run shards a base that only rank 0 reads (every other rank builds it on the meta
+    device): fsdp over several ranks, a base that is not quantized."""
+    return enabled(cfg, dist) and not (cfg.model.load_in_4bit or cfg.model.load_in_8bit)
+
+
+def load_device(cfg: DictConfig, dist: DistInfo) -> torch.device | None:
+    """Where this rank's loading puts the base's weights (`load_causal_lm`'s load_to): the meta device on
+    the ranks that read nothing, the CPU on rank 0 (FSDP moves each unit to the rank's device as it shards
+    it, so a GPU never holds the whole base), None (the run's device) when the base does not load on
+    rank 0 alone."""
+    if not loads_on_rank0(cfg, dist):
+        return None
+    return torch.device("cpu") if dist.rank == 0 else torch.device("meta")
+
+
 def is_sharded(module: torch.nn.Module) -> bool:
     """Whether `module` holds FSDP units. (Not whether its parameters are DTensors now: a unit left
     gathered by a forward registers whole tensors until it is resharded.)"""
@@ -101,16 +124,26 @@ def _offload_policy(settings: DictConfig, dist: DistInfo):
 
 
 def shard(
-    module: torch.nn.Module, settings: DictConfig, dist: DistInfo, forward_methods: Iterable[str] = ()
+    module: torch.nn.Module,
+    settings: DictConfig,
+    dist: DistInfo,
+    forward_methods: Iterable[str] = (),
+    from_rank0: bool = False,
 ) -> torch.nn.Module:
     """Shard `module` in place across the ranks: each decoder layer (with its LoRA adapters) one unit,
     then `module` the root unit. settings: train.fsdp. forward_methods: methods of `module` other than
     forward through which its passes enter (e.g. Roles.values): FSDP gathers the root unit around them.
-    Returns `module`, now an FSDPModule."""
+    from_rank0: only rank 0 loaded weights (`loads_on_rank0`; the others' `module` is on the meta
+    device): each rank's shards come from rank 0. Returns `module`, now an FSDPModule."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-    # One source for the trainable weights: rank 0's (the base comes from the same files on every rank).
-    broadcast_parameters([p for p in module.parameters() if p.requires_grad], dist)
+    full: dict[str, torch.Tensor] = {}
+    if from_rank0:
+        if dist.rank == 0:  # rank 0's whole tensors, kept alive until they are sent
+            full = dict(module.named_parameters()) | dict(module.named_buffers())
+    else:
+        # One source for the trainable weights: rank 0's (the base comes from the same files on every rank).
+        broadcast_parameters([p for p in module.parameters() if p.requires_grad], dist)
     mesh, offload = _mesh(dist), _offload_policy(settings, dist)
     for layer in decoder_layers(module):
         fully_shard(
@@ -121,14 +154,39 @@ def shard(
         )
     # The root keeps FSDP's default: gathered from its forward to the backward that follows at once.
     fully_shard(module, mesh=mesh, offload_policy=offload)
+    if from_rank0:
+        _receive_from_rank0(module, full, dist)
     for name in forward_methods:
         register_fsdp_forward_method(module, name)
     return module
 
 
-def describe(module: torch.nn.Module, dist: DistInfo) -> dict[str, str]:
-    """The start panel's row of a sharded run (empty when `module` is not sharded): the units, and what
-    rank 0 holds of the weights."""
+def _receive_from_rank0(module: torch.nn.Module, full: dict[str, torch.Tensor], dist: DistInfo) -> None:
+    """Fill a sharded `module` from rank 0's whole tensors (`full`, empty on the other ranks): the other
+    ranks allocate their shards and buffers (empty), then every parameter and buffer is broadcast in
+    turn, each rank keeping its shard of a parameter. One full tensor at a time is alive on a receiving
+    rank. Every rank must call it, on the same structure."""
+    import torch.distributed as torch_dist
+
+    if dist.rank != 0:
+        module.to_empty(device=dist.device)
+    tensors = [("parameter", name, p) for name, p in module.named_parameters()]
+    tensors += [("buffer", name, b) for name, b in module.named_buffers()]
+    for kind, name, tensor in tensors:
+        if dist.rank == 0:
+            whole = full[name].detach().to(dist.device)
+        else:  # a DTensor's shape is the whole tensor's
+            whole = torch.empty(tensor.shape, dtype=tensor.dtype, device=dist.device)
+        torch_dist.broadcast(whole, src=0)
+        if dist.rank != 0:
+            copy_full_into(tensor, whole) if kind == "parameter" else tensor.data.copy_(whole)
+    if dist.rank == 0:
+        full.clear()  # rank 0's whole tensors: freed once the caller's references are gone
+
+
+def describe(module: torch.nn.Module, dist: DistInfo, from_rank0: bool = False) -> dict[str, str]:
+    """The start panel's row of a sharded run (empty when `module` is not sharded): the units, what rank 0
+    holds of the weights, and who read them (`from_rank0`: rank 0 alone)."""
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
@@ -140,7 +198,7 @@ def describe(module: torch.nn.Module, dist: DistInfo) -> dict[str, str]:
     local = sum((p.to_local() if isinstance(p, DTensor) else p).nbytes for p in params) / 2**20
     return {
         "fsdp": f"sharded over {dist.world_size} ranks: {units} units; rank 0 holds {local:.1f} of "
-        f"{full:.1f} MiB of weights"
+        f"{full:.1f} MiB of weights; " + ("read by rank 0 alone" if from_rank0 else "read by every rank")
     }
 
 

@@ -194,7 +194,8 @@ class TrainingLoop:
             self.restore()
         else:
             ckpt.seed_everything(run.seed)
-        logger.start(self.total_steps, self.step, {**summary, **fsdp.describe(self.state.module, run.dist)})
+        sharding = fsdp.describe(self.state.module, run.dist, fsdp.loads_on_rank0(run.cfg, run.dist))
+        logger.start(self.total_steps, self.step, {**summary, **sharding})
         self.stage.start()
         kernel = attention_kernel(run.device, self.train_cfg.mixed_precision, weights_dtype)
         with kernel:  # for the whole loop, backward passes included: see attention_kernel

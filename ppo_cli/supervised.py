@@ -195,7 +195,8 @@ class SupervisedTrainer(LoopStage):
         if not self.run.dist.enabled:
             return self.model
         if self.sharded:
-            return fsdp.shard(self.model, self.train_cfg.fsdp, self.run.dist)
+            from_rank0 = fsdp.loads_on_rank0(self.cfg, self.run.dist)
+            return fsdp.shard(self.model, self.train_cfg.fsdp, self.run.dist, from_rank0=from_rank0)
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [self.run.device.index] if self.run.device.type == "cuda" else None

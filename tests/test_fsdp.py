@@ -80,11 +80,15 @@ def assert_close_tensors(a: Path, b: Path) -> None:
         torch.testing.assert_close(ta[key], tb[key], rtol=1e-3, atol=5e-5, msg=key)
 
 
-def assert_ok(result: subprocess.CompletedProcess, sharded: bool = True) -> None:
-    """The run succeeded, and (`sharded`) its start panel says the base was sharded over the 2 ranks."""
+def assert_ok(
+    result: subprocess.CompletedProcess, sharded: bool = True, read_by: str = "rank 0 alone"
+) -> None:
+    """The run succeeded, and (`sharded`) its start panel says the base was sharded over the 2 ranks, and
+    who read it (`read_by`: "rank 0 alone", or "every rank" for a quantized base)."""
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     if sharded:
         assert "sharded over 2 ranks" in result.stdout, result.stdout[-3000:]
+        assert f"read by {read_by}" in result.stdout, result.stdout[-3000:]
 
 
 # ------------------------------------------------------------------------------------ the shards
@@ -98,6 +102,13 @@ def test_each_rank_holds_half_of_a_bf16_base_and_round_trips_its_checkpoint(tiny
     assert_ok(result, sharded=False)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     full = ranks[0]["frozen_full_bytes"]
+    # Rank 0 alone read the weights; rank 1 built the model on the meta device (the fresh LoRA tensors
+    # peft made on the CPU beside it: under 2% of the base) and received its shards of the files' weights,
+    # and rank 0's adapter.
+    assert ranks[0]["loaded_bytes"] >= full and ranks[1]["loaded_bytes"] < 0.02 * full, ranks
+    for r in ranks:
+        assert r["base_mismatches"] == [] and r["buffers_match_files"], r
+        assert r["lora_b_norms"] == ranks[0]["lora_b_norms"] and min(r["lora_b_norms"]) > 0
     assert sum(r["frozen_local_bytes"] for r in ranks) == full
     for r in ranks:
         assert r["layers"] == 2  # the tiny Llama's decoder layers, found through peft's wrappers
@@ -338,7 +349,7 @@ def test_grpo_at_zero_learning_rate_never_moves_on_a_sharded_4bit_base(tiny, tmp
         cwd=tmp_path,
         timeout=300,
     )
-    assert_ok(result)
+    assert_ok(result, read_by="every rank")  # a quantized base: each rank loads it
     metrics = read_metrics(tmp_path / "grpo")
     assert [m["step"] for m in metrics] == [1, 2]
     assert_never_moved(metrics)

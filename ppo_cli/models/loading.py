@@ -12,6 +12,7 @@ HF_HUB_OFFLINE=1 skips the check (the cache only, as huggingface_hub does), and 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import socket
@@ -200,10 +201,43 @@ def _from_pretrained(
         raise load_error("model", name_or_path, exc) from exc
 
 
+def _skeleton(cls, name_or_path: str, model_cfg: DictConfig, dtype: torch.dtype, **config_kwargs: Any):
+    """The model `_from_pretrained` would give, built on the meta device: its modules, parameter names,
+    shapes and dtypes, no weights read or allocated (train.strategy=fsdp: the ranks other than 0 build
+    this and receive their shards from rank 0; ppo_cli/fsdp.py)."""
+    from transformers import AutoConfig, GenerationConfig
+
+    name_or_path = local_or_hub(name_or_path)
+    kwargs = {"trust_remote_code": model_cfg.trust_remote_code, "revision": model_cfg.revision}
+    kwargs.update(hub_kwargs(name_or_path))
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, **kwargs, **config_kwargs)
+    except (OSError, ValueError) as exc:
+        raise load_error("model", name_or_path, exc) from exc
+    extra = {"attn_implementation": model_cfg.attn_implementation} if model_cfg.attn_implementation else {}
+    with torch.device("meta"):
+        try:
+            model = cls.from_config(
+                config, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code, **extra
+            )
+        except (ValueError, ImportError) as exc:
+            if not extra or "attn" not in str(exc).lower():
+                raise load_error("model", name_or_path, exc) from exc
+            model = cls.from_config(config, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code)
+    model.name_or_path = name_or_path
+    # The EOS ids a rank stops on come from here (`eos_token_ids`): the same as rank 0's. None saved:
+    # from_pretrained keeps the one derived from the config, as from_config did.
+    with contextlib.suppress(OSError, ValueError):
+        model.generation_config = GenerationConfig.from_pretrained(name_or_path, **kwargs)
+    return model
+
+
 def fit_embeddings(model, tokenizer) -> None:
-    """Grow the embedding matrix when the tokenizer gained a token the model has no row for."""
+    """Grow the embedding matrix when the tokenizer gained a token the model has no row for (on the meta
+    device only the shape: the rows come from rank 0)."""
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        meta = model.get_input_embeddings().weight.is_meta
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=not meta)
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -222,9 +256,12 @@ def load_causal_lm(
     name_or_path: str | None = None,
     frozen_compute: torch.dtype | None = None,
     autocast: torch.dtype | None = None,
+    load_to: torch.device | None = None,
 ):
     """A causal LM on `device`; `frozen_compute`: see `resolve_dtype` (a base that never trains);
     `autocast`: the dtype the stage's passes compute in (a 4-bit base's compute dtype under auto).
+    `load_to`: where the weights go instead of `device` (dtypes are still `device`'s): the CPU, or the
+    meta device for the structure alone (`_skeleton`); `fsdp.load_device` says which.
 
     A quantized base (model.load_in_4bit / load_in_8bit) keeps model.dtype for the layers that are not
     quantized: `frozen_compute` does not apply to it (its linear layers are 4 or 8 bits already)."""
@@ -232,6 +269,10 @@ def load_causal_lm(
 
     quantization = bnb_config(model_cfg, device, autocast or frozen_compute)
     dtype = resolve_dtype(model_cfg.dtype, device, None if quantization else frozen_compute)
+    if load_to is not None and load_to.type == "meta":
+        model = _skeleton(AutoModelForCausalLM, name_or_path or model_cfg.name_or_path, model_cfg, dtype)
+        fit_embeddings(model, tokenizer)
+        return model
     model = _from_pretrained(
         AutoModelForCausalLM,
         name_or_path or model_cfg.name_or_path,
@@ -241,7 +282,7 @@ def load_causal_lm(
         **_placed(quantization, device),
     )
     fit_embeddings(model, tokenizer)
-    return model if quantization else model.to(device)
+    return model if quantization else model.to(load_to or device)
 
 
 def load_sequence_classifier(
@@ -250,13 +291,19 @@ def load_sequence_classifier(
     device: torch.device,
     name_or_path: str | None = None,
     autocast: torch.dtype | None = None,
+    load_to: torch.device | None = None,
 ):
-    """A one-label sequence classifier on `device` (`autocast`: see `load_causal_lm`); its score head
-    is never quantized (transformers keeps a model's output layer in full precision)."""
+    """A one-label sequence classifier on `device` (`autocast`, `load_to`: see `load_causal_lm`); its
+    score head is never quantized (transformers keeps a model's output layer in full precision)."""
     from transformers import AutoModelForSequenceClassification
 
     quantization = bnb_config(model_cfg, device, autocast)
     dtype = resolve_dtype(model_cfg.dtype, device)
+    if load_to is not None and load_to.type == "meta":
+        name = name_or_path or model_cfg.name_or_path
+        model = _skeleton(AutoModelForSequenceClassification, name, model_cfg, dtype, num_labels=1)
+        fit_embeddings(model, tokenizer)
+        return model
     model = _from_pretrained(
         AutoModelForSequenceClassification,
         name_or_path or model_cfg.name_or_path,
@@ -267,7 +314,7 @@ def load_sequence_classifier(
         **_placed(quantization, device),
     )
     fit_embeddings(model, tokenizer)
-    return model if quantization else model.to(device)
+    return model if quantization else model.to(load_to or device)
 
 
 def eos_token_ids(tokenizer, model) -> list[int]:

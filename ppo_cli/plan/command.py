@@ -198,6 +198,8 @@ def sharding_of(cfg: DictConfig, stage: str, device, world_size: int) -> Shardin
         gathered_layers=2 if reshard else 10**9,  # every layer, capped at the model's count
         unsharded_grads=stage != "ppo" and accum > 1,
         offload=offload and device.type == "cuda",  # on a CPU run the shards are in its memory anyway
+        # a quantized base loads whole on every rank; any other on rank 0 alone, into CPU memory
+        whole_load=bool(cfg.model.load_in_4bit or cfg.model.load_in_8bit) or device.type == "cpu",
     )
 
 

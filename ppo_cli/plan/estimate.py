@@ -28,7 +28,8 @@ What is counted (bytes at the peak of a step):
 One rank under train.strategy=fsdp (`shard_parts`, plan.world_size ranks): the base weights, trainable
 weights, gradients, AdamW state and frozen adapters cut 1/world (gradients whole while SFT/RM accumulate
 unreduced), plus the FSDP gathered weights (the root unit whole, and two decoder layers: the running one
-and the prefetched next), plus the whole base while loading where that load exceeds the sharded step.
+and the prefetched next), plus the whole base while loading where that load exceeds the sharded step and
+the planned memory holds it (a 4/8-bit base on every rank's device; any other base on rank 0's CPU only).
 
 The constants were calibrated against the peak RSS of short CPU runs (bench/memory.py).
 """
@@ -315,6 +316,10 @@ class Sharding:
     unsharded_grads: bool = False
     # train.fsdp.cpu_offload on a GPU: the shards, their gradients and the AdamW state sit in CPU memory
     offload: bool = False
+    # whether the planned memory holds the whole base while it loads: a quantized base loads whole on every
+    # rank's device; any other is read by rank 0 alone, into CPU memory (the plan of a CPU run is rank 0's,
+    # the busiest; a GPU never holds it)
+    whole_load: bool = True
 
 
 def gathered_layer_bytes(shape: ModelShape, run: RunShape) -> int:
@@ -342,8 +347,9 @@ def shard_parts(
 ) -> dict[str, int]:
     """One rank's parts under fsdp: the base, the trainable state and the frozen adapters cut 1/world
     (nothing on the device with offload), the all-gathered weights (the root and `gathered_layers`
-    layers) on top, and each rank's own activations, logits and cache unchanged. Every rank loads the whole
-    base before sharding (ppo_cli/fsdp.py): where that moment exceeds the sharded step it is the peak."""
+    layers) on top, and each rank's own activations, logits and cache unchanged. Where the planned memory
+    holds the whole base while it loads (`Sharding.whole_load`; ppo_cli/fsdp.py) and that moment exceeds
+    the sharded step, it is the peak."""
     n = sharding.world_size
     if n <= 1:
         return dict(parts)
@@ -360,5 +366,5 @@ def shard_parts(
     out["FSDP gathered weights"] = root_bytes(shape, run) + layers * gathered_layer_bytes(shape, run)
     loaded = sum(parts.get(k, 0) for k in ("base weights", "trainable weights", "frozen adapters"))
     at_step = sum(v for k, v in out.items() if k not in ("process baseline", "checkpoint load"))
-    out["whole base while loading"] = max(0, loaded - at_step)
+    out["whole base while loading"] = max(0, loaded - at_step) if sharding.whole_load else 0
     return out

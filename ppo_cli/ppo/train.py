@@ -142,7 +142,11 @@ def main(cfg: DictConfig) -> None:
     # The shared base never trains: under bf16 autocast it is held in bf16 (model.dtype=auto); a 4/8-bit
     # base (model.load_in_4bit / load_in_8bit) stays as bitsandbytes quantized it.
     base = load_causal_lm(
-        cfg.model, tokenizer, run.device, frozen_compute=autocast_dtype(run.device, cfg.train.mixed_precision)
+        cfg.model,
+        tokenizer,
+        run.device,
+        frozen_compute=autocast_dtype(run.device, cfg.train.mixed_precision),
+        load_to=fsdp.load_device(cfg, run.dist),  # train.strategy=fsdp: rank 0 alone reads the base
     )
     sft_adapter = cfg.sft_checkpoint if cfg.sft_checkpoint and is_adapter_dir(cfg.sft_checkpoint) else None
     hidden = base.get_input_embeddings().weight.shape[1]
@@ -163,7 +167,9 @@ def main(cfg: DictConfig) -> None:
     )
     trainable, total = count_parameters(roles)
     if fsdp.enabled(cfg, run.dist):  # after the reward source, which may hold the roles
-        fsdp.shard(roles, cfg.train.fsdp, run.dist, Roles.FSDP_FORWARD_METHODS)
+        fsdp.shard(
+            roles, cfg.train.fsdp, run.dist, Roles.FSDP_FORWARD_METHODS, fsdp.loads_on_rank0(cfg, run.dist)
+        )
         roles.after_sharding()
     # The policy's shape is the SFT adapter's when there is one, whatever lora.* says.
     logger = run.start(

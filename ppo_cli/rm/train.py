@@ -23,6 +23,7 @@ import torch
 from omegaconf import DictConfig, ListConfig
 
 from ppo_cli import checkpoint as ckpt
+from ppo_cli import fsdp
 from ppo_cli.app import hydra_app
 from ppo_cli.data import LengthReport
 from ppo_cli.errors import UserError
@@ -165,14 +166,20 @@ def build_reward_model(
     device: torch.device,
     warn=lambda message: None,
     explicit: set[str] | None = None,
+    load_to: torch.device | None = None,
 ):
     """The RM to train: (model, head name, a one-line description of its initialisation).
 
-    `explicit`: the lora.* keys the user set (see `overridden_lora_keys`), None = all of them."""
+    `explicit`: the lora.* keys the user set (see `overridden_lora_keys`), None = all of them.
+    `load_to`: where the base's weights go (`load_sequence_classifier`)."""
     from peft import get_peft_model
 
     model = load_sequence_classifier(
-        cfg.model, tokenizer, device, autocast=autocast_dtype(device, cfg.train.mixed_precision)
+        cfg.model,
+        tokenizer,
+        device,
+        autocast=autocast_dtype(device, cfg.train.mixed_precision),
+        load_to=load_to,
     )
     try:
         head = score_head_name(model)
@@ -291,7 +298,9 @@ def main(cfg: DictConfig) -> None:
     )
     train, evals = load_examples(cfg, tokenizer, build_pair_examples, say, nothing_left, noun="pairs")
     ckpt.seed_everything(int(cfg.train.seed))  # LoRA and head initialisation: the same on every rank
-    model, head, start = build_reward_model(cfg, tokenizer, run.device, warn, overridden_lora_keys())
+    model, head, start = build_reward_model(
+        cfg, tokenizer, run.device, warn, overridden_lora_keys(), fsdp.load_device(cfg, run.dist)
+    )
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     trainable, total = count_parameters(model)

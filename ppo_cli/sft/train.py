@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
+from ppo_cli import fsdp
 from ppo_cli.app import hydra_app
 from ppo_cli.data import IGNORE_INDEX, LengthReport, build_sft_examples, collate_sft
 from ppo_cli.logger import make_console
@@ -71,7 +72,11 @@ def main(cfg: DictConfig) -> None:
     say = make_console().print if run.is_main else (lambda message: None)  # one rank speaks, in colour
     train, evals = load_examples(cfg, tokenizer, build_sft_examples, say, nothing_left)
     model = load_causal_lm(
-        cfg.model, tokenizer, run.device, autocast=autocast_dtype(run.device, cfg.train.mixed_precision)
+        cfg.model,
+        tokenizer,
+        run.device,
+        autocast=autocast_dtype(run.device, cfg.train.mixed_precision),
+        load_to=fsdp.load_device(cfg, run.dist),  # train.strategy=fsdp: rank 0 alone reads the base
     )
     model = apply_lora(model, cfg.lora, task_type="CAUSAL_LM")
     if cfg.model.gradient_checkpointing:
