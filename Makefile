@@ -57,11 +57,16 @@ bench: install vllm-venv trl112-venv
 # its own virtual environment (it sees this one's packages; pip may not change torch or transformers there).
 .PHONY: bench-rm trl-venv
 TRL_VENV ?= bench/results/trl116-venv
+# A TRL environment sees this one's packages after its own (ppo_cli's dependencies, for the baselines' shared
+# helpers): --system-site-packages reaches only the interpreter's own site-packages, not a virtualenv's.
+see_parent_env = $(PYTHON) -c "import site, sysconfig; print('import site; site.addsitedir(%r)' % sysconfig.get_paths()['purelib'])" \
+	> $$($(1)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/parent-env.pth
 trl-venv:
 	@test -x $(TRL_VENV)/bin/python || ( $(PYTHON) -m venv --system-site-packages $(TRL_VENV) && \
 	  $(PYTHON) -c "import torch, transformers as t, peft; print(f'torch=={torch.__version__}\ntransformers=={t.__version__}\npeft=={peft.__version__}')" \
 	    > $(TRL_VENV)/constraints.txt && \
-	  $(TRL_VENV)/bin/pip install "trl==1.16.*" peft -c $(TRL_VENV)/constraints.txt )
+	  $(TRL_VENV)/bin/pip install "trl==1.16.*" peft -c $(TRL_VENV)/constraints.txt && \
+	  $(call see_parent_env,$(TRL_VENV)) )
 
 bench-rm: install trl-venv
 	$(PYTHON) bench/rm_bench.py --trl-python $(TRL_VENV)/bin/python
@@ -76,7 +81,8 @@ trl112-venv:
 	@test -x $(TRL112_VENV)/bin/python || ( $(PYTHON) -m venv --system-site-packages $(TRL112_VENV) && \
 	  $(PYTHON) -c "import torch, transformers as t, peft; print(f'torch=={torch.__version__}\ntransformers=={t.__version__}\npeft=={peft.__version__}')" \
 	    > $(TRL112_VENV)/constraints.txt && \
-	  $(TRL112_VENV)/bin/pip install "trl==1.12.0" peft -c $(TRL112_VENV)/constraints.txt )
+	  $(TRL112_VENV)/bin/pip install "trl==1.12.0" peft -c $(TRL112_VENV)/constraints.txt && \
+	  $(call see_parent_env,$(TRL112_VENV)) )
 
 quality: install trl-venv trl112-venv
 	$(PYTHON) bench/quality.py --trl-rm-python $(TRL_VENV)/bin/python --trl-ppo-python $(TRL112_VENV)/bin/python \
