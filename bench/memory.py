@@ -12,9 +12,13 @@ writes bench/results/memory.json; the plan is meant to stay within +-20% of each
 
 Sharding (issue: several ranks): the ~267M Llama's train-sft and train-ppo with their defaults on two CPU
 ranks under torchrun (gloo), train.strategy=ddp beside train.strategy=fsdp: each rank's peak RSS, and the
-plan of one rank (`ppo-cli plan ... plan.world_size=2`, its `per_rank` total) beside the busiest rank.
+plan of one rank (`ppo-cli plan ... plan.world_size=2`, its `per_rank` total) beside the busiest rank, and
+train-ppo's median s/step. On a machine with two GPUs, `--rows sharding --device cuda --model BASE` gives the
+GPU rows: each rank's GPU peak (torch's max_memory_reserved) for a base of your choice, e.g. one that does
+not fit one GPU under ddp (that row then records the failure).
 
-    python bench/memory.py [--reuse] [--rows all|single|sharding] [--out bench/results/memory.json]
+    python bench/memory.py [--reuse] [--rows all|single|sharding] [--device cpu|cuda] [--model BASE]
+                           [--out bench/results/memory.json]
 
 --reuse takes the measurements from the previous --out file and only recomputes the plan (for
 calibrating the estimator without re-running the training).
@@ -143,6 +147,9 @@ def report():
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
             open(out, "w").write(line.split()[1])
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():  # a GPU run: the device's peak too
+        open(out + ".cuda", "w").write(str(torch.cuda.max_memory_reserved()))
 atexit.register(report)
 sys.argv = ["ppo-cli", *sys.argv[2:]]
 from ppo_cli.cli import main
@@ -170,7 +177,8 @@ def measure(args: list[str]) -> int:
 
 
 def measure_ranks(args: list[str], ranks: int = 2) -> list[int]:
-    """Each rank's peak RSS in bytes of `ppo-cli ARGS` started by torchrun on `ranks` CPU processes."""
+    """Each rank's peak in bytes of `ppo-cli ARGS` started by torchrun on `ranks` processes: the GPU's
+    (torch's max_memory_reserved) on a GPU run, else the process's RSS (VmHWM)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     with tempfile.TemporaryDirectory() as tmp:
         script, peak = Path(tmp) / "run.py", Path(tmp) / "peak"
@@ -185,19 +193,48 @@ def measure_ranks(args: list[str], ranks: int = 2) -> list[int]:
             raise SystemExit(
                 f"torchrun {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}"
             )
+        gpu = [Path(f"{f}.cuda") for f in files]
+        if all(f.is_file() for f in gpu):
+            return [int(f.read_text()) for f in gpu]
         return [int(f.read_text()) * 1024 for f in files]
 
 
-def sharded_rows(models: dict, tmp: Path, previous: dict) -> list[dict]:
-    """DDP beside FSDP on two ranks: each rank's peak and the plan of one rank."""
+def median_step_seconds(run_dir: Path) -> float | None:
+    """The median of a run's logged step times (train-ppo's time/step), None where it logs none."""
+    import statistics
+
+    path = run_dir / "metrics.jsonl"
+    times = (
+        [json.loads(line).get("time/step") for line in path.read_text().splitlines()]
+        if path.is_file()
+        else []
+    )
+    times = [t for t in times if t is not None]
+    return round(statistics.median(times), 3) if times else None
+
+
+def sharded_rows(
+    models: dict, tmp: Path, previous: dict, device: str = "cpu", model: str | None = None
+) -> list[dict]:
+    """DDP beside FSDP on two ranks: each rank's peak and the plan of one rank. `model`: another base for
+    these rows (a local directory or a Hub id, e.g. one that does not fit one GPU under ddp) instead of
+    the ~267M Llama; `device`: cuda on a machine with two GPUs (the plan is then a GPU's)."""
     rows = []
     for model_name, stage in SHARDED:
+        paths = dict(models[model_name], **({"model": model} if model else {}))
         for strategy in STRATEGIES:
-            name = f"{model_name} {stage} 2 ranks {strategy}"
-            args = command_of(stage, models[model_name], "defaults", tmp / name.replace(" ", "-"))
+            name = f"{model or model_name} {stage} 2 ranks {strategy}" + (" cuda" if device == "cuda" else "")
+            out = tmp / name.replace(" ", "-").replace("/", "_")
+            args = command_of(stage, paths, "defaults", out)
             args.append(f"train.strategy={strategy}")
-            measured = previous.get(name) or measure_ranks(args)
+            try:
+                measured = previous.get(name) or measure_ranks(args)
+            except SystemExit as failure:  # e.g. out of GPU memory under ddp: the row says so
+                print(f"{name}: failed\n{str(failure)[-1500:]}", flush=True)
+                rows.append({"name": name, "command": args, "failed": str(failure)[-1500:]})
+                continue
             plan_args = [a for a in args[1:] if not a.startswith("output_dir=")]
+            plan_args += [f"plan.device={device}"] if device != "cpu" else []
             plan = plan_of([args[0], *plan_args, "plan.world_size=2"])["per_rank"]
             ratio = plan["total_bytes"] / max(measured)
             rows.append(
@@ -208,6 +245,7 @@ def sharded_rows(models: dict, tmp: Path, previous: dict) -> list[dict]:
                     "plan_bytes": plan["total_bytes"],
                     "ratio": round(ratio, 3),  # against the busiest rank
                     "parts": plan["parts"],
+                    "median_step_s": median_step_seconds(out),
                 }
             )
             peaks = " / ".join(f"{m / 2**20:7.1f}" for m in measured)
@@ -242,6 +280,8 @@ def main() -> None:
     parser.add_argument(
         "--rows", choices=("all", "single", "sharding"), default="all", help="one process, two ranks, or both"
     )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="the two-rank rows' device")
+    parser.add_argument("--model", default=None, help="the two-rank rows' base (default: the ~267M Llama)")
     opts = parser.parse_args()
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     previous = {}
@@ -252,7 +292,7 @@ def main() -> None:
     rows, sharding = [], []
     with tempfile.TemporaryDirectory() as tmp:
         if opts.rows in ("all", "sharding"):
-            sharding = sharded_rows(models, Path(tmp), previous)
+            sharding = sharded_rows(models, Path(tmp), previous, opts.device, opts.model)
         for model_name, stage, precision, quantized in configurations() if opts.rows != "sharding" else []:
             name = f"{model_name} {stage} {precision}" + (f" {quantized}" if quantized else "")
             args = command_of(
@@ -279,7 +319,7 @@ def main() -> None:
     if opts.rows != "all" and opts.out.is_file():  # keep the other rows of the previous file
         saved = json.loads(opts.out.read_text())
         rows, sharding = rows or saved.get("runs", []), sharding or saved.get("sharding", [])
-    worst = max(abs(r["ratio"] - 1) for r in rows + sharding)
+    worst = max(abs(r["ratio"] - 1) for r in rows + sharding if "ratio" in r)
     report = {"runs": rows, "sharding": sharding, "worst_relative_error": round(worst, 3)}
     opts.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"worst |plan/measured - 1| = {worst:.2f}; wrote {opts.out}")

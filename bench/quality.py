@@ -347,7 +347,7 @@ def task_jobs(task: str, args, variants: dict[str, list[str]], seed: int = 0) ->
         n_pairs = len(task_builders.read_jsonl(paths["train"]))
         steps = rm_steps(n_pairs, defaults["batch_size"], defaults["eval_fraction"])
         trl_rm = runs / "rm-trl"
-        jobs.append(
+        jobs += [] if args.skip_trl_ppo else [
             Job(
                 f"{tag}/rm-trl",
                 "trl",
@@ -356,8 +356,8 @@ def task_jobs(task: str, args, variants: dict[str, list[str]], seed: int = 0) ->
                 trl_rm / "adapter_config.json",
                 runs / "logs" / "rm-trl.log",
             )
-        )  # fmt: skip
-        products["rms"]["trl"] = trl_rm
+        ]  # fmt: skip
+        products["rms"]["trl"] = trl_rm  # judged where it exists
         trl_sources = {
             "gold": (["--reward-fn", quality_tasks.reward_fn_spec(task)], []),
             "rm": (["--reward-model", str(trl_rm)], [f"{tag}/rm-trl"]),
@@ -607,7 +607,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--skip-trl-ppo",
         action="store_true",
-        help="no TRL 1.12 PPO rows (the slowest jobs); TRL's reward model and GRPO stay",
+        help="no TRL 1.12 PPO rows and no TRL reward model (their only use here; the slowest jobs); TRL's GRPO stays",
     )
     parser.add_argument(
         "--estimators",
