@@ -1,8 +1,8 @@
 """train.strategy=fsdp: the base sharded across ranks with PyTorch FSDP2 (`fully_shard`), in every stage.
 
-Under torchrun with train.strategy=fsdp, every decoder layer becomes one FSDP unit, then the stage's
-outermost module (SFT's and the RM's peft model, PPO's `Roles`) the root unit, which holds the rest
-(embeddings, final norm, output and score/value heads). LoRA adapters live inside the layers they adapt,
+Under torchrun with train.strategy=fsdp, every decoder layer becomes one FSDP unit, and so do untied input
+embeddings and output head; then the stage's outermost module (SFT's and the RM's peft model, PPO's
+`Roles`) the root unit, which holds the rest (final norm, score/value heads, tied embeddings). LoRA adapters live inside the layers they adapt,
 so they are sharded with them. Each rank keeps 1/world of every unit's parameters; a unit's forward
 all-gathers them, and the backward reduce-scatters (averages over ranks) the gradients, as DDP's
 all-reduce does. With one process there is nothing to shard: the stage runs as it does under ddp.
@@ -12,15 +12,20 @@ all-gathers a unit whose parameters mix dtypes as bytes, and reduce-scatters onl
 belong to fp32 parameters: no MixedPrecisionPolicy is needed, a bf16 base included.
 
 Loading: rank 0 alone reads the weights, into CPU memory (`load_device`); every other rank builds the
-same model on the meta device (its structure: names, shapes, dtypes, no storage). `fully_shard` then
-gives each rank its shards, allocated empty on the ranks that read nothing, and rank 0 sends every
-parameter and buffer, one tensor at a time, each rank keeping its shard (`shard`, `_receive_from_rank0`).
-So no rank but 0 ever holds more than its shards and one full tensor, and rank 0 holds the whole base on
-the CPU only until it has been sent (on a GPU, FSDP moves each unit to the device as it shards it). The
-trainable weights (new LoRA, heads) come from rank 0 with the rest: one source. A quantized base cannot
-be built on the meta device (bitsandbytes quantizes while it loads): with model.load_in_4bit every rank
-loads it, as under ddp, and `fully_shard` keeps each rank's shard (the trainable weights are broadcast
-from rank 0 first); a 4-bit base is a quarter of the bf16 bytes.
+same model on the meta device (its structure: names, shapes, dtypes, no storage). Then, unit by unit,
+every rank shards it, the other ranks allocate their (empty) shards, and rank 0 sends each tensor of the
+unit whole, each rank keeping its shard, and drops its whole copy once sent (`shard`,
+`_receive_from_rank0`): rank 0 never holds a unit both whole and sharded, and the other ranks never more
+than their shards and one whole tensor (plus the root's own small tensors, sent whole before the root is
+sharded). On a GPU, FSDP moves each unit to the device as it shards it, so no GPU holds the whole base.
+The trainable weights (new LoRA, heads) come from rank 0 with the rest: one source. A quantized base
+cannot be built on the meta device (bitsandbytes quantizes while it loads): with model.load_in_4bit every
+rank loads it, as under ddp, and `fully_shard` keeps each rank's shard (the trainable weights are
+broadcast from rank 0 first); a 4-bit base is a quarter of the bf16 bytes.
+
+Units: each decoder layer, and the input embeddings and the output head where they are not tied
+(`embedding_units`); the root holds the rest. A root stays gathered through the step, so with a large
+vocabulary keeping untied embeddings out of it halves what a rank holds gathered on a small model.
 
 Checkpoints keep DDP's format: the trainable state and the optimizer state are gathered to full tensors
 on save (`full_tensors`, every rank takes part, rank 0 writes), and a resume cuts each rank's shard out
@@ -123,6 +128,41 @@ def _offload_policy(settings: DictConfig, dist: DistInfo):
     return OffloadPolicy()
 
 
+def embedding_units(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The input embeddings and output heads of the transformers models inside `module`, when they do not
+    share their weight (a tied pair must stay in one unit: the root's). As units of their own they are
+    gathered only around their own passes instead of for the whole step with the root, which matters:
+    with a large vocabulary they are a large share of a small model's weights."""
+    from transformers import PreTrainedModel
+
+    units: list[torch.nn.Module] = []
+    for sub in module.modules():
+        if not isinstance(sub, PreTrainedModel):
+            continue
+        embed, head = sub.get_input_embeddings(), sub.get_output_embeddings()
+        if embed is None or head is None or embed.weight is head.weight:
+            continue
+        units += [m for m in (embed, head) if all(m is not u for u in units)]
+    return units
+
+
+def _direct_tensors(
+    modules: Iterable[torch.nn.Module], names: dict[int, str]
+) -> list[tuple[str, torch.Tensor]]:
+    """(qualified name, tensor) of the parameters and buffers that `modules` hold themselves (not their
+    children's), each tensor once (a tied weight under its first name), in the same order on every rank.
+    names: module id -> its qualified name."""
+    seen: set[int] = set()
+    out = []
+    for sub in modules:
+        prefix = names[id(sub)] + "." if names[id(sub)] else ""
+        for key, tensor in [*sub._parameters.items(), *sub._buffers.items()]:
+            if tensor is not None and id(tensor) not in seen:
+                seen.add(id(tensor))
+                out.append((prefix + key, tensor))
+    return out
+
+
 def shard(
     module: torch.nn.Module,
     settings: DictConfig,
@@ -130,58 +170,76 @@ def shard(
     forward_methods: Iterable[str] = (),
     from_rank0: bool = False,
 ) -> torch.nn.Module:
-    """Shard `module` in place across the ranks: each decoder layer (with its LoRA adapters) one unit,
-    then `module` the root unit. settings: train.fsdp. forward_methods: methods of `module` other than
-    forward through which its passes enter (e.g. Roles.values): FSDP gathers the root unit around them.
-    from_rank0: only rank 0 loaded weights (`loads_on_rank0`; the others' `module` is on the meta
-    device): each rank's shards come from rank 0. Returns `module`, now an FSDPModule."""
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    """Shard `module` in place across the ranks: each decoder layer (with its LoRA adapters) one unit, the
+    input embeddings and the output head each one unit where they are not tied (`embedding_units`), then
+    `module` the root unit, which holds the rest (norms, score and value heads). settings: train.fsdp.
+    forward_methods: methods of `module` other than forward through which its passes enter (e.g.
+    Roles.values): FSDP gathers the root unit around them.
 
+    from_rank0: only rank 0 loaded weights (`loads_on_rank0`; the other ranks' `module` is on the meta
+    device). Unit by unit, every rank shards it, the others allocate their (empty) shards, and rank 0
+    sends each of its tensors, dropping its whole copy once sent: rank 0 never holds a unit twice (whole
+    and sharded), and the others never more than their shards and one whole tensor. The root's own
+    tensors (small) are sent whole before it is sharded. Returns `module`, now an FSDPModule."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard, register_fsdp_forward_method
+
+    names = {id(sub): name for name, sub in module.named_modules()}
     full: dict[str, torch.Tensor] = {}
     if from_rank0:
-        if dist.rank == 0:  # rank 0's whole tensors, kept alive until they are sent
-            full = dict(module.named_parameters()) | dict(module.named_buffers())
+        if dist.rank == 0:  # rank 0's whole tensors, each kept until it is sent
+            full = dict(_direct_tensors(module.modules(), names))
     else:
         # One source for the trainable weights: rank 0's (the base comes from the same files on every rank).
         broadcast_parameters([p for p in module.parameters() if p.requires_grad], dist)
     mesh, offload = _mesh(dist), _offload_policy(settings, dist)
-    for layer in decoder_layers(module):
+    # Offloaded shards live in CPU memory.
+    shard_device = torch.device("cpu") if isinstance(offload, CPUOffloadPolicy) else dist.device
+    units = decoder_layers(module) + embedding_units(module)
+    for unit in units:
         fully_shard(
-            layer,
+            unit,
             mesh=mesh,
             reshard_after_forward=bool(settings.reshard_after_forward),
             offload_policy=offload,
         )
+        if from_rank0:
+            if dist.rank != 0:
+                unit.to_empty(device=shard_device)
+            _receive_from_rank0(_direct_tensors(unit.modules(), names), full, dist)
+    if from_rank0:  # the root's own tensors, whole on every rank until the root is sharded
+        inside = {id(sub) for unit in units for sub in unit.modules()}
+        rest = [sub for sub in module.modules() if id(sub) not in inside]
+        if dist.rank != 0:
+            for sub in rest:
+                sub.to_empty(device=dist.device, recurse=False)
+        _receive_from_rank0(_direct_tensors(rest, names), full, dist)
+        if full:  # every rank lists the same tensors: one left unsent is a bug, not a user error
+            raise RuntimeError(f"fsdp: rank 0 did not send {sorted(full)[:5]}")
     # The root keeps FSDP's default: gathered from its forward to the backward that follows at once.
     fully_shard(module, mesh=mesh, offload_policy=offload)
-    if from_rank0:
-        _receive_from_rank0(module, full, dist)
     for name in forward_methods:
         register_fsdp_forward_method(module, name)
     return module
 
 
-def _receive_from_rank0(module: torch.nn.Module, full: dict[str, torch.Tensor], dist: DistInfo) -> None:
-    """Fill a sharded `module` from rank 0's whole tensors (`full`, empty on the other ranks): the other
-    ranks allocate their shards and buffers (empty), then every parameter and buffer is broadcast in
-    turn, each rank keeping its shard of a parameter. One full tensor at a time is alive on a receiving
-    rank. Every rank must call it, on the same structure."""
+def _receive_from_rank0(
+    tensors: list[tuple[str, torch.Tensor]], full: dict[str, torch.Tensor], dist: DistInfo
+) -> None:
+    """Fill `tensors` (allocated, by name) from rank 0's whole ones (`full`, empty on the other ranks), one
+    broadcast each: a rank keeps its shard of a sharded parameter, the whole of anything else. Rank 0's
+    tensors already hold the values (its shards were cut from them); each whole copy is dropped from
+    `full` once sent. Every rank must call it, with the same names in the same order."""
     import torch.distributed as torch_dist
 
-    if dist.rank != 0:
-        module.to_empty(device=dist.device)
-    tensors = [("parameter", name, p) for name, p in module.named_parameters()]
-    tensors += [("buffer", name, b) for name, b in module.named_buffers()]
-    for kind, name, tensor in tensors:
+    for name, tensor in tensors:
         if dist.rank == 0:
-            whole = full[name].detach().to(dist.device)
+            whole = full.pop(name).detach().to(dist.device)
         else:  # a DTensor's shape is the whole tensor's
             whole = torch.empty(tensor.shape, dtype=tensor.dtype, device=dist.device)
         torch_dist.broadcast(whole, src=0)
         if dist.rank != 0:
-            copy_full_into(tensor, whole) if kind == "parameter" else tensor.data.copy_(whole)
-    if dist.rank == 0:
-        full.clear()  # rank 0's whole tensors: freed once the caller's references are gone
+            copy_full_into(tensor, whole)
+        del whole
 
 
 def describe(module: torch.nn.Module, dist: DistInfo, from_rank0: bool = False) -> dict[str, str]:

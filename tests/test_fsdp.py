@@ -37,6 +37,8 @@ from ppo_helpers import (
 from safetensors.torch import load_file
 from test_distributed import torchrun
 
+from ppo_cli import fsdp
+
 pytestmark = pytest.mark.slow
 
 FSDP = "train.strategy=fsdp"
@@ -125,6 +127,24 @@ def test_each_rank_holds_half_of_a_bf16_base_and_round_trips_its_checkpoint(tiny
         assert r["gathered_keys"] == sorted(r["state_shapes"])
     # The gradient norm is the global one, the same on both ranks.
     assert ranks[0]["grad_norm"] == ranks[1]["grad_norm"]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_untied_embeddings_and_output_head_are_units_of_their_own(tied):
+    """Untied, each is gathered only around its own pass; tied, the shared weight stays in the root (one
+    parameter cannot belong to two units)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        tie_word_embeddings=tied,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    units = fsdp.embedding_units(model)
+    if tied:
+        assert units == []
+    else:
+        assert units == [model.get_input_embeddings(), model.get_output_embeddings()]
 
 
 # ------------------------------------------------------------------------------------- SFT and RM
