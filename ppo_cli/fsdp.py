@@ -140,9 +140,10 @@ def embedding_units(module: torch.nn.Module) -> list[torch.nn.Module]:
         if not isinstance(sub, PreTrainedModel):
             continue
         embed, head = sub.get_input_embeddings(), sub.get_output_embeddings()
-        if embed is None or head is None or embed.weight is head.weight:
+        if embed is not None and head is not None and embed.weight is head.weight:
             continue
-        units += [m for m in (embed, head) if all(m is not u for u in units)]
+        # (a sequence classifier has no output embeddings: its score head stays in the root)
+        units += [m for m in (embed, head) if m is not None and all(m is not u for u in units)]
     return units
 
 

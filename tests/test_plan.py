@@ -17,7 +17,9 @@ from ppo_cli.plan.estimate import (
     RunShape,
     Sharding,
     activation_bytes,
+    embedding_unit_bytes,
     estimate,
+    gathered_bytes,
     gathered_layer_bytes,
     gb,
     kv_cache_bytes,
@@ -444,10 +446,18 @@ def test_fsdp_rank_holds_half_the_base_plus_two_gathered_layers_and_its_own_acti
     # one layer gathered: 576 linear weights and 2 norms of 8 in fp32, and its LoRA (112 / 2 layers = 56)
     layer = gathered_layer_bytes(deep, run)
     assert layer == 4 * 576 + 4 * 16 + 4 * 56
-    # the root (embeddings and lm_head, 160, and the final norm, 8) stays gathered through the step
-    assert root_bytes(deep, run) == 4 * 168
+    # the root (the final norm, 8) stays gathered through the step; the untied embeddings and lm_head
+    # (10 x 8 each) are units of their own, smaller than a layer here: two layers are the largest pair
+    assert root_bytes(deep, run) == 4 * 8
+    assert embedding_unit_bytes(deep, run) == 4 * 80
     assert rank["base weights"] == whole["base weights"] // 2
-    assert rank["FSDP gathered weights"] == 4 * 168 + 2 * layer
+    assert rank["FSDP gathered weights"] == 4 * 8 + 2 * layer
+    # tied, the one matrix is in the root
+    tied = dataclasses.replace(deep, tie_word_embeddings=True)
+    assert root_bytes(tied, run) == 4 * 88 and embedding_unit_bytes(tied, run) == 0
+    # a large vocabulary: the pair is a layer beside the output head
+    wide = dataclasses.replace(deep, vocab_size=1000)
+    assert gathered_bytes(wide, run, Sharding(world_size=2)) == 4 * 8 + layer + 4 * 8000
     for name in ("trainable weights", "gradients", "AdamW state"):
         assert rank[name] == whole[name] // 2
     assert (rank["activations"], rank["logits"]) == (whole["activations"], whole["logits"])
@@ -463,7 +473,8 @@ def test_fsdp_keeps_every_layer_gathered_without_reshard_and_accumulates_full_gr
                    lora_targets=["q_proj"])  # fmt: skip
     whole = estimate(deep, run)
     kept = shard_parts(deep, run, whole, Sharding(world_size=4, gathered_layers=10**9, unsharded_grads=True))
-    assert kept["FSDP gathered weights"] == root_bytes(deep, run) + 8 * gathered_layer_bytes(deep, run)
+    # every unit: the root, the 8 layers, the input embeddings and the output head
+    assert kept["FSDP gathered weights"] == 4 * 8 + 8 * gathered_layer_bytes(deep, run) + 2 * 4 * 80
     assert kept["gradients"] == whole["gradients"]  # accumulated unreduced: full size on every rank
     # cpu_offload on a GPU: the shards, their gradients and the optimizer state are in CPU memory
     off = shard_parts(deep, run, whole, Sharding(world_size=4, offload=True))

@@ -27,8 +27,8 @@ What is counted (bytes at the peak of a step):
 
 One rank under train.strategy=fsdp (`shard_parts`, plan.world_size ranks): the base weights, trainable
 weights, gradients, AdamW state and frozen adapters cut 1/world (gradients whole while SFT/RM accumulate
-unreduced), plus the FSDP gathered weights (the root unit whole, and two decoder layers: the running one
-and the prefetched next), plus the whole base while loading where that load exceeds the sharded step and
+unreduced), plus the FSDP gathered weights (the root unit whole, and two units: the running one and the
+prefetched next, i.e. two decoder layers, or one beside the untied input embeddings or output head), plus the whole base while loading where that load exceeds the sharded step and
 the planned memory holds it (a 4/8-bit base on every rank's device; any other base on rank 0's CPU only).
 
 The constants were calibrated against the peak RSS of short CPU runs (bench/memory.py).
@@ -309,8 +309,8 @@ class Sharding:
     """train.strategy=fsdp over `world_size` ranks (ppo_cli/fsdp.py), as one rank's memory sees it."""
 
     world_size: int
-    # decoder layers whose full weights a rank holds at once: the one running and the next, which FSDP2
-    # prefetches; every layer with train.fsdp.reshard_after_forward=false (kept from forward to backward)
+    # units whose full weights a rank holds at once: the one running and the next, which FSDP2 prefetches;
+    # every unit with train.fsdp.reshard_after_forward=false (kept from forward to backward)
     gathered_layers: int = 2
     # SFT and RM accumulate gradients without reducing them (set_gradient_sync): unsharded, full size
     unsharded_grads: bool = False
@@ -336,10 +336,30 @@ def gathered_layer_bytes(shape: ModelShape, run: RunShape) -> int:
 
 
 def root_bytes(shape: ModelShape, run: RunShape) -> int:
-    """The root unit's full weights (embeddings, output head, final norm): gathered from the forward to
-    the backward that follows (FSDP2 keeps a root gathered), so held whole through the step."""
+    """The root unit's full weights (the final norm, and tied embeddings, which cannot be a unit of their
+    own): gathered from the forward to the backward that follows (FSDP2 keeps a root gathered), so held
+    whole through the step."""
     per = 4 if run.lora_r is None else run.weight_bytes
-    return int((shape.embedding_params + shape.hidden_size) * per)
+    tied = shape.embedding_params if shape.tie_word_embeddings else 0
+    return int((tied + shape.hidden_size) * per)
+
+
+def embedding_unit_bytes(shape: ModelShape, run: RunShape) -> int:
+    """One untied embedding matrix (the input embeddings or the output head, each its own unit) gathered
+    whole; 0 when tied (then in the root)."""
+    per = 4 if run.lora_r is None else run.weight_bytes
+    return 0 if shape.tie_word_embeddings else int(shape.vocab_size * shape.hidden_size * per)
+
+
+def gathered_bytes(shape: ModelShape, run: RunShape, sharding: Sharding) -> int:
+    """What a rank holds all-gathered at most: the root, plus the unit running and the next one FSDP2
+    prefetches, which are two decoder layers, or a layer beside the input embeddings (first) or the output
+    head (last); every unit when train.fsdp.reshard_after_forward=false."""
+    layer, embed = gathered_layer_bytes(shape, run), embedding_unit_bytes(shape, run)
+    if sharding.gathered_layers >= shape.num_layers:  # nothing resharded after its forward
+        return root_bytes(shape, run) + shape.num_layers * layer + 2 * embed
+    pair = layer + max(layer, embed) if sharding.gathered_layers >= 2 else max(layer, embed)
+    return root_bytes(shape, run) + pair
 
 
 def shard_parts(
@@ -362,8 +382,7 @@ def shard_parts(
         if name in parts:
             out[name] = share(name)
     out["gradients"] = parts["gradients"] if sharding.unsharded_grads else share("gradients")
-    layers = min(sharding.gathered_layers, shape.num_layers)
-    out["FSDP gathered weights"] = root_bytes(shape, run) + layers * gathered_layer_bytes(shape, run)
+    out["FSDP gathered weights"] = gathered_bytes(shape, run, sharding)
     loaded = sum(parts.get(k, 0) for k in ("base weights", "trainable weights", "frozen adapters"))
     at_step = sum(v for k, v in out.items() if k not in ("process baseline", "checkpoint load"))
     out["whole base while loading"] = max(0, loaded - at_step) if sharding.whole_load else 0
