@@ -12,11 +12,11 @@ is the gold score. Each run ends with train-ppo's own held-out evaluation (eval.
 the SFT policy on the held-out prompts, gold reward and KL).
 
 Per row: the training score (`objective/scores`) averaged over the first and the last tenth of the steps,
-the held-out gold score and KL of the final policy, and the sampler gap (`rollout/sampler_logprob_gap`,
+the held-out gold lift (the final policy's mean gold score minus the SFT policy's) and KL, and the sampler gap (`rollout/sampler_logprob_gap`,
 mean over steps) and capped share (`rollout/sampler_capped_share`) of the vLLM rows. Rows are the mean
 over seeds with the range (min..max).
 
-    .venv-vllm/bin/python bench/engine_learning.py [--steps 60] [--seeds 0,1] [--out FILE]
+    .venv-vllm/bin/python bench/engine_learning.py [--steps 50] [--seeds 0,1] [--out FILE]
 
 Runs in an interpreter with vllm (make vllm-venv); one thread per run, one run at a time.
 """
@@ -135,7 +135,7 @@ def spread(values: list[float | None], fmt: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"from: {', '.join(CONFIGS)}")
     parser.add_argument("--root", type=Path, default=RESULTS)
@@ -153,14 +153,16 @@ def main() -> None:
     keys = sorted({k for rows in results.values() for r in rows for k in r if k.startswith("eval/")})
     print(f"\n{args.steps} steps, seeds {args.seeds}; held-out keys: {', '.join(keys)}\n")
     print(
-        "| rollouts | training score, first tenth | last tenth | train KL, last tenth | sampler gap | capped share | s/step |"
+        "| rollouts | training score, first tenth | last tenth | held-out gold lift | held-out KL | "
+        "sampler gap | capped share | s/step |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, rows in results.items():
         cells = [
             spread([r["score_first"] for r in rows], "+.3f"),
             spread([r["score_last"] for r in rows], "+.3f"),
-            spread([r["train_kl_last"] for r in rows], ".2f"),
+            spread([r["eval/policy/reward_mean"] - r["eval/reference/reward_mean"] for r in rows], "+.3f"),
+            spread([r["eval/kl"] for r in rows], ".2f"),
             spread([r["gap"] for r in rows], ".4f"),
             spread([r["capped"] for r in rows], ".4f"),
             spread([r["s_per_step"] for r in rows], ".2f"),
