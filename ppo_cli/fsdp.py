@@ -46,6 +46,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ppo_cli.dist import DistInfo, broadcast_parameters
 from ppo_cli.errors import UserError
+from ppo_cli.models.devices import release_freed_cpu_memory
 
 
 def check_fsdp(cfg: DictConfig) -> None:
@@ -216,6 +217,9 @@ def shard(
         _receive_from_rank0(_direct_tensors(rest, names), full, dist)
         if full:  # every rank lists the same tensors: one left unsent is a bug, not a user error
             raise RuntimeError(f"fsdp: rank 0 did not send {sorted(full)[:5]}")
+        # Rank 0's whole copy was in CPU memory: hand its freed pages back, or the heap keeps them and
+        # the step's own allocations come on top (rank 0's peak would stay the whole base's).
+        release_freed_cpu_memory(torch.device("cpu"))
     # The root keeps FSDP's default: gathered from its forward to the backward that follows at once.
     fully_shard(module, mesh=mesh, offload_policy=offload)
     for name in forward_methods:

@@ -34,11 +34,6 @@ def local_bytes(params) -> int:
     return total
 
 
-def reference_buffers(model_dir: str, dtype: str):
-    """The buffers (e.g. rotary frequencies) of the base as from_pretrained builds it."""
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).named_buffers()
-
-
 def main(model_dir: str, out: str, dtype: str) -> None:
     info = dist.init_distributed("cpu")
     ckpt.seed_everything(0)
@@ -64,7 +59,8 @@ def main(model_dir: str, out: str, dtype: str) -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]
     # What every rank received, against the files and rank 0's adapter (gathered: a collective).
     received = fsdp.full_tensors({n: p.detach() for n, p in model.named_parameters()})
-    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).state_dict()
+    files_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    reference, reference_buffers = files_model.state_dict(), dict(files_model.named_buffers())
     base_mismatches = []
     for name, tensor in received.items():
         if "lora_" in name:
@@ -75,7 +71,7 @@ def main(model_dir: str, out: str, dtype: str) -> None:
             base_mismatches.append(name)
     lora_b = [received[n] for n in received if "lora_B" in n]
     buffers_match = all(
-        torch.equal(b, dict(reference_buffers(model_dir, dtype))[n.removeprefix("base_model.model.")])
+        torch.equal(b, reference_buffers[n.removeprefix("base_model.model.")])
         for n, b in model.named_buffers()
     )
 

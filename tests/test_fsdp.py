@@ -346,10 +346,22 @@ def test_ppo_on_the_sharded_base_matches_ddp_and_resumes_exactly(tiny, tmp_path)
     assert_final_generates_like_its_checkpoint(tiny["model"], tmp_path / "A", "step-000003", prefix="model.")
 
 
-def test_grpo_at_zero_learning_rate_never_moves_on_a_sharded_4bit_base(tiny, tmp_path):
-    """GRPO (no critic), a fresh policy adapter and the bare base as the reference, on a 4-bit base
-    (bitsandbytes' packed weights are sharded and gathered like any other): at train.lr=0 every step's KL
-    and approx-KL are 0 and its ratio 1, across steps (the shards never drift)."""
+@pytest.mark.parametrize(
+    ("setting", "read_by"),
+    [
+        (
+            ["ppo.advantage_estimator=grpo", "generation.samples_per_prompt=2", "model.load_in_4bit=true"],
+            "every rank",
+        ),
+        (["ppo.advantage_estimator=gae"], "rank 0 alone"),
+    ],
+    ids=["grpo-4bit", "gae-rank0-load"],
+)
+def test_ppo_at_zero_learning_rate_never_moves_on_a_sharded_base(tiny, tmp_path, setting, read_by):
+    """A fresh policy adapter and the bare base as the reference, at train.lr=0: every step's KL and
+    approx-KL are 0 and its ratio 1, across steps (the shards never drift). GRPO (no critic) on a 4-bit base
+    (bitsandbytes' packed weights are sharded and gathered like any other; every rank loads it); GAE on
+    the base only rank 0 reads (its critic adapter starts as a copy of the policy's, made on rank 0)."""
     result = torchrun(
         "train-ppo",
         f"model.name_or_path={tiny['model']}",
@@ -360,16 +372,14 @@ def test_grpo_at_zero_learning_rate_never_moves_on_a_sharded_4bit_base(tiny, tmp
         "train.max_steps=2",
         "train.lr=0",
         "generation.max_new_tokens=6",
-        "generation.samples_per_prompt=2",
-        "ppo.advantage_estimator=grpo",
         "sample_every=0",
-        "model.load_in_4bit=true",
+        *setting,
         FSDP,
         *EXACT,
         cwd=tmp_path,
         timeout=300,
     )
-    assert_ok(result, read_by="every rank")  # a quantized base: each rank loads it
+    assert_ok(result, read_by=read_by)
     metrics = read_metrics(tmp_path / "grpo")
     assert [m["step"] for m in metrics] == [1, 2]
     assert_never_moved(metrics)

@@ -309,7 +309,11 @@ def _copy_adapter(peft_model, source: str, target: str) -> None:
     with torch.no_grad():
         for name, param in params.items():
             if f".{target}." in name:
-                param.copy_(params[name.replace(f".{target}.", f".{source}.")])
+                value = params[name.replace(f".{target}.", f".{source}.")]
+                # On the meta device (train.strategy=fsdp, a rank other than 0) there is nothing to copy:
+                # the rank receives rank 0's copy when it is sharded.
+                if not (value.is_meta or param.is_meta):
+                    param.copy_(value)
 
 
 def build_roles(
