@@ -270,7 +270,8 @@ def task_jobs(task: str, args, variants: dict[str, list[str]], seed: int = 0) ->
     products: dict = {"policies": {}, "rms": {}, "paths": paths, "prompts": prompts, "critic_free": {}}
 
     rm_dir = runs / "rm-ppo-cli"
-    jobs.append(
+    # ppo-cli's RM: PPO's reward with --sources rm; judged (accuracy, win rates) where it was trained
+    jobs += [] if "rm" not in args.sources else [
         Job(
             f"{tag}/rm-ppo-cli",
             "cli",
@@ -280,7 +281,7 @@ def task_jobs(task: str, args, variants: dict[str, list[str]], seed: int = 0) ->
             rm_dir / "final" / "adapter_config.json",
             runs / "logs" / "rm-ppo-cli.log",
         )
-    )  # fmt: skip
+    ]  # fmt: skip
     products["rms"]["ppo-cli"] = rm_dir / "final"
     ppo_common = [
         f"sft_checkpoint={paths['sft']}",
@@ -534,10 +535,16 @@ def markdown(results: dict[str, dict], notes: list[str]) -> str:
             label = name.rsplit("/", 1)[0].replace("[defaults]", "")
             lines.append(
                 f"| {task} | {label} | {reward} | {acc} | {spread(m, 'gold_lift', '+.3f')} | {spread(m, 'kl', '.1f')} | "
-                f"{m['rm_win'][m['rm']]:.3f} | {m['eos']:.2f} | {m['distinct2']:.2f} | {m['words']:.1f} | "
+                f"{win(m)} | {m['eos']:.2f} | {m['distinct2']:.2f} | {m['words']:.1f} | "
                 f"{m.get('seeds', 1)} |"
             )
     return "\n".join(lines + [""] + notes)
+
+
+def win(policy: dict) -> str:
+    """A policy's win rate in its RM's eyes, blank where that RM was not trained (--sources gold)."""
+    rate = policy["rm_win"].get(policy["rm"])
+    return "" if rate is None else f"{rate:.3f}"
 
 
 def critic_free_markdown(results: dict[str, dict], note: str) -> str:
