@@ -292,7 +292,7 @@ def task_jobs(task: str, args, variants: dict[str, list[str]], seed: int = 0) ->
         "train.save_every=0",
         "logger.progress=false",
         "sample_every=0",
-        "resume=never",
+        "resume=auto",  # a stopped bench continues its runs from their last checkpoint
     ]
     sources = {
         "gold": ([f"reward_fn={quality_tasks.reward_fn_spec(task)}"], []),
