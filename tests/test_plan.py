@@ -451,13 +451,14 @@ def test_fsdp_rank_holds_half_the_base_plus_two_gathered_layers_and_its_own_acti
     assert root_bytes(deep, run) == 4 * 8
     assert embedding_unit_bytes(deep, run) == 4 * 80
     assert rank["base weights"] == whole["base weights"] // 2
-    assert rank["FSDP gathered weights"] == 4 * 8 + 2 * layer
+    # ... plus the all-gather's flat buffer of one unit, a second copy until it is copied out
+    assert rank["FSDP gathered weights"] == 4 * 8 + 2 * layer + layer
     # tied, the one matrix is in the root
     tied = dataclasses.replace(deep, tie_word_embeddings=True)
     assert root_bytes(tied, run) == 4 * 88 and embedding_unit_bytes(tied, run) == 0
     # a large vocabulary: the pair is a layer beside the output head
     wide = dataclasses.replace(deep, vocab_size=1000)
-    assert gathered_bytes(wide, run, Sharding(world_size=2)) == 4 * 8 + layer + 4 * 8000
+    assert gathered_bytes(wide, run, Sharding(world_size=2)) == 4 * 8 + layer + 4 * 8000 + 4 * 8000
     for name in ("trainable weights", "gradients", "AdamW state"):
         assert rank[name] == whole[name] // 2
     assert (rank["activations"], rank["logits"]) == (whole["activations"], whole["logits"])
@@ -474,7 +475,8 @@ def test_fsdp_keeps_every_layer_gathered_without_reshard_and_accumulates_full_gr
     whole = estimate(deep, run)
     kept = shard_parts(deep, run, whole, Sharding(world_size=4, gathered_layers=10**9, unsharded_grads=True))
     # every unit: the root, the 8 layers, the input embeddings and the output head
-    assert kept["FSDP gathered weights"] == 4 * 8 + 8 * gathered_layer_bytes(deep, run) + 2 * 4 * 80
+    layer = gathered_layer_bytes(deep, run)
+    assert kept["FSDP gathered weights"] == 4 * 8 + 8 * layer + 2 * 4 * 80 + layer
     assert kept["gradients"] == whole["gradients"]  # accumulated unreduced: full size on every rank
     # cpu_offload on a GPU: the shards, their gradients and the optimizer state are in CPU memory
     off = shard_parts(deep, run, whole, Sharding(world_size=4, offload=True))

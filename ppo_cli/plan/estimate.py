@@ -354,12 +354,15 @@ def embedding_unit_bytes(shape: ModelShape, run: RunShape) -> int:
 def gathered_bytes(shape: ModelShape, run: RunShape, sharding: Sharding) -> int:
     """What a rank holds all-gathered at most: the root, plus the unit running and the next one FSDP2
     prefetches, which are two decoder layers, or a layer beside the input embeddings (first) or the output
-    head (last); every unit when train.fsdp.reshard_after_forward=false."""
+    head (last); every unit when train.fsdp.reshard_after_forward=false. Plus, while a unit is gathered,
+    the all-gather's flat output buffer, a second copy of it until it is copied out into the unit's
+    parameters (FSDP2's foreach_all_gather_copy_out): the largest unit's."""
     layer, embed = gathered_layer_bytes(shape, run), embedding_unit_bytes(shape, run)
+    largest = max(layer, embed)
     if sharding.gathered_layers >= shape.num_layers:  # nothing resharded after its forward
-        return root_bytes(shape, run) + shape.num_layers * layer + 2 * embed
-    pair = layer + max(layer, embed) if sharding.gathered_layers >= 2 else max(layer, embed)
-    return root_bytes(shape, run) + pair
+        return root_bytes(shape, run) + shape.num_layers * layer + 2 * embed + largest
+    pair = layer + largest if sharding.gathered_layers >= 2 else largest
+    return root_bytes(shape, run) + pair + largest
 
 
 def shard_parts(
