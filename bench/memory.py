@@ -67,8 +67,13 @@ def configurations() -> list[tuple[str, str, str, str | None]]:
     return rows
 
 
-# Two-rank rows: (model, stage) x strategy, each with the command's defaults
-SHARDED = [("llama-267m", stage) for stage in ("train-sft", "train-ppo")]
+# Two-rank rows: (model, stage, extra overrides) x strategy, each with the command's defaults; the last
+# with gradient checkpointing, where the weights, not the activations, are most of a rank's memory
+SHARDED = [
+    ("llama-267m", "train-sft", ()),
+    ("llama-267m", "train-ppo", ()),
+    ("llama-267m", "train-ppo", ("model.gradient_checkpointing=true",)),
+]
 STRATEGIES = ("ddp", "fsdp")
 
 
@@ -220,13 +225,17 @@ def sharded_rows(
     these rows (a local directory or a Hub id, e.g. one that does not fit one GPU under ddp) instead of
     the ~267M Llama; `device`: cuda on a machine with two GPUs (the plan is then a GPU's)."""
     rows = []
-    for model_name, stage in SHARDED:
+    for model_name, stage, extra in SHARDED:
         paths = dict(models[model_name], **({"model": model} if model else {}))
         for strategy in STRATEGIES:
-            name = f"{model or model_name} {stage} 2 ranks {strategy}" + (" cuda" if device == "cuda" else "")
+            name = (
+                f"{model or model_name} {stage}"
+                + (" checkpointing" if extra else "")
+                + f" 2 ranks {strategy}"
+            )
+            name += " cuda" if device == "cuda" else ""
             out = tmp / name.replace(" ", "-").replace("/", "_")
-            args = command_of(stage, paths, "defaults", out)
-            args.append(f"train.strategy={strategy}")
+            args = [*command_of(stage, paths, "defaults", out), *extra, f"train.strategy={strategy}"]
             try:
                 measured = previous.get(name) or measure_ranks(args)
             except SystemExit as failure:  # e.g. out of GPU memory under ddp: the row says so
