@@ -48,8 +48,8 @@ CONFIGS = {
     "hf": [],
     "vllm": ["generation.engine=vllm"],
     "vllm + tis": ["generation.engine=vllm", "ppo.sampler_correction=tis"],
-    "4-bit, hf": ["model.load_in_4bit=true"],
-    "4-bit, vllm + tis": ["model.load_in_4bit=true", "generation.engine=vllm", "ppo.sampler_correction=tis"],
+    "4-bit hf": ["model.load_in_4bit=true"],
+    "4-bit vllm + tis": ["model.load_in_4bit=true", "generation.engine=vllm", "ppo.sampler_correction=tis"],
 }
 
 
