@@ -18,7 +18,7 @@ GPU rows: each rank's GPU peak (torch's max_memory_reserved) for a base of your 
 not fit one GPU under ddp (that row then records the failure).
 
     python bench/memory.py [--reuse] [--rows all|single|sharding] [--device cpu|cuda] [--model BASE]
-                           [--out bench/results/memory.json]
+                           [--checkpointing] [--out bench/results/memory.json]
 
 --reuse takes the measurements from the previous --out file and only recomputes the plan (for
 calibrating the estimator without re-running the training).
@@ -67,13 +67,11 @@ def configurations() -> list[tuple[str, str, str, str | None]]:
     return rows
 
 
-# Two-rank rows: (model, stage, extra overrides) x strategy, each with the command's defaults; the last
-# with gradient checkpointing, where the weights, not the activations, are most of a rank's memory
-SHARDED = [
-    ("llama-267m", "train-sft", ()),
-    ("llama-267m", "train-ppo", ()),
-    ("llama-267m", "train-ppo", ("model.gradient_checkpointing=true",)),
-]
+# Two-rank rows: (model, stage, extra overrides) x strategy, each with the command's defaults
+SHARDED = [("llama-267m", "train-sft", ()), ("llama-267m", "train-ppo", ())]
+# --checkpointing: train-ppo with gradient checkpointing too, where the weights, not the activations, are
+# most of a rank's memory (two more two-rank PPO runs; fsdp's generation is slow on CPU)
+CHECKPOINTING = [("llama-267m", "train-ppo", ("model.gradient_checkpointing=true",))]
 STRATEGIES = ("ddp", "fsdp")
 
 
@@ -219,13 +217,18 @@ def median_step_seconds(run_dir: Path) -> float | None:
 
 
 def sharded_rows(
-    models: dict, tmp: Path, previous: dict, device: str = "cpu", model: str | None = None
+    models: dict,
+    tmp: Path,
+    previous: dict,
+    device: str = "cpu",
+    model: str | None = None,
+    configurations: list[tuple[str, str, tuple[str, ...]]] = SHARDED,
 ) -> list[dict]:
     """DDP beside FSDP on two ranks: each rank's peak and the plan of one rank. `model`: another base for
     these rows (a local directory or a Hub id, e.g. one that does not fit one GPU under ddp) instead of
     the ~267M Llama; `device`: cuda on a machine with two GPUs (the plan is then a GPU's)."""
     rows = []
-    for model_name, stage, extra in SHARDED:
+    for model_name, stage, extra in configurations:
         paths = dict(models[model_name], **({"model": model} if model else {}))
         for strategy in STRATEGIES:
             name = (
@@ -291,6 +294,9 @@ def main() -> None:
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="the two-rank rows' device")
     parser.add_argument("--model", default=None, help="the two-rank rows' base (default: the ~267M Llama)")
+    parser.add_argument(
+        "--checkpointing", action="store_true", help="two-rank train-ppo rows with gradient checkpointing too"
+    )
     opts = parser.parse_args()
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     previous = {}
@@ -301,7 +307,8 @@ def main() -> None:
     rows, sharding = [], []
     with tempfile.TemporaryDirectory() as tmp:
         if opts.rows in ("all", "sharding"):
-            sharding = sharded_rows(models, Path(tmp), previous, opts.device, opts.model)
+            configurations = SHARDED + (CHECKPOINTING if opts.checkpointing else [])
+            sharding = sharded_rows(models, Path(tmp), previous, opts.device, opts.model, configurations)
         for model_name, stage, precision, quantized in configurations() if opts.rows != "sharding" else []:
             name = f"{model_name} {stage} {precision}" + (f" {quantized}" if quantized else "")
             args = command_of(
