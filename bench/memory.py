@@ -69,9 +69,9 @@ def configurations() -> list[tuple[str, str, str, str | None]]:
 
 # Two-rank rows: (model, stage, extra overrides) x strategy, each with the command's defaults
 SHARDED = [("llama-267m", "train-sft", ()), ("llama-267m", "train-ppo", ())]
-# --checkpointing: train-ppo with gradient checkpointing too, where the weights, not the activations, are
-# most of a rank's memory (two more two-rank PPO runs; fsdp's generation is slow on CPU)
-CHECKPOINTING = [("llama-267m", "train-ppo", ("model.gradient_checkpointing=true",))]
+# --checkpointing: train-sft with gradient checkpointing too, where the weights, not the activations, are
+# most of a rank's memory
+CHECKPOINTING = [("llama-267m", "train-sft", ("model.gradient_checkpointing=true",))]
 STRATEGIES = ("ddp", "fsdp")
 
 
@@ -295,7 +295,7 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="the two-rank rows' device")
     parser.add_argument("--model", default=None, help="the two-rank rows' base (default: the ~267M Llama)")
     parser.add_argument(
-        "--checkpointing", action="store_true", help="two-rank train-ppo rows with gradient checkpointing too"
+        "--checkpointing", action="store_true", help="two-rank train-sft rows with gradient checkpointing too"
     )
     opts = parser.parse_args()
     opts.out.parent.mkdir(parents=True, exist_ok=True)
