@@ -491,8 +491,9 @@ def test_fsdp_whole_base_while_loading_is_the_peak_when_it_exceeds_the_step():
     whole = estimate(deep, run)
     rank = shard_parts(deep, run, whole, Sharding(world_size=8))
     loaded = whole["base weights"] + whole["trainable weights"]
-    assert total(rank) == loaded  # the planned rank loads the whole base before it is sharded
-    assert rank["whole base while loading"] == loaded - sum(
+    shards = rank["base weights"] + rank["trainable weights"]
+    assert total(rank) == loaded + shards  # the whole loaded base beside the shards cut from it
+    assert rank["whole base while loading"] == loaded + shards - sum(
         v for k, v in rank.items() if k != "whole base while loading"
     )
     # read by rank 0 into CPU memory while a GPU is planned: the device never holds the whole base

@@ -386,7 +386,10 @@ def shard_parts(
             out[name] = share(name)
     out["gradients"] = parts["gradients"] if sharding.unsharded_grads else share("gradients")
     out["FSDP gathered weights"] = gathered_bytes(shape, run, sharding)
-    loaded = sum(parts.get(k, 0) for k in ("base weights", "trainable weights", "frozen adapters"))
+    weights = ("base weights", "trainable weights", "frozen adapters")
+    # While it is sent, the whole loaded copy and the shards already cut from it (on CPU the file's pages
+    # stay mapped until its last tensor is dropped): the load's moment
+    loading = sum(parts.get(k, 0) for k in weights) + sum(out.get(k, 0) for k in weights)
     at_step = sum(v for k, v in out.items() if k not in ("process baseline", "checkpoint load"))
-    out["whole base while loading"] = max(0, loaded - at_step) if sharding.whole_load else 0
+    out["whole base while loading"] = max(0, loading - at_step) if sharding.whole_load else 0
     return out
