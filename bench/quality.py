@@ -634,6 +634,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--results", type=Path, default=RESULTS, help="runs, samples and tables")
     parser.add_argument("--out", type=Path, default=None, help="results file (default results.json)")
     parser.add_argument("--force", action="store_true", help="redo cached runs")
+    parser.add_argument(
+        "--no-train",
+        action="store_true",
+        help="run no job: judge the runs that finished (a row then counts the seeds it has)",
+    )
     args = parser.parse_args(argv)
     args.sources = args.sources.split(",")
     args.seeds = parse_seeds(args.seeds)
@@ -676,7 +681,12 @@ def main(argv: list[str] | None = None) -> None:
         for task in task_names:
             task_job_list, products[seed, task] = task_jobs(task, args, variants, seed)
             jobs += task_job_list
-    run_jobs(jobs, args.threads, args.force, args.workers)
+    if args.no_train:  # judge what finished; a job's seconds where it recorded them
+        for job in jobs:
+            if job.seconds_file.is_file():
+                job.seconds = float(job.seconds_file.read_text())
+    else:
+        run_jobs(jobs, args.threads, args.force, args.workers)
 
     per_seed: dict[int, dict[str, dict]] = {seed: {} for seed in args.seeds}
     for seed in args.seeds:
