@@ -205,6 +205,13 @@ def broadcast_parameters(params: list[torch.nn.Parameter], info: DistInfo) -> No
             _in_place(p.data, info, lambda t: tdist.broadcast(t, src=0))
 
 
+def broadcast_from_rank0(tensor: torch.Tensor, info: DistInfo) -> None:
+    """tensor <- rank 0's tensor (in place, through the backend's device): train.strategy=fsdp sends the
+    weights only rank 0 read this way, one tensor at a time."""
+    if info.enabled:
+        _in_place(tensor, info, lambda t: tdist.broadcast(t, src=0))
+
+
 def average_gradients(params: list[torch.nn.Parameter], info: DistInfo) -> None:
     """Replace each gradient by its mean over ranks (a parameter without one counts as zeros)."""
     if not info.enabled:

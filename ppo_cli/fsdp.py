@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ppo_cli.dist import DistInfo, broadcast_parameters
+from ppo_cli.dist import DistInfo, broadcast_from_rank0, broadcast_parameters
 from ppo_cli.errors import UserError
 from ppo_cli.models.devices import release_freed_cpu_memory
 
@@ -137,9 +137,12 @@ def embedding_units(module: torch.nn.Module) -> list[torch.nn.Module]:
     from transformers import PreTrainedModel
 
     units: list[torch.nn.Module] = []
+    inside: set[int] = set()  # the modules of a model already seen: its inner model (e.g. LlamaModel,
+    # which has no output head of its own) must not make a tied input embedding a unit
     for sub in module.modules():
-        if not isinstance(sub, PreTrainedModel):
+        if not isinstance(sub, PreTrainedModel) or id(sub) in inside:
             continue
+        inside.update(id(m) for m in sub.modules())
         embed, head = sub.get_input_embeddings(), sub.get_output_embeddings()
         if embed is not None and head is not None and embed.weight is head.weight:
             continue
@@ -234,14 +237,12 @@ def _receive_from_rank0(
     broadcast each: a rank keeps its shard of a sharded parameter, the whole of anything else. Rank 0's
     tensors already hold the values (its shards were cut from them); each whole copy is dropped from
     `full` once sent. Every rank must call it, with the same names in the same order."""
-    import torch.distributed as torch_dist
-
     for name, tensor in tensors:
         if dist.rank == 0:
             whole = full.pop(name).detach().to(dist.device)
         else:  # a DTensor's shape is the whole tensor's
             whole = torch.empty(tensor.shape, dtype=tensor.dtype, device=dist.device)
-        torch_dist.broadcast(whole, src=0)
+        broadcast_from_rank0(whole, dist)
         if dist.rank != 0:
             copy_full_into(tensor, whole)
         del whole

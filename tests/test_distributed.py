@@ -453,6 +453,7 @@ def _helper_calls(info: DistInfo) -> dict:
         "all_reduce_sum": lambda: dist.all_reduce_sum(torch.ones(3, dtype=torch.float64), info),
         "all_gather_cat": lambda: dist.all_gather_cat(torch.ones(3), info),
         "broadcast_parameters": lambda: dist.broadcast_parameters(params(), info),
+        "broadcast_from_rank0": lambda: dist.broadcast_from_rank0(torch.ones(3), info),
         "average_gradients": lambda: dist.average_gradients(params(), info),
         "check_in_sync": lambda: dist.check_in_sync(params(), info),
     }
