@@ -140,8 +140,8 @@ def command_of(
     ]
 
 
-# The run reports its own peak (each rank its own file, under torchrun): ru_maxrss of a child started from this (large) Python process would start
-# at this process's peak (Linux carries it across fork and exec), while VmHWM is the peak RSS of the
+# The run reports its own peak (each rank its own file, under torchrun): ru_maxrss of a child started from
+# this (large) Python process would start at this process's peak (Linux carries it across fork and exec), while VmHWM is the peak RSS of the
 # child's own address space: what ru_maxrss reports for the same command started from a shell.
 _RUN_AND_REPORT = """
 import atexit, os, sys

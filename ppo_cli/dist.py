@@ -202,12 +202,12 @@ def broadcast_parameters(params: list[torch.nn.Parameter], info: DistInfo) -> No
         return
     with torch.no_grad():
         for p in _replicated(params):
-            _in_place(p.data, info, lambda t: tdist.broadcast(t, src=0))
+            broadcast_from_rank0(p.data, info)
 
 
 def broadcast_from_rank0(tensor: torch.Tensor, info: DistInfo) -> None:
-    """tensor <- rank 0's tensor (in place, through the backend's device): train.strategy=fsdp sends the
-    weights only rank 0 read this way, one tensor at a time."""
+    """tensor <- rank 0's tensor (in place, through the backend's device): broadcast_parameters' step, and
+    how train.strategy=fsdp sends the weights only rank 0 read, one tensor at a time."""
     if info.enabled:
         _in_place(tensor, info, lambda t: tdist.broadcast(t, src=0))
 

@@ -2,8 +2,8 @@
 
 Under torchrun with train.strategy=fsdp, every decoder layer becomes one FSDP unit, and so do untied input
 embeddings and output head; then the stage's outermost module (SFT's and the RM's peft model, PPO's
-`Roles`) the root unit, which holds the rest (final norm, score/value heads, tied embeddings). LoRA adapters live inside the layers they adapt,
-so they are sharded with them. Each rank keeps 1/world of every unit's parameters; a unit's forward
+`Roles`) the root unit, which holds the rest (final norm, score/value heads, tied embeddings). LoRA
+adapters live inside the layers they adapt, so they are sharded with them. Each rank keeps 1/world of every unit's parameters; a unit's forward
 all-gathers them, and the backward reduce-scatters (averages over ranks) the gradients, as DDP's
 all-reduce does. With one process there is nothing to shard: the stage runs as it does under ddp.
 
@@ -15,9 +15,9 @@ Loading: rank 0 alone reads the weights, into CPU memory (`load_device`); every 
 same model on the meta device (its structure: names, shapes, dtypes, no storage). Then, unit by unit,
 every rank shards it, the other ranks allocate their (empty) shards, and rank 0 sends each tensor of the
 unit whole, each rank keeping its shard, and drops its whole copy once sent (`shard`,
-`_receive_from_rank0`): rank 0 never holds a unit both whole and sharded, and the other ranks never more
-than their shards and one whole tensor (plus the root's own small tensors, sent whole before the root is
-sharded). On a GPU, FSDP moves each unit to the device as it shards it, so no GPU holds the whole base.
+`_receive_from_rank0`): the other ranks never hold more than their shards and one whole tensor (plus the root's own small tensors, sent whole before the root is
+sharded). Rank 0 holds its whole copy beside the shards it has cut until the last tensor is sent (on CPU
+the file's pages stay mapped until then: measured, its peak is that moment). On a GPU, FSDP moves each unit to the device as it shards it, so no GPU holds the whole base.
 The trainable weights (new LoRA, heads) come from rank 0 with the rest: one source. A quantized base
 cannot be built on the meta device (bitsandbytes quantizes while it loads): with model.load_in_4bit every
 rank loads it, as under ddp, and `fully_shard` keeps each rank's shard (the trainable weights are
@@ -183,8 +183,8 @@ def shard(
 
     from_rank0: only rank 0 loaded weights (`loads_on_rank0`; the other ranks' `module` is on the meta
     device). Unit by unit, every rank shards it, the others allocate their (empty) shards, and rank 0
-    sends each of its tensors, dropping its whole copy once sent: rank 0 never holds a unit twice (whole
-    and sharded), and the others never more than their shards and one whole tensor. The root's own
+    sends each of its tensors, dropping its whole copy once sent: the others never hold more than their
+    shards and one whole tensor. The root's own
     tensors (small) are sent whole before it is sharded. Returns `module`, now an FSDPModule."""
     from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard, register_fsdp_forward_method
 
