@@ -23,6 +23,7 @@ from ppo_cli.dist import SEED_STRIDE, DistInfo, barrier, broadcast_object, check
 from ppo_cli.errors import UserError
 from ppo_cli.logger import RunLogger
 from ppo_cli.models import PRODUCT_FILE, check_quantization, resolve_device, write_product_info
+from ppo_cli.models.devices import return_large_frees_to_os
 from ppo_cli.resume_config import check_output_dir, resume_command, saved_stage, start_afresh
 
 FINAL = "final"
@@ -92,6 +93,8 @@ class StageRun:
         # training then reseeds per rank (see `seed`).
         ckpt.seed_everything(int(cfg.train.seed))
         self.device = self._device()
+        if self.device.type == "cpu" and fsdp.enabled(cfg, self.dist):
+            return_large_frees_to_os()  # sharding is a choice for memory: RSS that follows the live tensors
         # All ranks must agree on one run directory: rank 0's resolved output_dir wins.
         self.output_dir = Path(broadcast_object(str(cfg.output_dir), self.dist))
         cfg.output_dir = str(self.output_dir)
