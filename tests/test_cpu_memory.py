@@ -85,7 +85,7 @@ print(applied, (before - rss()) // 2**20)
 """
 
 
-def holes_returned(mode: str, env: dict | None = None) -> tuple[str, int]:
+def holes_returned(mode: str) -> tuple[str, int]:
     """(whether the threshold was set, MiB the process gave back when 128 MB between live blocks were freed),
     in a fresh process: the setting is process-wide."""
     import os
@@ -93,7 +93,8 @@ def holes_returned(mode: str, env: dict | None = None) -> tuple[str, int]:
 
     result = subprocess.run(
         [sys.executable, "-c", _HOLES_AFTER_FREE, mode],
-        capture_output=True, text=True, check=True, env={**os.environ, **(env or {})},
+        capture_output=True, text=True, check=True,
+        env={k: v for k, v in os.environ.items() if k != devices.MMAP_THRESHOLD_ENV},
     )  # fmt: skip
     applied, released = result.stdout.split()
     return applied, int(released)
@@ -110,6 +111,17 @@ def test_a_fixed_mmap_threshold_returns_freed_blocks_at_once():
     assert released > 120, f"gave back {released} MiB of 128 MiB freed (default: {kept_by_default} MiB)"
 
 
-def test_the_users_own_glibc_setting_wins():
-    applied, _ = holes_returned("set", env={devices.MMAP_THRESHOLD_ENV: str(64 << 20)})
-    assert applied == "False"
+def test_the_users_own_glibc_setting_wins(monkeypatch):
+    """glibc read MALLOC_MMAP_THRESHOLD_ at startup: the run leaves it as the user set it."""
+    calls = []
+
+    class Glibc:
+        def mallopt(self, param: int, value: int) -> int:
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(devices, "_glibc", Glibc)
+    monkeypatch.setenv(devices.MMAP_THRESHOLD_ENV, str(64 << 20))
+    assert devices.return_large_frees_to_os() is False and calls == []
+    monkeypatch.delenv(devices.MMAP_THRESHOLD_ENV)
+    assert devices.return_large_frees_to_os() is True and calls == [(-3, 1 << 20)]

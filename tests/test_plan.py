@@ -516,12 +516,16 @@ def test_plan_per_rank_under_fsdp_and_ddp(tiny):
     assert ddp["per_rank"]["parts"] == ddp["parts"] == plain["parts"]
     assert ddp["per_rank"]["total_bytes"] == ddp["total_bytes"]
     assert (ddp["per_rank"]["strategy"], ddp["per_rank"]["world_size"]) == ("ddp", 2)
-    # fsdp: half the base, the gathered layers and root on top, the same activations
+    # fsdp: half the base, the gathered layers and root on top, the same activations counted at their live
+    # share (a sharded CPU run returns freed blocks at once)
+    from ppo_cli.plan.estimate import LIVE_SHARE_FREES_RETURNED as live
+
     rank, whole = fsdp["per_rank"]["parts"], fsdp["parts"]
     assert fsdp["total_bytes"] == plain["total_bytes"]  # the top level stays one unsharded process
     assert rank["base weights"] == -(-whole["base weights"] // 2)
     assert rank["FSDP gathered weights"] > 0
-    assert rank["activations"] == whole["activations"] and rank["logits"] == whole["logits"]
+    assert rank["activations"] == int(whole["activations"] * live)
+    assert rank["logits"] == int(whole["logits"] * live)
     assert fsdp["per_rank"]["total_bytes"] == sum(rank.values())
     assert fsdp["fits"] is fsdp["per_rank"]["fits"] is True
 
@@ -556,3 +560,20 @@ def test_plan_fsdp_mistakes_exit_2(args, needle):
     result = run_cli_in_process("plan", *args)
     assert result.returncode == 2, result.stdout + result.stderr
     assert needle in result.stderr, result.stderr
+
+
+def test_fsdp_on_cpu_counts_the_live_share_of_activations_and_logits():
+    """A sharded CPU run unmaps freed blocks at once (models/devices.py): its activations and logits count
+    at LIVE_SHARE_FREES_RETURNED of the heap-kept figures; nothing else changes."""
+    from ppo_cli.plan.estimate import LIVE_SHARE_FREES_RETURNED
+
+    deep = dataclasses.replace(TOY, num_layers=4)
+    run = RunShape(stage="sft", micro_batch=2, seq_len=4, weight_bytes=4, act_bytes=4, lora_r=2,
+                   lora_targets=["q_proj"])  # fmt: skip
+    whole = estimate(deep, run)
+    kept = shard_parts(deep, run, whole, Sharding(world_size=2))
+    returned = shard_parts(deep, run, whole, Sharding(world_size=2, frees_returned=True))
+    for name in ("activations", "logits"):
+        assert returned[name] == int(whole[name] * LIVE_SHARE_FREES_RETURNED) < kept[name]
+    same = set(kept) - {"activations", "logits", "whole base while loading"}
+    assert {k: returned[k] for k in same} == {k: kept[k] for k in same}

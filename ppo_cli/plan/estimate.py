@@ -30,6 +30,8 @@ weights, gradients, AdamW state and frozen adapters cut 1/world (gradients whole
 unreduced), plus the FSDP gathered weights (the root unit whole, and two units: the running one and the
 prefetched next, i.e. two decoder layers, or one beside the untied input embeddings or output head), plus the whole base while loading where that load exceeds the sharded step and
 the planned memory holds it (a 4/8-bit base on every rank's device; any other base on rank 0's CPU only).
+On CPU a sharded run returns freed blocks to the system at once, so its activations and logits count at the
+share of them its peak measured (LIVE_SHARE_FREES_RETURNED).
 
 The constants were calibrated against the peak RSS of short CPU runs (bench/memory.py).
 """
@@ -57,6 +59,11 @@ LOGITS_FP32_COPIES = 2
 # Peak RSS of the Python process once torch, transformers, peft and datasets are imported and a tiny
 # model has run (bench/memory.py: the tiny model's runs are almost only this).
 PROCESS_BASELINE = 500 * 2**20
+# The activation and logits constants above fit the peak RSS of CPU runs under glibc's default malloc,
+# whose heap keeps freed activations between live blocks, so a step's passes add up. A run that unmaps
+# freed blocks at once (train.strategy=fsdp on CPU) peaked at this share of them: bench/memory.py's
+# two-rank train-ppo of the 267M Llama (activations and logits planned 4,321 MiB, measured ~2,250).
+LIVE_SHARE_FREES_RETURNED = 0.52
 # Bits per quantized linear weight (bitsandbytes NF4 / int8 with their per-block scales).
 QUANT_BITS = {4: 4.5, 8: 8.5}
 
@@ -320,6 +327,9 @@ class Sharding:
     # rank's device; any other is read by rank 0 alone, into CPU memory (the plan of a CPU run is rank 0's,
     # the busiest; a GPU never holds it)
     whole_load: bool = True
+    # on CPU a sharded run unmaps freed blocks at once (ppo_cli/models/devices.py return_large_frees_to_os):
+    # its activations and logits count at LIVE_SHARE_FREES_RETURNED of what glibc's default heap keeps
+    frees_returned: bool = False
 
 
 def gathered_layer_bytes(shape: ModelShape, run: RunShape) -> int:
@@ -370,7 +380,8 @@ def shard_parts(
 ) -> dict[str, int]:
     """One rank's parts under fsdp: the base, the trainable state and the frozen adapters cut 1/world
     (nothing on the device with offload), the all-gathered weights (the root and `gathered_layers`
-    layers) on top, and each rank's own activations, logits and cache unchanged. Where the planned memory
+    layers) on top, and each rank's own activations, logits and cache (on CPU, where freed blocks are
+    unmapped at once, the activations and logits at LIVE_SHARE_FREES_RETURNED). Where the planned memory
     holds the whole base while it loads (`Sharding.whole_load`; ppo_cli/fsdp.py) and that moment exceeds
     the sharded step, it is the peak."""
     n = sharding.world_size
@@ -385,6 +396,10 @@ def shard_parts(
         if name in parts:
             out[name] = share(name)
     out["gradients"] = parts["gradients"] if sharding.unsharded_grads else share("gradients")
+    if sharding.frees_returned:
+        for name in ("activations", "logits"):
+            if name in parts:
+                out[name] = int(parts[name] * LIVE_SHARE_FREES_RETURNED)
     out["FSDP gathered weights"] = gathered_bytes(shape, run, sharding)
     weights = ("base weights", "trainable weights", "frozen adapters")
     # While it is sent, the whole loaded copy and the shards already cut from it (on CPU the file's pages
