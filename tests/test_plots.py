@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, run_cli_in_process
+from conftest import run_cli_in_process
 
 from ppo_cli.logger import read_metrics
 
@@ -40,8 +40,9 @@ def png_info(path: Path) -> dict[str, str]:
         return dict(image.text)
 
 
-def train(*args: str, env: dict | None = None):
-    result = run_cli(*args, "logger.progress=false", env={"OMP_NUM_THREADS": "1", **(env or {})})
+def train(*args: str):
+    """A short run in this process (the imports are paid already: four runs share them)."""
+    result = run_cli_in_process(*args, "logger.progress=false")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
