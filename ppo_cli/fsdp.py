@@ -46,7 +46,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ppo_cli.dist import DistInfo, broadcast_from_rank0, broadcast_parameters
 from ppo_cli.errors import UserError
-from ppo_cli.models.devices import release_freed_cpu_memory
+from ppo_cli.models.devices import drop_file_pages, release_freed_cpu_memory
 
 
 def check_fsdp(cfg: DictConfig) -> None:
@@ -210,14 +210,18 @@ def shard(
         if from_rank0:
             if dist.rank != 0:
                 unit.to_empty(device=shard_device)
-            _receive_from_rank0(_direct_tensors(unit.modules(), names), full, dist)
+            sent = _receive_from_rank0(_direct_tensors(unit.modules(), names), full, dist)
+            # Rank 0's sent copies are the file's mapped pages (one mapping, unmapped at the end of the
+            # load): drop them now, so that rank 0 never holds the whole base beside its shards.
+            drop_file_pages(sent)
+            del sent
     if from_rank0:  # the root's own tensors, whole on every rank until the root is sharded
         inside = {id(sub) for unit in units for sub in unit.modules()}
         rest = [sub for sub in module.modules() if id(sub) not in inside]
         if dist.rank != 0:
             for sub in rest:
                 sub.to_empty(device=dist.device, recurse=False)
-        _receive_from_rank0(_direct_tensors(rest, names), full, dist)
+        _receive_from_rank0(_direct_tensors(rest, names), full, dist)  # still the root's own: kept
         if full:  # every rank lists the same tensors: one left unsent is a bug, not a user error
             raise RuntimeError(f"fsdp: rank 0 did not send {sorted(full)[:5]}")
         # Rank 0's whole copy was in CPU memory: hand its freed pages back, or the heap keeps them and
@@ -232,20 +236,24 @@ def shard(
 
 def _receive_from_rank0(
     tensors: list[tuple[str, torch.Tensor]], full: dict[str, torch.Tensor], dist: DistInfo
-) -> None:
+) -> list[torch.Tensor]:
     """Fill `tensors` (allocated, by name) from rank 0's whole ones (`full`, empty on the other ranks), one
     broadcast each: a rank keeps its shard of a sharded parameter, the whole of anything else. Rank 0's
-    tensors already hold the values (its shards were cut from them); each whole copy is dropped from
-    `full` once sent. Every rank must call it, with the same names in the same order."""
+    tensors already hold the values (its shards were cut from them); each whole copy is taken out of
+    `full` once sent, and returned (rank 0's; none elsewhere). Every rank must call it, with the same
+    names in the same order."""
+    sent = []
     for name, tensor in tensors:
         if dist.rank == 0:
-            whole = full.pop(name).detach().to(dist.device)
+            sent.append(full.pop(name).detach())
+            whole = sent[-1].to(dist.device)
         else:  # a DTensor's shape is the whole tensor's
             whole = torch.empty(tensor.shape, dtype=tensor.dtype, device=dist.device)
         broadcast_from_rank0(whole, dist)
         if dist.rank != 0:
             copy_full_into(tensor, whole)
         del whole
+    return sent
 
 
 def describe(module: torch.nn.Module, dist: DistInfo, from_rank0: bool = False) -> dict[str, str]:

@@ -125,3 +125,26 @@ def test_the_users_own_glibc_setting_wins(monkeypatch):
     assert devices.return_large_frees_to_os() is False and calls == []
     monkeypatch.delenv(devices.MMAP_THRESHOLD_ENV)
     assert devices.return_large_frees_to_os() is True and calls == [(-3, 1 << 20)]
+
+
+def test_a_mapped_files_pages_are_dropped_and_other_memory_is_left_alone(tmp_path):
+    """fsdp's rank 0 drops the file pages of each weight it has sent (models/devices.py drop_file_pages):
+    a tensor that maps a file leaves the resident memory, and reads back from the file if touched again;
+    a tensor of the process's own memory is not touched."""
+    import mmap
+
+    path = tmp_path / "weights.bin"
+    values = torch.arange(16 << 20, dtype=torch.float32)  # 64 MiB
+    path.write_bytes(values.numpy().tobytes())
+    with open(path, "rb") as f:
+        mapped_file = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private, like transformers' load
+    mapped = torch.frombuffer(mapped_file, dtype=torch.float32)
+    assert mapped.sum() == values.sum()  # every page resident
+    own = values.clone()
+    before = rss_bytes()
+    dropped = devices.drop_file_pages([mapped, own])
+    assert dropped >= (64 << 20) - 4096  # the mapped tensor's whole pages, none of `own`'s
+    assert before - rss_bytes() > 56 << 20
+    assert torch.equal(own, values) and torch.equal(mapped, values)  # read back from the file
+    del mapped
+    mapped_file.close()

@@ -6,6 +6,8 @@ import contextlib
 import ctypes
 import functools
 import os
+import resource
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -63,6 +65,51 @@ def return_large_frees_to_os(threshold_bytes: int = 1 << 20) -> bool:
     if libc is None or MMAP_THRESHOLD_ENV in os.environ:
         return False
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold_bytes))
+
+
+# madvise's advice to drop pages from the process (sys/mman.h); a private file mapping's are read again
+# from the file if touched later.
+_MADV_DONTNEED = 4
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """(start, end) addresses of this process's mappings of files (/proc/self/maps rows with a path)."""
+    spans = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].startswith("/"):
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                spans.append((start, end))
+    return spans
+
+
+def drop_file_pages(tensors: Iterable[torch.Tensor]) -> int:
+    """Take the pages of `tensors` that map a file (a checkpoint's weights, which transformers maps
+    rather than copies when their dtype is kept) out of this process's resident memory; the bytes dropped.
+
+    Why: the whole file is one mapping, unmapped only when its last tensor goes, so rank 0 of a sharded
+    run (ppo_cli/fsdp.py) would hold every weight it already sent until the end of the load, beside the
+    shards it cut. Only whole pages inside a tensor and inside a file mapping are dropped: memory that is
+    not a file's (a converted copy, the heap) is left alone. For tensors nothing reads again; if one is,
+    its pages come back from the file as it was written, without this process's changes."""
+    libc = _glibc()
+    if libc is None:
+        return 0
+    spans = _file_mappings()
+    page = resource.getpagesize()
+    dropped = 0
+    for tensor in tensors:
+        if tensor.device.type != "cpu" or tensor.numel() == 0:
+            continue
+        start = tensor.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
+        first, last = -(-start // page) * page, end // page * page
+        inside = any(a <= first and last <= b for a, b in spans)
+        if inside and last > first:
+            libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+            dropped += last - first
+    return dropped
 
 
 def resolve_device(name: str) -> torch.device:
