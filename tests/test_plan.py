@@ -496,6 +496,9 @@ def test_fsdp_whole_base_while_loading_is_the_peak_when_it_exceeds_the_step():
     assert rank["whole base while loading"] == loaded + shards - sum(
         v for k, v in rank.items() if k != "whole base while loading"
     )
+    # read by rank 0, which drops each unit's whole weights once sent: the load peaks at the whole base
+    dropped = shard_parts(deep, run, whole, Sharding(world_size=8, load_keeps_shards=False))
+    assert total(dropped) == loaded
     # read by rank 0 into CPU memory while a GPU is planned: the device never holds the whole base
     on_gpu = shard_parts(deep, run, whole, Sharding(world_size=8, whole_load=False))
     assert on_gpu["whole base while loading"] == 0 and total(on_gpu) < loaded

@@ -200,6 +200,7 @@ def sharding_of(cfg: DictConfig, stage: str, device, world_size: int) -> Shardin
         offload=offload and device.type == "cuda",  # on a CPU run the shards are in its memory anyway
         # a quantized base loads whole on every rank; any other on rank 0 alone, into CPU memory
         whole_load=bool(cfg.model.load_in_4bit or cfg.model.load_in_8bit) or device.type == "cpu",
+        load_keeps_shards=bool(cfg.model.load_in_4bit or cfg.model.load_in_8bit),
         frees_returned=device.type == "cpu",  # StageRun: sharded on CPU, freed blocks are unmapped at once
     )
 

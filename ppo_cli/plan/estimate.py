@@ -327,6 +327,9 @@ class Sharding:
     # rank's device; any other is read by rank 0 alone, into CPU memory (the plan of a CPU run is rank 0's,
     # the busiest; a GPU never holds it)
     whole_load: bool = True
+    # while it loads, the whole base beside every shard cut from it (a quantized base, loaded whole on every
+    # rank); False: rank 0 drops each unit's whole weights once sent, so its load peaks at the whole base
+    load_keeps_shards: bool = True
     # on CPU a sharded run unmaps freed blocks at once (ppo_cli/models/devices.py return_large_frees_to_os):
     # its activations and logits count at LIVE_SHARE_FREES_RETURNED of what glibc's default heap keeps
     frees_returned: bool = False
@@ -402,9 +405,10 @@ def shard_parts(
                 out[name] = int(parts[name] * LIVE_SHARE_FREES_RETURNED)
     out["FSDP gathered weights"] = gathered_bytes(shape, run, sharding)
     weights = ("base weights", "trainable weights", "frozen adapters")
-    # While it is sent, the whole loaded copy and the shards already cut from it (on CPU the file's pages
-    # stay mapped until its last tensor is dropped): the load's moment
-    loading = sum(parts.get(k, 0) for k in weights) + sum(out.get(k, 0) for k in weights)
+    # While it is sent, the whole loaded copy (and, where it is not dropped unit by unit, the shards
+    # already cut from it): the load's moment
+    loading = sum(parts.get(k, 0) for k in weights)
+    loading += sum(out.get(k, 0) for k in weights) if sharding.load_keeps_shards else 0
     at_step = sum(v for k, v in out.items() if k not in ("process baseline", "checkpoint load"))
     out["whole base while loading"] = max(0, loading - at_step) if sharding.whole_load else 0
     return out
