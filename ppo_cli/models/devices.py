@@ -57,7 +57,7 @@ def return_large_frees_to_os(threshold_bytes: int = 1 << 20) -> bool:
     serves activations of a few MB from its heap, where a freed block between live ones stays in the
     process. A CPU run's RSS then climbs to the sum of every pass's activations, not the largest: measured
     on a 267M Llama's train-ppo (two CPU ranks), each rank's peak fell from 5.5-5.7 GB to 3.7-4.1 GB with
-    a fixed 1 MiB threshold (bench/README.md, "Memory"). The cost is the page faults of fresh mappings
+    a fixed 1 MiB threshold (bench/README.md, "Memory plan benchmark"). The cost is the page faults of fresh mappings
     (freed pages are not reused in place), which is why only train.strategy=fsdp on CPU, a choice made for
     memory, sets it (StageRun); any CPU run can ask for it with MALLOC_MMAP_THRESHOLD_=1048576.
     """
