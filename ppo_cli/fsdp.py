@@ -212,9 +212,11 @@ def shard(
             if dist.rank != 0:
                 unit.to_empty(device=shard_device)
             sent = _receive_from_rank0(_direct_tensors(unit.modules(), names), full, dist)
-            # Rank 0's sent copies are the file's mapped pages (one mapping, unmapped at the end of the
-            # load): drop them now, so that rank 0 never holds the whole base beside its shards.
-            drop_file_pages(sent)
+            # Rank 0's sent weights are the file's mapped pages (one mapping, unmapped at the end of the
+            # load): drop them now, so that rank 0 never holds the whole base beside its shards. Buffers
+            # are not sharded: the unit still reads them.
+            in_use = {b.data_ptr() for b in unit.buffers()}
+            drop_file_pages(t for t in sent if t.data_ptr() not in in_use)
             del sent
     if from_rank0:  # the root's own tensors, whole on every rank until the root is sharded
         inside = {id(sub) for unit in units for sub in unit.modules()}
