@@ -15,10 +15,12 @@ Loading: rank 0 alone reads the weights, into CPU memory (`load_device`); every 
 same model on the meta device (its structure: names, shapes, dtypes, no storage). Then, unit by unit,
 every rank shards it, the other ranks allocate their (empty) shards, and rank 0 sends each tensor of the
 unit whole, each rank keeping its shard, and drops its whole copy once sent (`shard`,
-`_receive_from_rank0`): the other ranks never hold more than their shards and one whole tensor (plus the root's own small tensors, sent whole before the root is
-sharded). Rank 0 drops each unit's whole weights once sent, the file's mapped pages included
-(`drop_file_pages`: the checkpoint is one mapping, which would otherwise stay resident until the last
-tensor goes), so it holds at most the whole base, never the whole base beside all its shards. On a GPU, FSDP moves each unit to the device as it shards it, so no GPU holds the whole base.
+`_receive_from_rank0`): the other ranks never hold more than their shards and one whole tensor (plus
+the root's own small tensors, sent whole before the root is sharded). Rank 0 drops each unit's whole
+weights once sent, the file's mapped pages included (`drop_file_pages`: the checkpoint is one mapping,
+which would otherwise stay resident until the last tensor goes), so it holds at most the whole base, never
+the whole base beside all its shards. On a GPU, FSDP moves each unit to the device as it shards it, so no
+GPU holds the whole base.
 The trainable weights (new LoRA, heads) come from rank 0 with the rest: one source. A quantized base
 cannot be built on the meta device (bitsandbytes quantizes while it loads): with model.load_in_4bit every
 rank loads it, as under ddp, and `fully_shard` keeps each rank's shard (the trainable weights are

@@ -41,7 +41,7 @@ def png_info(path: Path) -> dict[str, str]:
 
 
 def train(*args: str):
-    """A short run in this process (the imports are paid already: four runs share them)."""
+    """A short run in this process (the imports are paid already: the fixture's three runs share them)."""
     result = run_cli_in_process(*args, "logger.progress=false")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result

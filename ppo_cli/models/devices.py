@@ -57,9 +57,10 @@ def return_large_frees_to_os(threshold_bytes: int = 1 << 20) -> bool:
     serves activations of a few MB from its heap, where a freed block between live ones stays in the
     process. A CPU run's RSS then climbs to the sum of every pass's activations, not the largest: measured
     on a 267M Llama's train-ppo (two CPU ranks), each rank's peak fell from 5.5-5.7 GB to 3.7-4.1 GB with
-    a fixed 1 MiB threshold (bench/README.md, "Memory plan benchmark"). The cost is the page faults of fresh mappings
-    (freed pages are not reused in place), which is why only train.strategy=fsdp on CPU, a choice made for
-    memory, sets it (StageRun); any CPU run can ask for it with MALLOC_MMAP_THRESHOLD_=1048576.
+    a fixed 1 MiB threshold (bench/README.md, "Memory plan benchmark"). The cost is the page faults of
+    fresh mappings (freed pages are not reused in place; one process's train-ppo of a 106M Llama ran 30%
+    slower a step), which is why only train.strategy=fsdp on CPU, a choice made for memory, sets it
+    (StageRun); any CPU run can ask for it with MALLOC_MMAP_THRESHOLD_=1048576.
     """
     libc = _glibc()
     if libc is None or MMAP_THRESHOLD_ENV in os.environ:
@@ -94,14 +95,13 @@ def drop_file_pages(tensors: Iterable[torch.Tensor]) -> int:
     not a file's (a converted copy, the heap) is left alone. For tensors nothing reads again; if one is,
     its pages come back from the file as it was written, without this process's changes."""
     libc = _glibc()
-    if libc is None:
+    tensors = [t for t in tensors if t.device.type == "cpu" and t.numel() > 0]
+    if libc is None or not tensors:  # e.g. the ranks other than 0, which sent nothing
         return 0
     spans = _file_mappings()
     page = resource.getpagesize()
     dropped = 0
     for tensor in tensors:
-        if tensor.device.type != "cpu" or tensor.numel() == 0:
-            continue
         start = tensor.data_ptr()
         end = start + tensor.numel() * tensor.element_size()
         first, last = -(-start // page) * page, end // page * page

@@ -193,14 +193,16 @@ def sharding_of(cfg: DictConfig, stage: str, device, world_size: int) -> Shardin
     reshard = bool(OmegaConf.select(cfg, "train.fsdp.reshard_after_forward", default=True))
     accum = int(OmegaConf.select(cfg, "train.grad_accum_steps", default=1))
     offload = bool(OmegaConf.select(cfg, "train.fsdp.cpu_offload", default=False))
+    quantized = bool(cfg.model.load_in_4bit or cfg.model.load_in_8bit)
     return Sharding(
         world_size=world_size,
         gathered_layers=2 if reshard else 10**9,  # every layer, capped at the model's count
         unsharded_grads=stage != "ppo" and accum > 1,
         offload=offload and device.type == "cuda",  # on a CPU run the shards are in its memory anyway
-        # a quantized base loads whole on every rank; any other on rank 0 alone, into CPU memory
-        whole_load=bool(cfg.model.load_in_4bit or cfg.model.load_in_8bit) or device.type == "cpu",
-        load_keeps_shards=bool(cfg.model.load_in_4bit or cfg.model.load_in_8bit),
+        # a quantized base loads whole on every rank, shards kept beside it; any other on rank 0 alone,
+        # into CPU memory, which drops each unit once sent
+        whole_load=quantized or device.type == "cpu",
+        load_keeps_shards=quantized,
         frees_returned=device.type == "cpu",  # StageRun: sharded on CPU, freed blocks are unmapped at once
     )
 
