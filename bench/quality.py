@@ -486,8 +486,8 @@ def mean_of(values: list) -> object:
 def aggregate_seeds(per_seed: list[dict]) -> dict:
     """One task's judged results of several seeds (each judge_products' dict) as one dict of the same shape:
     every metric the mean over the seeds that have the policy, and on each policy "seeds" (their number)
-    and "range" ({metric: [min, max]} of SPREAD_KEYS); RM accuracies and the critic-free rows' job seconds
-    are means too."""
+    and "range" ({metric: [min, max]} of SPREAD_KEYS); RM accuracies are means with their range
+    ("rm_accuracy_range"), the critic-free rows' job seconds means."""
     names = dict.fromkeys(name for res in per_seed for name in res["policies"])
     policies = {}
     for name in names:
@@ -496,7 +496,12 @@ def aggregate_seeds(per_seed: list[dict]) -> dict:
         metrics["seeds"] = len(rows)
         metrics["range"] = {k: [min(r[k] for r in rows), max(r[k] for r in rows)] for k in SPREAD_KEYS}
         policies[name] = metrics
-    out = {"rm_accuracy": mean_of([res.get("rm_accuracy") for res in per_seed]) or {}, "policies": policies}
+    accuracies = [res.get("rm_accuracy") or {} for res in per_seed]
+    out = {"rm_accuracy": mean_of(accuracies) or {}, "policies": policies}
+    out["rm_accuracy_range"] = {
+        rm: [min(a[rm] for a in accuracies if rm in a), max(a[rm] for a in accuracies if rm in a)]
+        for rm in out["rm_accuracy"]
+    }
     critic_free = [res["critic_free"] for res in per_seed if "critic_free" in res]
     if critic_free:
         out["critic_free"] = mean_of(critic_free)
@@ -530,7 +535,7 @@ def markdown(results: dict[str, dict], notes: list[str]) -> str:
             if name == "sft" or not m.get("main", True):
                 continue
             gold = m["source"] == "gold"
-            acc = "" if gold else f"{res['rm_accuracy'][m['rm']]:.3f}"
+            acc = "" if gold else rm_accuracy_cell(res, m["rm"])
             reward = "gold" if gold else f"{m['rm']} RM"
             label = name.rsplit("/", 1)[0].replace("[defaults]", "")
             lines.append(
@@ -539,6 +544,13 @@ def markdown(results: dict[str, dict], notes: list[str]) -> str:
                 f"{m.get('seeds', 1)} |"
             )
     return "\n".join(lines + [""] + notes)
+
+
+def rm_accuracy_cell(results: dict, rm: str) -> str:
+    """An RM's held-out accuracy, mean and (when its seeds differ) range, "0.712 (0.690..0.731)"."""
+    text = f"{results['rm_accuracy'][rm]:.3f}"
+    lo, hi = results.get("rm_accuracy_range", {}).get(rm, [None, None])
+    return text if lo is None or lo == hi else f"{text} ({lo:.3f}..{hi:.3f})"
 
 
 def win(policy: dict) -> str:

@@ -60,6 +60,7 @@ def test_aggregate_seeds_means_ranges_and_counts():
     assert grpo["range"]["kl"] == [8.0, 16.0]
     assert grpo["train_kl"] is None and grpo["main"] is False
     assert out["rm_accuracy"]["ppo-cli"] == pytest.approx(0.62)
+    assert out["rm_accuracy_range"]["ppo-cli"] == pytest.approx([0.61, 0.63])
     assert out["critic_free"]["ppo-cli gae"]["job_seconds"] == pytest.approx(150.0)  # None left out
     assert out["critic_free"]["ppo-cli grpo"]["rollout"] == "8 x 4"
     assert list(out["policies"]) == ["sft", "ppo-cli[defaults]/gold", "ppo-cli[grpo]/gold"]
@@ -79,6 +80,10 @@ def test_tables_show_mean_range_and_seeds():
     assert "| 8 x 4 | +0.100 (+0.050..+0.150) | 12.0 (8.0..16.0) | 60 |" in row
     one = quality.markdown({"sentiment": quality.aggregate_seeds([seed_result(0.1, 4.0, 100.0)])}, [])
     assert "| +0.100 | 4.0 |" in one  # one seed: no range
+    rm_row = quality.aggregate_seeds([seed_result(0.1, 4.0, 100.0), seed_result(0.3, 8.0, 120.0)])
+    rm_row["policies"]["ppo-cli[defaults]/gold"]["source"] = "rm"  # trained on its RM: the accuracy shows
+    line = next(x for x in quality.markdown({"s": rm_row}, []).splitlines() if "ppo-cli |" in x)
+    assert "| ppo-cli RM | 0.620 (0.610..0.630) |" in line
 
 
 def test_seeds_options_and_named_variants():
