@@ -348,7 +348,8 @@ def task_jobs(task: str, args, variants: dict[str, list[str]], seed: int = 0) ->
         n_pairs = len(task_builders.read_jsonl(paths["train"]))
         steps = rm_steps(n_pairs, defaults["batch_size"], defaults["eval_fraction"])
         trl_rm = runs / "rm-trl"
-        jobs += [] if args.skip_trl_ppo else [
+        # like ppo-cli's, trained only for PPO against it (--sources rm); judged wherever it exists
+        jobs += [] if args.skip_trl_ppo or "rm" not in args.sources else [
             Job(
                 f"{tag}/rm-trl",
                 "trl",

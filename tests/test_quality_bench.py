@@ -191,3 +191,22 @@ def test_task_builds_run_two_at_a_time(monkeypatch, tmp_path):
     monkeypatch.setattr(quality.task_builders, "build_task", lambda spec, root: None)
     quality.build_tasks(["sentiment", "format_length", "long_answer", "letter_noisy"], tmp_path, 1, workers=2)
     assert max(peak) == 2 and sorted(built) == ["format_length", "letter_noisy", "long_answer"]
+
+
+def test_reward_models_train_only_for_ppo_against_them(tmp_path):
+    """--sources gold: neither side's RM is trained (TRL's took ~30 min a seed on two cores for nothing)."""
+    paths = task_builders.task_paths(tmp_path / "tasks", "sentiment")
+    for path, text in ((paths["info"], "{}"), (paths["train"], '{"chosen": "a", "rejected": "b"}\n')):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    common = ["--root", str(tmp_path / "tasks"), "--results", str(tmp_path / "q"), "--tasks", "sentiment",
+              "--trl-rm-python", "py116", "--trl-ppo-python", "py112"]  # fmt: skip
+    names = {
+        sources: {j.name for j in quality.task_jobs("sentiment", quality.parse_args([*common, "--sources", sources]),
+                                                    {"defaults": []})[0]}
+        for sources in ("gold", "gold,rm")
+    }  # fmt: skip
+    assert names["gold"] == {"sentiment/ppo-cli[defaults]/gold", "sentiment/trl/gold"}
+    assert names["gold,rm"] - names["gold"] == {
+        "sentiment/rm-ppo-cli", "sentiment/rm-trl", "sentiment/ppo-cli[defaults]/rm", "sentiment/trl/rm"
+    }  # fmt: skip
