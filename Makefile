@@ -12,7 +12,8 @@ install:
 
 # Two workers: most test time is single-threaded start-up (imports) of the CLI runs under test. Each file
 # stays on one worker (--dist loadfile), so a module's shared runs are made once: spread over both workers,
-# tests/test_plots.py alone cost 229 s of CPU instead of 132.
+# tests/test_plots.py alone cost 229 s of CPU instead of 132. (--dist loadgroup, grouping only the tests that
+# share a module fixture, silently groups nothing under pytest 9.2: pytest-xdist issue 1386.)
 test: install
 	$(PYTHON) -m pytest -q -n 2 --dist loadfile --durations 10
 
