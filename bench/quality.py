@@ -484,6 +484,11 @@ def mean_of(values: list) -> object:
     return first
 
 
+def span(values: list[float]) -> list[float]:
+    """[min, max] of one metric over the seeds that have it."""
+    return [min(values), max(values)]
+
+
 def aggregate_seeds(per_seed: list[dict]) -> dict:
     """One task's judged results of several seeds (each judge_products' dict) as one dict of the same shape:
     every metric the mean over the seeds that have the policy, and on each policy "seeds" (their number)
@@ -495,14 +500,11 @@ def aggregate_seeds(per_seed: list[dict]) -> dict:
         rows = [res["policies"][name] for res in per_seed if name in res["policies"]]
         metrics = mean_of(rows)
         metrics["seeds"] = len(rows)
-        metrics["range"] = {k: [min(r[k] for r in rows), max(r[k] for r in rows)] for k in SPREAD_KEYS}
+        metrics["range"] = {k: span([r[k] for r in rows]) for k in SPREAD_KEYS}
         policies[name] = metrics
     accuracies = [res.get("rm_accuracy") or {} for res in per_seed]
     out = {"rm_accuracy": mean_of(accuracies) or {}, "policies": policies}
-    out["rm_accuracy_range"] = {
-        rm: [min(a[rm] for a in accuracies if rm in a), max(a[rm] for a in accuracies if rm in a)]
-        for rm in out["rm_accuracy"]
-    }
+    out["rm_accuracy_range"] = {rm: span([a[rm] for a in accuracies if rm in a]) for rm in out["rm_accuracy"]}
     critic_free = [res["critic_free"] for res in per_seed if "critic_free" in res]
     if critic_free:
         out["critic_free"] = mean_of(critic_free)
@@ -550,8 +552,8 @@ def markdown(results: dict[str, dict], notes: list[str]) -> str:
 def rm_accuracy_cell(results: dict, rm: str) -> str:
     """An RM's held-out accuracy, mean and (when its seeds differ) range, "0.712 (0.690..0.731)"."""
     text = f"{results['rm_accuracy'][rm]:.3f}"
-    lo, hi = results.get("rm_accuracy_range", {}).get(rm, [None, None])
-    return text if lo is None or lo == hi else f"{text} ({lo:.3f}..{hi:.3f})"
+    lo, hi = results["rm_accuracy_range"][rm]
+    return text if lo == hi else f"{text} ({lo:.3f}..{hi:.3f})"
 
 
 def win(policy: dict) -> str:
