@@ -8,8 +8,9 @@ Layout of one checkpoint, `output_dir/checkpoints/step-NNNNNN/`:
     manifest.json           size and sha256 of each file above; written last
 
 A checkpoint is written into a temporary sibling directory, every file fsync'ed, the manifest last,
-then renamed into place: a crash at any moment leaves either the old set of checkpoints or the new
-one, never a directory that `resume=auto` would pick half-written. Loading re-checks the manifest,
+then renamed into place; an old checkpoint is renamed out of the set before it is deleted. A crash at
+any moment leaves either the old set of checkpoints or the new one, never a directory that `resume=auto`
+would pick half-written or half-deleted. Loading re-checks the manifest,
 so a checkpoint damaged later (disk, copy) is skipped with a warning in favour of an older one.
 """
 
@@ -226,9 +227,7 @@ def save_checkpoint(
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         _fsync_file(tmp / MANIFEST)
         _fsync_dir(tmp)
-        if final.exists():  # a re-save of the same step (e.g. resumed run): replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)  # a re-save of the same step (e.g. resumed run) replaces it
         _fsync_dir(root)
     except WRITE_ERRORS as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -330,12 +329,39 @@ def prune_checkpoints(output_dir: Path, keep_last: int) -> None:
     if keep_last <= 0:
         return
     for _, path in list_checkpoints(output_dir)[:-keep_last]:
-        shutil.rmtree(path, ignore_errors=True)
-    for tmp in (Path(output_dir) / CHECKPOINTS).glob(".tmp-step-*"):
+        shutil.rmtree(_set_aside(path), ignore_errors=True)
+    root = Path(output_dir) / CHECKPOINTS
+    for old in root.glob(f"{_SET_ASIDE}step-*"):  # a delete that a crash interrupted
+        shutil.rmtree(old, ignore_errors=True)
+    for tmp in root.glob(".tmp-step-*"):
         # Leftovers of a crashed write by a process that is gone.
         pid = tmp.name.rsplit("-", 1)[-1]
         if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+# Deleting a directory is one unlink per file: a crash halfway would leave a step-NNNNNN directory with
+# some files gone. One rename first takes it out of the set of checkpoints, so a crash leaves a
+# .deleting-* leftover (swept at the next prune) and never a half-deleted checkpoint.
+_SET_ASIDE = ".deleting-"
+
+
+def _set_aside(path: Path) -> Path:
+    aside = path.with_name(f"{_SET_ASIDE}{path.name}-{os.getpid()}")
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(path, aside)
+    return aside
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Rename directory `src` to `dst`, replacing a `dst` that exists without ever leaving it half-deleted
+    (rename cannot replace a non-empty directory, and deleting one in place is not atomic)."""
+    if not dst.exists():
+        os.replace(src, dst)
+        return
+    old = _set_aside(dst)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _pid_alive(pid: int) -> bool:

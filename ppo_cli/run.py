@@ -183,7 +183,6 @@ class StageRun:
 
         A sharded model (train.strategy=fsdp) is saved from its gathered trainable tensors: every rank
         must call this then (the gathering is a collective), rank 0 alone writes."""
-        import os
         import shutil
 
         gathered = fsdp.gathered_state(model)
@@ -201,9 +200,7 @@ class StageRun:
             write_product_info(
                 tmp, self.stage, self.cfg.model.name_or_path, lora=bool(self.cfg.lora.enabled), **info
             )
-            if self.final_dir.exists():
-                shutil.rmtree(self.final_dir)
-            os.replace(tmp, self.final_dir)
+            ckpt.replace_dir(tmp, self.final_dir)
         except ckpt.WRITE_ERRORS as exc:  # e.g. disk full: the last checkpoint holds the finished weights
             shutil.rmtree(tmp, ignore_errors=True)
             raise UserError(

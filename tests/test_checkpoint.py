@@ -112,6 +112,45 @@ def test_keep_last_prunes_older_checkpoints(tmp_path):
     assert steps_on_disk(tmp_path) == [6, 1_000_000]
 
 
+class Crash(BaseException):
+    """Stands in for SIGKILL: nothing after it runs."""
+
+
+def crash_after_one_unlink(monkeypatch):
+    """shutil.rmtree that removes one file of the directory and then dies, as a kill mid-delete would."""
+
+    def rmtree(path, ignore_errors=False):
+        files = sorted(p for p in Path(path).iterdir() if p.is_file()) if Path(path).is_dir() else []
+        if files:
+            files[0].unlink()
+            raise Crash
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", rmtree)
+
+
+def test_a_crash_while_pruning_never_leaves_a_half_deleted_checkpoint(tmp_path, monkeypatch):
+    save(tmp_path, 1, keep_last=1)
+    crash_after_one_unlink(monkeypatch)
+    with pytest.raises(Crash):
+        save(tmp_path, 2, keep_last=1)  # written, then pruning step 1 dies halfway
+    monkeypatch.undo()
+    for step, path in ckpt.list_checkpoints(tmp_path):
+        assert ckpt.verify_checkpoint(path) is None, f"step {step}"
+    assert steps_on_disk(tmp_path) == [2]
+    save(tmp_path, 3, keep_last=1)  # the next prune sweeps the interrupted delete's leftover
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000003"]
+
+
+def test_a_crash_while_replacing_a_resaved_step_leaves_one_intact_copy(tmp_path, monkeypatch):
+    save(tmp_path, 2)
+    crash_after_one_unlink(monkeypatch)
+    with pytest.raises(Crash):
+        ckpt.save_checkpoint(tmp_path, 2, tensors(9.0), {}, {"data": {}}, keep_last=2)
+    monkeypatch.undo()
+    assert steps_on_disk(tmp_path) == [2]
+    assert ckpt.verify_checkpoint(tmp_path / "checkpoints" / "step-000002") is None
+
+
 def test_resaving_a_step_replaces_it(tmp_path):
     save(tmp_path, 2)
     ckpt.save_checkpoint(tmp_path, 2, tensors(9.0), {}, {"data": {}}, keep_last=2)
