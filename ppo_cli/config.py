@@ -124,6 +124,9 @@ class LoggerConfig:
     tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig)
     # Show progress: a live bar on a terminal, one plain line per logged step elsewhere (a file, a pipe).
     progress: bool = True
+    # Draw plots/ from metrics.jsonl at the end of a run and at a graceful stop (a few seconds of a small
+    # CPU); false skips it, and `ppo-cli plot RUN_DIR` draws them at any time later.
+    plots: bool = True
 
 
 @dataclass

@@ -265,6 +265,8 @@ class RunLogger:
             return
         if self._tensorboard is not None:
             self._tensorboard.flush()
+        if not self.cfg.logger.plots:
+            return
         try:
             written = plots.write_run_plots(self.output_dir, self.stage, read_metrics(self.output_dir))
         except Exception as exc:  # noqa: BLE001 - matplotlib missing, a bad value, a full disk...

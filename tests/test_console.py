@@ -44,7 +44,7 @@ def stage_cfg(progress: bool = False, targets=None):
             "lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": targets},
             "data": {"train": "train.jsonl"},
             "train": {"batch_size": 2, "grad_accum_steps": 1, "lr": 1e-4},
-            "logger": {"progress": progress, "wandb": {"enabled": False, "mode": "disabled"}},
+            "logger": {"progress": progress, "plots": True, "wandb": {"enabled": False, "mode": "disabled"}},
         }
     )
 

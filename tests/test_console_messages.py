@@ -183,7 +183,7 @@ def stage_cfg(model: dict | None = None):
             "lora": {"enabled": True, "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": None},
             "data": {"train": "/tmp/tinyw/base/data/prompts.jsonl"},
             "train": {"batch_size": 32, "grad_accum_steps": 1, "lr": 5e-4},
-            "logger": {"progress": True, "wandb": {"enabled": False, "mode": "disabled"}},
+            "logger": {"progress": True, "plots": True, "wandb": {"enabled": False, "mode": "disabled"}},
         }
     )
 

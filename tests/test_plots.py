@@ -77,8 +77,17 @@ def runs(tiny, tmp_path_factory):
     ppo = root / "ppo-seed1"
     ppo_out = train(*ppo_args, f"output_dir={ppo}", "logger.tensorboard.enabled=true")
     ppo2 = root / "ppo-seed2"
-    train(*ppo_args, f"output_dir={ppo2}", "train.seed=2", "train.max_steps=2")
-    return {"sft": sft, "sft_stdout": sft_out.stdout, "ppo": ppo, "ppo_stdout": ppo_out.stdout, "ppo2": ppo2}
+    ppo2_out = train(
+        *ppo_args, f"output_dir={ppo2}", "train.seed=2", "train.max_steps=2", "logger.plots=false"
+    )
+    return {
+        "sft": sft,
+        "sft_stdout": sft_out.stdout,
+        "ppo": ppo,
+        "ppo_stdout": ppo_out.stdout,
+        "ppo2": ppo2,
+        "ppo2_stdout": ppo2_out.stdout,
+    }
 
 
 def test_sft_run_writes_its_plots(runs):
@@ -115,6 +124,13 @@ def test_ppo_run_writes_its_plots(runs):
     assert overview["Title"].count(" | ") == len(expected) - 1
 
 
+def test_logger_plots_false_draws_nothing_and_plot_draws_it_later(runs):
+    """ppo-seed2 ran with logger.plots=false: no plots/, no "plots:" line; test_plot_command_overlays_runs
+    draws its curves afterwards."""
+    assert (runs["ppo2"] / "metrics.jsonl").is_file() and not (runs["ppo2"] / "plots").exists()
+    assert "plots: " not in runs["ppo2_stdout"] and "final: " in runs["ppo2_stdout"]
+
+
 def test_panels_of_missing_metrics_are_skipped(tmp_path, runs):
     """A critic-free run logs no loss/value_avg or val/clipfrac_avg: no value-loss picture, and the
     clip-fraction panel draws the policy's only."""
@@ -140,7 +156,7 @@ def test_a_plotting_failure_only_warns(tmp_path, monkeypatch, capsys):
         raise RuntimeError("no fonts")
 
     monkeypatch.setattr(ppo_cli.plots, "write_run_plots", broken)
-    cfg = OmegaConf.create({"logger": {"progress": False, "wandb": {"enabled": False}}})
+    cfg = OmegaConf.create({"logger": {"progress": False, "plots": True, "wandb": {"enabled": False}}})
     logger = RunLogger(tmp_path, cfg, "sft")
     logger.log(1, {"loss": 1.0})
     logger.flush()
