@@ -13,6 +13,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# One torch thread per process: `make test` runs two workers on two cores, each starting CLI runs; at the
+# default (a thread per core) their OpenMP threads outnumber the cores and spin-wait on each other, which
+# made a tiny PPO run ~3x slower. Set before torch is imported; the CLI runs started here inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -147,6 +147,7 @@ def ppo_config(base: str | Path, data: str | Path, output_dir: Path, *overrides:
             "train.batch_size=4",
             "generation.max_new_tokens=8",
             "logger.progress=false",
+            "logger.plots=false",
             *overrides,
         ],
         "train-ppo",
@@ -243,7 +244,16 @@ def start_two_ranks(*args: str, log: Path):
     import sys
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr"]
-    cmd += ["127.0.0.1", "--master_port", str(free_port()), "-m", "ppo_cli", *args, "logger.progress=false"]
+    cmd += [
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "ppo_cli",
+        *args,
+        "logger.progress=false",
+        "logger.plots=false",
+    ]
     with open(f"{log}.out", "w") as out, open(f"{log}.err", "w") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=cli_env(), start_new_session=True)
     proc.log = log

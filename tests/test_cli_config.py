@@ -275,6 +275,7 @@ def test_multirun_runs_one_job_per_value(tiny, tmp_path):
                 "train.seed=1,2",
                 f"output_dir={tmp_path}/runs/${{train.seed}}",
                 "logger.progress=false",
+                "logger.plots=false",
             ]
         ],
         cwd=tmp_path,

@@ -56,7 +56,13 @@ def test_sft_releases_after_every_backward_and_ppo_never(tiny, tmp_path, monkeyp
             calls.append(pad)
 
     monkeypatch.setattr(devices, "_glibc", Glibc)
-    common = ["train.device=cpu", "train.max_steps=2", "logger.progress=false", f"output_dir={tmp_path}"]
+    common = [
+        "train.device=cpu",
+        "train.max_steps=2",
+        "logger.progress=false",
+        "logger.plots=false",
+        f"output_dir={tmp_path}",
+    ]
     if stage == "sft":
         args = ["train-sft", f"model.name_or_path={tiny['model']}", f"data.train={tiny['sft']}",
                 "data.eval_fraction=0", "train.batch_size=2", "train.grad_accum_steps=2"]  # fmt: skip

@@ -25,7 +25,7 @@ from ppo_cli import models
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")]
 
 CUDA = torch.device("cuda")
-ON_CUDA = ["train.device=cuda", "logger.progress=false"]
+ON_CUDA = ["train.device=cuda", "logger.progress=false", "logger.plots=false"]
 
 
 def first_rows(path: Path, n: int, out: Path) -> Path:

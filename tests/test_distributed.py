@@ -52,6 +52,7 @@ def torchrun(
         *entry,
         *args,
         "logger.progress=false",
+        "logger.plots=false",
     ]
     env = {**(env or os.environ), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(

@@ -134,6 +134,7 @@ def test_two_ranks_resume_exactly(tiny, tmp_path):
         "ppo.kl_horizon=100",
         "sample_every=0",
         "logger.progress=false",
+        "logger.plots=false",
     ]
     a, b = tmp_path / "A", tmp_path / "B"
     full = start_two_ranks(*common, f"output_dir={a}", "train.max_steps=4", log=tmp_path / "A")

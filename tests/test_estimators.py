@@ -210,7 +210,7 @@ def cli_args(tiny, adapters, out, *extra: str) -> list[str]:
     return [
         "train-ppo", f"sft_checkpoint={adapters['sft']}", f"data.train={tiny['prompts']}",
         "reward_fn=ppo_cli.tiny.task:positive_reward", "train.device=cpu", "train.batch_size=2",
-        "generation.samples_per_prompt=4", "generation.max_new_tokens=8", "logger.progress=false",
+        "generation.samples_per_prompt=4", "generation.max_new_tokens=8", "logger.progress=false", "logger.plots=false",
         "sample_every=0", f"output_dir={out}", *extra,
     ]  # fmt: skip
 

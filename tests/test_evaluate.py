@@ -151,7 +151,7 @@ def test_train_ppo_evaluates_its_final_policy_on_held_out_prompts(tiny, products
     args = (
         "train-ppo", f"sft_checkpoint={products['sft']}", f"data.train={tiny['prompts']}",
         "reward_fn=ppo_rewards:letters", "train.device=cpu", "train.batch_size=2", "train.max_steps=1",
-        "generation.max_new_tokens=6", "logger.progress=false", "sample_every=0", f"output_dir={out}",
+        "generation.max_new_tokens=6", "logger.progress=false", "logger.plots=false", "sample_every=0", f"output_dir={out}",
         f"eval.prompts={prompts}", "eval.samples_per_prompt=2",
     )  # fmt: skip
     result = run_cli_in_process(*args)

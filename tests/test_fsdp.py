@@ -158,7 +158,7 @@ def first_rows(path: Path, n: int, into: Path) -> Path:
 
 
 def _one_process(*args: str, log: Path) -> subprocess.Popen:
-    return start_cli(*args, "logger.progress=false", log=log)
+    return start_cli(*args, "logger.progress=false", "logger.plots=false", log=log)
 
 
 def test_sft_and_rm_on_two_sharded_ranks_match_one_process(tiny, tmp_path):

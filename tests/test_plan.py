@@ -339,6 +339,7 @@ def test_train_sft_start_panel_has_the_memory_plan_row(tiny, tmp_path):
         "train.max_steps=1",
         "train.batch_size=2",
         "logger.progress=false",
+        "logger.plots=false",
     )
     assert result.returncode == 0, result.stdout + result.stderr
     text = " ".join(result.stdout.replace("│", " ").split())
@@ -401,6 +402,7 @@ def test_stage_start_row_uses_the_examples_the_stage_loaded(tiny, tmp_path, monk
         "train.max_steps=1",
         "train.batch_size=2",
         "logger.progress=false",
+        "logger.plots=false",
     )
     assert result.returncode == 0, result.stdout + result.stderr
     text = " ".join(result.stdout.replace("│", " ").split())

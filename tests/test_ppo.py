@@ -619,6 +619,7 @@ def ppo_cli_args(tiny, output_dir: Path, *extra: str) -> list[str]:
         "generation.max_new_tokens=6",
         "ppo.epochs=2",
         "logger.progress=false",
+        "logger.plots=false",
         *extra,
     ]
 

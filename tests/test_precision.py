@@ -113,6 +113,7 @@ def test_every_stage_trains_fp32_weights_on_a_bf16_base(tiny, tmp_path):
         "train.max_steps=1",
         "train.batch_size=2",
         "logger.progress=false",
+        "logger.plots=false",
     ]
     runs = {
         "sft": ["train-sft", f"model.name_or_path={tiny['model']}", f"data.train={sft_data}",

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from ppo_cli import checkpoint as ckpt
 
-CPU = ["train.device=cpu", "logger.progress=false"]
+CPU = ["train.device=cpu", "logger.progress=false", "logger.plots=false"]
 FOUR_BIT = ["model.load_in_4bit=true", *CPU]
 
 
@@ -142,7 +142,9 @@ def test_resume_on_a_4bit_base_gives_the_same_final_weights(runs, tmp_path):
     shutil.copytree(runs["sft"], killed)
     shutil.rmtree(killed / "final")
     shutil.rmtree(killed / "checkpoints" / "step-000004")
-    code, output = run("train-sft", f"output_dir={killed}", "resume=auto", "logger.progress=false")
+    code, output = run(
+        "train-sft", f"output_dir={killed}", "resume=auto", "logger.progress=false", "logger.plots=false"
+    )
     assert code == 0, output[-3000:]
     assert "resumed at" in output and "step 2" in output, output[-3000:]
     reference = load_file(runs["sft"] / "final" / "adapter_model.safetensors")
@@ -232,7 +234,7 @@ def test_refusals_come_before_anything_loads(tiny, tmp_path, monkeypatch, name):
     out = tmp_path / "run"
     result = run_cli_in_process(
         "train-sft", f"model.name_or_path={tiny['model']}", f"data.train={tiny['sft']}",
-        "logger.progress=false", f"output_dir={out}",
+        "logger.progress=false", "logger.plots=false", f"output_dir={out}",
         *([] if any(o.startswith("train.device=") for o in overrides) else ["train.device=cpu"]), *overrides,
     )  # fmt: skip
     everything = result.stdout + result.stderr

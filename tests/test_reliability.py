@@ -282,7 +282,7 @@ def _case_args(world: dict[str, str], overrides: list[str], out: Path) -> list[s
     args = [o.format(**world) for o in overrides]
     if not any(a.startswith("output_dir=") for a in args):
         args.append(f"output_dir={out}")
-    return [*args, "logger.progress=false"]
+    return [*args, "logger.progress=false", "logger.plots=false"]
 
 
 @pytest.mark.parametrize("case", CATALOGUE, ids=[c[0] for c in CATALOGUE])
@@ -342,6 +342,7 @@ def sft_args(tiny, data: Path, out: Path, *extra: str) -> list[str]:
         "train.log_every=1",
         "train.save_every=1",
         "logger.progress=false",
+        "logger.plots=false",
         *extra,
     ]
 
@@ -820,6 +821,7 @@ def stopped_ppo(tiny, tmp_path_factory):
             "ppo.epochs=1",
             "sample_every=0",
             "logger.progress=false",
+            "logger.plots=false",
             *extra,
         ]
 

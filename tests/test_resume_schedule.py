@@ -57,6 +57,7 @@ def test_sft_resumed_longer_follows_the_new_schedule_at_once(tiny, tmp_path, war
         "train.batch_size=2",
         "train.eval_every=0",
         "logger.progress=false",
+        "logger.plots=false",
         *LR_ARGS,
         f"train.warmup_ratio={warmup}",
     ]
@@ -77,6 +78,7 @@ def test_ppo_resumed_longer_follows_the_new_schedule_at_once(tiny, tmp_path):
         "ppo.epochs=1",
         "sample_every=0",
         "logger.progress=false",
+        "logger.plots=false",
         *LR_ARGS,
     ]
     run_then_extend(args, out)

@@ -29,6 +29,7 @@ PIPELINE_ARGS = [  # tests/test_pipeline.py's smallest tiny pipeline
     "setup.report_prompts=4",
     "setup.report_samples=1",
     "all.logger.progress=false",
+    "all.logger.plots=false",
     "all.train.batch_size=8",
     "sft.train.max_steps=1",
     "all.data.eval=null",
@@ -68,6 +69,7 @@ def sft_args(tiny, out: Path, *extra: str) -> list[str]:
         "train.log_every=1",
         "train.save_every=1",
         "logger.progress=false",
+        "logger.plots=false",
         *extra,
     ]
 
@@ -163,6 +165,7 @@ def ppo_args(tiny, out: Path, reward_fn: str) -> list[str]:
         "ppo.epochs=1",
         "sample_every=0",
         "logger.progress=false",
+        "logger.plots=false",
     ]
 
 
@@ -188,7 +191,7 @@ def test_a_fresh_start_keeps_the_earlier_attempt_and_a_checkpoint_still_refuses_
     first = run_cli_in_process(*sft_args(tiny, out, "train.lr=1e-3"))
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
     # as if killed before its first checkpoint, after logging a step
-    for path in (out / "checkpoints", out / "final", out / "plots"):
+    for path in (out / "checkpoints", out / "final"):
         shutil.rmtree(path)
     earlier = {name: (out / name).read_bytes() for name in ("config.yaml", "metrics.jsonl")}
 

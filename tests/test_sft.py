@@ -76,6 +76,7 @@ def start(
         "train.batch_size=2",
         "train.log_every=1",
         "logger.progress=false",
+        "logger.plots=false",
         *overrides,
     ]
     log = output_dir.with_name((log_name or output_dir.name) + ".log")

@@ -203,6 +203,7 @@ def rm_run(tiny, separable, tmp_path_factory):
         "train.eval_every=6",
         "train.save_every=6",
         "logger.progress=false",
+        "logger.plots=false",
         f"output_dir={out}",
         env={"COLUMNS": "80"},  # and stdout a pipe: see test_console_at_80_columns
     )
@@ -356,6 +357,7 @@ def test_bad_row_exits_2_naming_file_and_row(tiny, tmp_path, monkeypatch, capsys
         f"data.train={bad}",
         f"output_dir={tmp_path / 'out'}",
         "logger.progress=false",
+        "logger.plots=false",
     )
     assert code == 2, err
     assert str(bad) in err and "row 2" in err and "'rejected'" in err and "Traceback" not in err

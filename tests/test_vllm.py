@@ -256,6 +256,7 @@ def ppo_args(tiny32, output_dir: Path, *extra: str) -> list[str]:
         f"output_dir={output_dir}",
         "generation.engine=vllm",
         "logger.progress=false",
+        "logger.plots=false",
         *(f"{k}={v}" for k, v in defaults.items() if k not in given),
         *extra,
     ]
