@@ -472,6 +472,7 @@ def stage_args(ctx: Context, stage: str, model: str, quant: bool) -> list[str]:
         "train.eval_every=0",
         "train.log_every=1",
         "logger.progress=false",
+        "logger.plots=false",  # matplotlib is not in the plan: it would only add to the measured peak
     ]
     if stage == "train-sft":
         data = [f"data.train={ctx.data['sft']}", "data.eval_fraction=0", f"train.batch_size={s.sft_batch}"]
@@ -749,7 +750,9 @@ def vllm_jobs(ctx: Context) -> list[Job]:
             "train.save_every=0",
         ]
         cmd += ["generation.engine=vllm", "generation.vllm.enforce_eager=true", "train.device=cuda"]
-        rc = run_logged([*cmd, "logger.progress=false", "sample_every=0"], log, timeout, ctx.env())
+        rc = run_logged(
+            [*cmd, "logger.progress=false", "logger.plots=false", "sample_every=0"], log, timeout, ctx.env()
+        )
         if rc != 0:
             return [failed_run("vllm", VLLM_PPO_NAME, rc, log, True)]
         gaps = [
